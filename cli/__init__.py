@@ -1,0 +1,1 @@
+"""The `moe-tier` command: argument parsing and rich output live here and nowhere else."""
