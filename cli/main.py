@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except MoeTierError as err:
         print(f"moe-tier: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `moe-tier inspect --json | head` is not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("moe-tier: interrupted", file=sys.stderr)
         return 130

@@ -181,7 +181,8 @@ def _open_gguf(path: Path) -> GGUFReader:
     try:
         return GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, OSError) as err:
-        raise MoeTierError(path, f"truncated or corrupt GGUF header ({err})") from None
+        size = path.stat().st_size
+        raise MoeTierError(path, f"truncated or corrupt GGUF file ({size:,} bytes): {err}") from None
 
 
 def _catalog(reader: GGUFReader) -> dict[str, TensorInfo]:

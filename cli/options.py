@@ -1,0 +1,38 @@
+"""Options shared by commands that plan tiers, and the embedded default model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moe_tier.errors import MoeTierError
+from moe_tier.plan import Budget
+from moe_tier.units import parse_bytes, parse_bytes_list
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_MODELS = ("demo-moe.gguf", "synthetic-qwen3moe.gguf")  # the trained demo first
+
+
+def default_model() -> Path:
+    for name in DEFAULT_MODELS:
+        if (DATA / name).exists():
+            return DATA / name
+    raise MoeTierError(DATA, "no embedded default model found; pass a GGUF file")
+
+
+def add_budget_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vram", help="VRAM budget per GPU, e.g. 12GiB, or one per GPU: 12GiB,24GiB (default: measured free)")
+    p.add_argument("--ram", help="pinned host RAM for the warm tier, e.g. 32GiB (default: 80%% of available)")
+    p.add_argument("--ctx", type=int, default=4096, help="context length to reserve KV cache for (default 4096)")
+
+
+def budget_from_args(args: argparse.Namespace, desc=None) -> tuple[Budget, None]:
+    """Budget from --vram/--ram/--ctx; bad sizes are one-line errors. (The second value: expert frequencies.)"""
+    try:
+        vram = tuple(parse_bytes_list(args.vram)) if args.vram else None
+        ram = parse_bytes(args.ram) if args.ram else None
+    except ValueError as err:
+        raise MoeTierError(None, str(err)) from None
+    if args.ctx <= 0:
+        raise MoeTierError(None, f"--ctx must be positive, got {args.ctx}")
+    return Budget(vram_bytes=vram, ram_bytes=ram, ctx=args.ctx), None
