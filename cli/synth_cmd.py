@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from moe_tier.synth import ARCHS, LAYOUTS, PRESETS, preset, write_model
-from moe_tier.synth.fast import write_fast
+from moe_tier.synth import ARCHS, LAYOUTS, PRESETS, preset, write_fast, write_model
 from moe_tier.units import format_bytes
 
 # option -> SynthSpec field; unset options keep the preset's value

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from gguf import GGMLQuantizationType as QT
 
 from moe_tier.errors import MoeTierError
+from moe_tier.synth.tokenizer import MIN_VOCAB
 
 ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss")
 LAYOUTS = ("merged", "per-expert")
 
-# Written with gguf's numpy quantizers (gguf.quants.quantize supports exactly these plus MXFP4/TQ*).
+# Written with gguf's numpy quantizers: the types gguf.quants.quantize supports, less the ternary TQ1_0/TQ2_0.
 GGUF_QTYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.MXFP4)
 # Written as F32, then quantized by llama.cpp (llama_model_quantize with pure=True).
 LLAMA_QTYPES = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS, QT.IQ4_NL)
@@ -88,7 +89,7 @@ class SynthSpec:
         need(self.n_expert_used <= self.n_expert, "n_expert_used must not exceed n_expert")
         need(self.n_expert <= 512, "n_expert must be at most 512 (LLAMA_MAX_EXPERTS)")
         need(self.n_head % self.n_head_kv == 0, "n_head must be a multiple of n_head_kv")
-        need(self.n_vocab >= min_vocab(), f"n_vocab must be at least {min_vocab()} (specials + 256 bytes + pieces)")
+        need(self.n_vocab >= MIN_VOCAB, f"n_vocab must be at least {MIN_VOCAB} (specials, 256 bytes, one piece)")
         need(self.n_rot % 2 == 0 and self.n_rot <= self.head_dim, "rope_dim must be even and at most head_dim")
         for name in ("n_embd", "n_ff_exp", "head_dim", "n_ff_shared", "n_ff_dense", "q_lora_rank", "kv_lora_rank"):
             need(getattr(self, name) % 32 == 0, f"{name} must be a multiple of 32 (quant block size)")
@@ -121,12 +122,6 @@ def parse_qtype(name: str) -> QT:
     if qtype not in QTYPES:
         raise MoeTierError(None, f"quant type {qtype.name} not supported (known: {', '.join(q.name for q in QTYPES)})")
     return qtype
-
-
-def min_vocab() -> int:
-    from moe_tier.synth.tokenizer import MIN_VOCAB
-
-    return MIN_VOCAB
 
 
 # Tiny models: hidden 256 so 256-element K-quant blocks apply to every matrix row.

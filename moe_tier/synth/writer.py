@@ -59,7 +59,7 @@ def write_gguf(path: Path, spec: SynthSpec, tensor_bytes: TensorBytes) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    fout = writer.fout[0]
+    fout = writer.fout[0]  # one shard; gguf's writer only streams numpy arrays, so tensor data goes here directly
     writer.write_padding(fout, fout.tell())
     try:
         for plan in plans:
