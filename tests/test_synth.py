@@ -12,7 +12,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from cli.main import main
 from moe_tier.errors import MoeTierError
 from moe_tier.synth import ARCHS, SynthSpec, mixtral_8x7b, tiny, write_model
-from moe_tier.synth.fast import write_fast
+from moe_tier.synth.fast import block_pool, write_fast
 from moe_tier.synth.tensors import plan_tensors, stored_qtype
 from moe_tier.synth.writer import tensor_nbytes
 
@@ -136,6 +136,17 @@ def test_routing_is_decided_clearly(synth_model, arch):
     assert np.median(gap) > 0.1
     chosen = np.argsort(-logits, axis=1)[:, : spec.n_expert_used]
     assert set(np.unique(chosen)) == set(range(spec.n_expert))
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL", "Q4_0", "Q8_0"])
+def test_block_pool_dequantizes_to_the_target_spread(qtype):
+    """gguf's dequantizer (the reference) sees finite values with mean ~0 and the requested std."""
+    qt = gguf.GGMLQuantizationType[qtype]
+    pool = block_pool(qt, 0.02, seed=0, nbytes=1 << 18)
+    values = gguf.quants.dequantize(pool.reshape(-1, gguf.GGML_QUANT_SIZES[qt][1]), qt)
+    assert np.isfinite(values).all()
+    assert abs(values.mean()) < 0.002
+    assert 0.015 < values.std() < 0.025
 
 
 @pytest.mark.parametrize("arch,qtype", [("llama", "Q4_K"), ("llama", "Q6_K"), ("qwen3moe", "Q2_K"),
