@@ -8,7 +8,7 @@ import sys
 
 from moe_tier.errors import MoeTierError
 
-COMMANDS = ("inspect", "synth")
+COMMANDS = ("inspect", "run", "synth")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:

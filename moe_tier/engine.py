@@ -1,0 +1,131 @@
+"""The public API: open a GGUF MoE model, tokenize, score, generate.
+
+    from moe_tier import Engine
+    eng = Engine.open("model.gguf", vram=None, ram=None, ctx=2048)
+    eng.logits(eng.tokenize("Hello"))      # (n_tokens, n_vocab) float32
+    eng.generate("Hello", max_tokens=32)   # greedy text
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from moe_tier.errors import MoeTierError
+from moe_tier.fits import FitStore
+from moe_tier.host_tiers import HostExperts
+from moe_tier.machine import probe
+from moe_tier.models import Segment, family
+from moe_tier.models.base import RoutingObserver
+from moe_tier.plan import Budget, TierPlan, plan_tiers
+from moe_tier.reader import Category, ModelDesc, open_model
+from moe_tier.sampling import Sampler, SamplingConfig
+from moe_tier.stats import EngineStats
+from moe_tier.tensors import Weights
+from moe_tier.tokenizer import TextStream, Tokenizer
+from moe_tier.units import parse_bytes_list
+
+PREFILL_CHUNK = 512  # tokens per prefill step: bounds the activation scratch the plan reserves
+
+
+class Engine:
+    def __init__(self, desc: ModelDesc, plan: TierPlan, ctx: int):
+        self.desc, self.plan, self.ctx = desc, plan, ctx
+        self.stats = EngineStats()
+        self.tokenizer = Tokenizer(desc.path)
+        weights = Weights(desc)
+        self.experts = HostExperts(desc, plan.warm, self.stats)
+        self.model = family(desc.arch, desc.path)(desc.config, weights, self.experts)
+        self.stats.dense_bytes_per_token = sum(
+            t.n_bytes for t in desc.tensors.values()
+            if t.category is not Category.ROUTED and not t.name.startswith("token_embd")
+        )
+
+    @classmethod
+    def open(cls, path: str | Path, vram: int | str | None = None, ram: int | str | None = None,
+             ctx: int = 2048) -> Engine:
+        desc = open_model(path)
+        if ctx <= 0:
+            raise MoeTierError(path, f"context length must be positive, got {ctx}")
+        budget = Budget(vram_bytes=_sizes(vram), ram_bytes=_sizes(ram)[0] if ram is not None else None, ctx=ctx)
+        plan = plan_tiers(desc, probe(), budget, fits=FitStore())
+        return cls(desc, plan, ctx)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.desc.config.n_vocab
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def _check(self, tokens) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(ids) == 0:
+            raise MoeTierError(self.desc.path, "empty prompt")
+        if len(ids) > self.ctx:
+            raise MoeTierError(self.desc.path, f"prompt of {len(ids)} tokens is longer than the context ({self.ctx})")
+        bad = ids[(ids < 0) | (ids >= self.n_vocab)]
+        if len(bad):
+            raise MoeTierError(self.desc.path, f"token id {int(bad[0])} out of range (vocabulary {self.n_vocab})")
+        return ids
+
+    def logits(self, tokens, observer: RoutingObserver | None = None) -> np.ndarray:
+        """(len(tokens), n_vocab) float32 for a fresh sequence."""
+        ids = self._check(tokens)
+        cache = self.model.new_cache(len(ids))
+        out = [self._step(cache, ids[i : i + PREFILL_CHUNK], observer, last_only=False)
+               for i in range(0, len(ids), PREFILL_CHUNK)]
+        return np.concatenate(out).astype(np.float32)
+
+    def _step(self, cache, ids: np.ndarray, observer, last_only: bool) -> np.ndarray:
+        return self.model.forward(ids, [Segment(cache, 0, len(ids))], observer, last_only)
+
+    def stream(self, prompt: str, max_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+               chat: bool = False, observer: RoutingObserver | None = None) -> Iterator[str]:
+        """Yield text as it is generated; stops at end-of-generation or max_tokens."""
+        if chat:
+            ids = self._check(self.tokenizer.encode(self.tokenizer.apply_chat(prompt), add_special=False))
+        else:
+            ids = self._check(self.tokenizer.encode(prompt))
+        if len(ids) + max_tokens > self.ctx:
+            raise MoeTierError(self.desc.path, f"prompt ({len(ids)} tokens) + {max_tokens} new tokens "
+                                               f"exceed the context ({self.ctx})")
+        sampler = Sampler(sampling)
+        cache = self.model.new_cache(len(ids) + max_tokens)
+        t0 = time.perf_counter()
+        for i in range(0, len(ids), PREFILL_CHUNK):
+            logits = self._step(cache, ids[i : i + PREFILL_CHUNK], observer, last_only=True)
+        self.stats.prompt_tokens += len(ids)
+        self.stats.prompt_seconds += time.perf_counter() - t0
+        text_out = TextStream(self.tokenizer)
+        expert_bytes_before = self.stats.expert_bytes()
+        t0 = time.perf_counter()
+        for n in range(max_tokens):
+            token = sampler(logits[-1])
+            if self.tokenizer.is_end(token):
+                break
+            self.stats.generated_tokens += 1
+            yield text_out.push(token)
+            if n + 1 < max_tokens:
+                logits = self._step(cache, np.array([token]), observer, last_only=True)
+        self.stats.generate_seconds += time.perf_counter() - t0
+        self.stats.decode_expert_bytes += self.stats.expert_bytes() - expert_bytes_before
+        yield text_out.flush()
+
+    def generate(self, prompt: str, max_tokens: int, temperature: float = 0.0, seed: int = 0, **sampling) -> str:
+        cfg = SamplingConfig(temperature=temperature, seed=seed, **sampling)
+        return "".join(self.stream(prompt, max_tokens, cfg))
+
+
+def _sizes(value: int | str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return (value,)
+    try:
+        return tuple(parse_bytes_list(value))
+    except ValueError as err:
+        raise MoeTierError(None, str(err)) from None
