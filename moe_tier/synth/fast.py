@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as QT
 
 from moe_tier.synth.spec import SynthSpec
 from moe_tier.synth.tensors import TensorPlan
-from moe_tier.synth.writer import tensor_nbytes, tensor_values, write_gguf
+from moe_tier.synth.writer import tensor_nbytes, tensor_values, value_std, write_gguf
 
 POOL_BYTES = 8 << 20
 _SAMPLE_BLOCKS = 4096  # enough blocks to measure a pool's mean and spread
@@ -41,7 +41,7 @@ def write_fast(path: str | Path, spec: SynthSpec, pool_bytes: int = POOL_BYTES) 
         if not plan.quantizable:  # norms, router, biases: small, exact values
             yield memoryview(tensor_values(plan, spec.seed)).cast("B")
             return
-        scale = 1.0 if plan.role == "embd" else float(plan.ne[0]) ** -0.5
+        scale = value_std(plan)
         if (qtype, scale) not in pools:
             pools[(qtype, scale)] = memoryview(block_pool(qtype, scale, spec.seed, pool_bytes))
         yield from _rotate(pools[(qtype, scale)], gguf.GGML_QUANT_SIZES[qtype][1], tensor_nbytes(plan, qtype),

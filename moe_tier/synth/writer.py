@@ -74,14 +74,19 @@ def write_gguf(path: Path, spec: SynthSpec, tensor_bytes: TensorBytes) -> None:
         writer.close()
 
 
+def value_std(plan: TensorPlan) -> float:
+    """Spread of a tensor's random values, chosen so a forward pass stays finite and not flat: matmul
+    weights ~ N(0, 1/fan_in) (fan-in = ne[0]), the router wider so top-k is decided clearly, biases small."""
+    fan_in = plan.ne[0]
+    return {"embd": 1.0, "weight": fan_in ** -0.5, "router": 2.0 * fan_in ** -0.5, "bias": 0.02, "sinks": 0.5}[plan.role]
+
+
 def tensor_values(plan: TensorPlan, seed: int) -> np.ndarray:
-    """float32 values in numpy order (reversed ne). Scales keep a forward pass finite and not flat:
-    matmul weights ~ N(0, 1/fan_in), norms near 1, the router wider so top-k is decided clearly."""
+    """float32 values in numpy order (reversed ne): norms uniform near 1, everything else normal (value_std)."""
     shape = plan.ne[::-1]
     if plan.role == "norm":
         return _rng(seed, plan.name, 0).uniform(0.9, 1.1, shape).astype(np.float32)
-    scale = {"embd": 1.0, "weight": 1.0 / math.sqrt(plan.ne[0]), "router": 2.0 / math.sqrt(plan.ne[0]),
-             "bias": 0.02, "sinks": 0.5}[plan.role]
+    scale = value_std(plan)
     if plan.part is not None:  # one expert of the merged tensor `key`
         values = _normal(seed, plan.key, plan.part + 1, shape)
     elif plan.key and len(shape) == 3:  # merged experts: the same per-expert streams, stacked
