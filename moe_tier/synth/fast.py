@@ -97,7 +97,8 @@ def _set_f16(blocks: np.ndarray, at: int, values: np.ndarray | float) -> None:
     blocks[:, at:at + 2] = np.broadcast_to(np.asarray(values, np.float16), (len(blocks),))[:, None].view(np.uint8)
 
 
-def _dequantize_with(blocks: np.ndarray, qtype: QT, d_at: int, dmin_at: int | None, d: float, dmin: float) -> np.ndarray:
+def _dequantize_with(blocks: np.ndarray, qtype: QT, d_at: int, dmin_at: int | None,
+                     d: float, dmin: float) -> np.ndarray:
     probe = blocks.copy()
     _set_f16(probe, d_at, d)
     if dmin_at is not None:

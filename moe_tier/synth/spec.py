@@ -98,7 +98,7 @@ class SynthSpec:
         if self.arch in ("olmoe", "qwen2moe"):
             need(self.n_head * self.head_dim == self.n_embd, "attention width n_head * head_dim must equal n_embd")
         if self.arch == "olmoe":
-            need(self.n_head_kv == self.n_head, "olmoe normalises K over the full width, so n_head_kv must equal n_head")
+            need(self.n_head_kv == self.n_head, "olmoe normalises K over its full width: n_head_kv must equal n_head")
         if self.arch == "qwen2moe":
             need(self.n_ff_shared > 0, "qwen2moe needs a shared expert (n_ff_shared > 0)")
         if self.arch == "deepseek2":

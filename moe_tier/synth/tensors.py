@@ -88,7 +88,8 @@ def _experts(spec: SynthSpec, bid: int) -> list[TensorPlan]:
     """Router plus routed experts: merged 3-D (E, F, X) tensors, or Mixtral's legacy one-per-expert."""
     E, F, X = spec.n_embd, spec.n_ff_exp, spec.n_expert
     plans = [TensorPlan(_name(T.FFN_GATE_INP, bid), (E, X), "router")]
-    merged = ((T.FFN_GATE_EXP, T.FFN_GATE, (E, F)), (T.FFN_DOWN_EXP, T.FFN_DOWN, (F, E)), (T.FFN_UP_EXP, T.FFN_UP, (E, F)))
+    merged = ((T.FFN_GATE_EXP, T.FFN_GATE, (E, F)), (T.FFN_DOWN_EXP, T.FFN_DOWN, (F, E)),
+              (T.FFN_UP_EXP, T.FFN_UP, (E, F)))
     for exps, single, ne in merged:
         key = _name(exps, bid)
         if spec.layout == "merged":

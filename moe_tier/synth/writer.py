@@ -78,7 +78,8 @@ def value_std(plan: TensorPlan) -> float:
     """Spread of a tensor's random values, chosen so a forward pass stays finite and not flat: matmul
     weights ~ N(0, 1/fan_in) (fan-in = ne[0]), the router wider so top-k is decided clearly, biases small."""
     fan_in = plan.ne[0]
-    return {"embd": 1.0, "weight": fan_in ** -0.5, "router": 2.0 * fan_in ** -0.5, "bias": 0.02, "sinks": 0.5}[plan.role]
+    stds = {"embd": 1.0, "weight": fan_in ** -0.5, "router": 2.0 * fan_in ** -0.5, "bias": 0.02, "sinks": 0.5}
+    return stds[plan.role]
 
 
 def tensor_values(plan: TensorPlan, seed: int) -> np.ndarray:
