@@ -151,16 +151,16 @@ class Combined:
             mix[d - 1] = grid[int(np.argmax(scores))]
         return cls(prior, cross, reuse, mix)
 
-    def ahead(self, sel_now: np.ndarray, layer: int, last_sel: np.ndarray, out: np.ndarray) -> None:
-        """Fill out (D, E) for layers layer+1..layer+D from this layer's (E,) selections and the (L, E) most
-        recent selections of every layer; rows past the last layer are left at zero."""
+    def ahead(self, sel_now: np.ndarray, layer: int, recent: np.ndarray, out: np.ndarray) -> None:
+        """Fill out (D, E) for layers layer+1..layer+D from this layer's (E,) selections and the (L, E)
+        token-reuse predictions of every layer's next visit; rows past the last layer are left at zero."""
         L = self.prior.prob.shape[0]
         out[:] = 0.0
         for d in range(1, min(out.shape[0], L - 1 - layer) + 1):
             m = layer + d
             a, b, c = self.mix[d - 1]
             out[d - 1] = a * self.prior.prob[m] + b * self.cross.predict(sel_now, layer, d) + \
-                c * self.reuse.predict(last_sel[m], m)
+                c * recent[m]
 
     def predict_all(self, trace: Trace, d: int) -> np.ndarray:
         a, b, c = self.mix[d - 1]

@@ -1,0 +1,154 @@
+"""The prefetch planner: one compiled call per layer step decides misses (fetch or CPU), evictions and prefetches.
+
+Shape key: G GPUs, S slots per GPU, X = L*E experts (flat id `layer * E + expert`), K experts needed now,
+D lookahead layers, P most prefetches per step.
+
+Every decision compares one number, the expected layer steps until an expert is next used:
+    E[T] = dist + (1 - p) * L / q
+where dist is the steps until the expert's layer comes round again, p the predicted chance it is chosen
+there, and q the chance at each later visit. Evicting the largest E[T] approximates Belady's rule with
+predictions in place of the future. Speculative prefetches only go into link time the step leaves idle,
+and nothing the current layer needs is ever evicted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+HIT, FETCH, CPU = 0, 1, 2
+EPS = 1e-3
+
+
+@njit(cache=True, inline="always")
+def next_use_steps(x, layer, ahead, recent):
+    """Expected layer steps until expert x is next used, seen from `layer` of the current token."""
+    L, E, D = recent.shape[0], recent.shape[1], ahead.shape[0]
+    m = x // E
+    e = x - m * E
+    dist = m - layer
+    if dist <= 0:
+        dist += L
+    q = min(max(recent[m, e], EPS), 1.0)
+    p = min(max(ahead[dist - 1, e], EPS), 1.0) if dist <= D else q
+    return dist + (1.0 - p) * L / q
+
+
+@njit(cache=True)
+def _slot_values(layer, needed, ahead, recent, slot_expert, value):
+    """value (G*S,): E[T] of each slot's expert, +inf for a free slot, -1 for one the layer needs now."""
+    E = recent.shape[1]
+    flat = slot_expert.ravel()
+    for c in range(flat.shape[0]):
+        x = flat[c]
+        if x < 0:
+            value[c] = np.inf
+            continue
+        v = next_use_steps(x, layer, ahead, recent)
+        if x // E == layer:
+            for y in needed:
+                if y == x:
+                    v = -1.0
+        value[c] = v
+
+
+@njit(cache=True)
+def _victim(value, S, link_free_s):
+    """The slot with the largest E[T] on a GPU whose link has time left (link_free_s > 0), or -1."""
+    best, best_v = -1, -1.0
+    for c in range(value.shape[0]):
+        if value[c] > best_v and link_free_s[c // S] > 0.0:
+            best, best_v = c, value[c]
+    return best
+
+
+@njit(cache=True)
+def _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes):
+    S = slot_expert.shape[1]
+    old = slot_expert[c // S, c % S]
+    if old >= 0:
+        expert_slot[old] = -1
+        remaining_bytes[old] = 0
+    slot_expert[c // S, c % S] = x
+    expert_slot[x] = c
+    remaining_bytes[x] = expert_bytes[x]
+
+
+@njit(cache=True)
+def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_bytes, on_disk, expert_bytes,
+              h2d_bytes_per_s, cpu_bytes_per_s, disk_bytes_per_s, gpu_step_s, backlog_s, queue_steps, actions,
+              prefetch):
+    """Decide one layer step in place; returns how many prefetches were written to `prefetch`.
+
+    layer: current MoE layer position; needed (K,) flat ids routed now; ahead (D, E) predicted use of
+    layers layer+1..layer+D; recent (L, E) predicted use of each layer's next visit (this layer's row
+    already from the current token); slot_expert (G, S) / expert_slot (X,) / remaining_bytes (X,) the slot
+    table, updated here; on_disk (X,) experts in the cold tier; backlog_s (G,) prefetch work already
+    queued per link; queue_steps: how many steps of idle link time
+    the prefetch queue may hold; actions (K,) out: HIT / FETCH / CPU; prefetch (P,) out: flat ids newly in flight.
+    """
+    G, S = slot_expert.shape
+    value = np.empty(G * S)
+    _slot_values(layer, needed, ahead, recent, slot_expert, value)
+    link_s = np.zeros(G)
+    always = np.ones(G)
+    cpu_s = 0.0
+    for i in range(needed.shape[0]):  # hits and transfers already under way
+        x = needed[i]
+        c = expert_slot[x]
+        if c >= 0 and remaining_bytes[x] == 0:
+            actions[i] = HIT
+        elif c >= 0:
+            actions[i] = FETCH
+            link_s[c // S] += remaining_bytes[x] / h2d_bytes_per_s
+        else:
+            actions[i] = -1
+    for i in range(needed.shape[0]):  # misses: whichever of link and CPU finishes the step sooner
+        if actions[i] >= 0:
+            continue
+        x = needed[i]
+        read_s = expert_bytes[x] / disk_bytes_per_s if on_disk[x] else 0.0
+        c = _victim(value, S, always)
+        g = c // S if c >= 0 else 0
+        fetch_end = max(link_s[g] + read_s + expert_bytes[x] / h2d_bytes_per_s, cpu_s)
+        cpu_end = max(link_s[g], cpu_s + read_s + expert_bytes[x] / cpu_bytes_per_s)
+        if c >= 0 and fetch_end <= cpu_end:
+            _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes)
+            value[c] = -1.0
+            link_s[g] += read_s + expert_bytes[x] / h2d_bytes_per_s
+            actions[i] = FETCH
+        else:
+            cpu_s = cpu_s + read_s + expert_bytes[x] / cpu_bytes_per_s
+            actions[i] = CPU
+    step_s = max(gpu_step_s, cpu_s)
+    for g in range(G):
+        step_s = max(step_s, link_s[g])
+    free_s = np.empty(G)
+    for g in range(G):
+        free_s[g] = queue_steps * step_s - link_s[g] - backlog_s[g]
+    D, E = ahead.shape
+    L = recent.shape[0]
+    n_cand = min(D, L - 1 - layer) * E
+    if n_cand <= 0:
+        return 0
+    cand_value = np.empty(n_cand)
+    for j in range(n_cand):
+        x = (layer + 1 + j // E) * E + j % E
+        cand_value[j] = next_use_steps(x, layer, ahead, recent) if expert_slot[x] < 0 else np.inf
+    order = np.argsort(cand_value)
+    n = 0
+    for j in order:
+        if n == prefetch.shape[0] or cand_value[j] == np.inf:
+            break
+        x = (layer + 1 + j // E) * E + j % E
+        if on_disk[x]:
+            continue
+        c = _victim(value, S, free_s)
+        if c < 0 or value[c] <= cand_value[j]:
+            break
+        _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes)
+        value[c] = cand_value[j]
+        free_s[c // S] -= expert_bytes[x] / h2d_bytes_per_s
+        prefetch[n] = x
+        n += 1
+    return n

@@ -1,0 +1,164 @@
+"""Replay a routing trace through a cache policy and a cost model: hit rate, bytes moved, tokens per second.
+
+Shape key: N tokens, L MoE layers, K experts per step, G GPUs, S slots per GPU, X = L*E experts.
+Decode only: one token per layer step. A step lasts as long as the slowest of its GPU work, its demand
+copies on the busiest link and its CPU experts; each link then spends the rest of the step on queued
+prefetches, first issued first. Every bandwidth is an input: the runtime holds no machine constants.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from router_predict.planner import CPU, FETCH, HIT
+from moe_tier.errors import MoeTierError
+from router_predict.policies import LFRU, LFU, LRU, Belady, CacheState, Planner, StaticPinning
+from router_predict.predictors import chosen
+from router_predict.trace import Trace
+
+
+@dataclass(frozen=True)
+class CostModel:
+    h2d_bytes_per_s: float  # pinned host memory -> one GPU, per link
+    cpu_bytes_per_s: float  # expert weights the CPU streams through its matmul (host memory bound)
+    disk_bytes_per_s: float  # cold tier reads
+    gpu_bytes_per_s: float  # weights the GPU reads per second while computing
+    dense_layer_bytes: int  # attention, norms and router weights of one layer
+
+    def __post_init__(self):
+        if min(self.h2d_bytes_per_s, self.cpu_bytes_per_s, self.disk_bytes_per_s, self.gpu_bytes_per_s) <= 0:
+            raise ValueError("bandwidths must be positive")
+
+    def gpu_s(self, expert_bytes: int) -> float:
+        """GPU time of one layer step computing `expert_bytes` of experts."""
+        return (self.dense_layer_bytes + expert_bytes) / self.gpu_bytes_per_s
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    n_gpu: int
+    slots_per_gpu: int
+    host_bytes: int | None = None  # pinned host memory for experts; the rest stays on disk (None: all fit)
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    policy: str
+    hit_rate: float  # needed experts ready in VRAM when their layer ran
+    h2d_bytes_per_token: float  # demand and prefetch copies, wasted prefetches included
+    cpu_share: float  # needed experts computed on the CPU
+    tokens_per_s: float
+    prefetch_used: float  # share of finished prefetches that were used before eviction
+
+
+def slots_for_vram(vram_bytes: int, reserved_bytes: int, expert_bytes: np.ndarray) -> int:
+    """Expert slots that fit one GPU after `reserved_bytes` (dense weights, KV cache, activations)."""
+    return max(int((vram_bytes - reserved_bytes) // int(expert_bytes.max())), 0)
+
+
+def frequency_order(train: Trace) -> np.ndarray:
+    """Flat expert ids, most used in `train` first (stable, so ties keep layer order)."""
+    return np.argsort(-chosen(train).sum(0).ravel(), kind="stable")
+
+
+def replay(policy, test: Trace, train: Trace, cost: CostModel, cache: CacheConfig,
+           expert_bytes: np.ndarray) -> ReplayResult:
+    """Run `policy` over every token of `test`, its caches filled and fitted from `train` only."""
+    order = frequency_order(train)
+    on_disk = np.zeros(expert_bytes.shape[0], bool)
+    if cache.host_bytes is not None:
+        in_host = np.cumsum(expert_bytes[order]) <= cache.host_bytes
+        on_disk[order[~in_host]] = True
+    state = CacheState.preloaded(cache.n_gpu, cache.slots_per_gpu, order, expert_bytes, on_disk)
+    policy.start(state, train)
+    flat, weights = test.flat_ids(), test.weights
+    queues = [deque() for _ in range(cache.n_gpu)]
+    S = cache.slots_per_gpu
+    hits = cpu = needed_total = 0
+    moved_bytes = total_s = 0.0
+    landed = set()
+    used_prefetch = finished_prefetch = 0
+    for t in range(test.n_tokens):
+        fresh = t == 0 or test.sequence[t] != test.sequence[t - 1]
+        for layer in range(test.n_moe_layers):
+            needed = flat[t, layer]
+            actions, prefetched = policy.step(layer, needed, weights[t, layer], state, fresh and layer == 0)
+            link_s = np.zeros(cache.n_gpu)
+            cpu_s = gpu_bytes = 0.0
+            for x, a in zip(needed, actions):
+                read_s = expert_bytes[x] / cost.disk_bytes_per_s if on_disk[x] else 0.0
+                if a == HIT:
+                    hits += 1
+                    gpu_bytes += expert_bytes[x]
+                    if x in landed:
+                        used_prefetch += 1
+                        landed.discard(x)
+                elif a == FETCH:
+                    g = state.expert_slot[x] // S
+                    link_s[g] += read_s + state.remaining_bytes[x] / cost.h2d_bytes_per_s
+                    moved_bytes += state.remaining_bytes[x]
+                    state.remaining_bytes[x] = 0
+                    gpu_bytes += expert_bytes[x]
+                elif a == CPU:
+                    cpu += 1
+                    cpu_s += read_s + expert_bytes[x] / cost.cpu_bytes_per_s
+                else:
+                    raise AssertionError(f"{policy.name}: no action for expert {x}")
+            needed_total += len(needed)
+            step_s = max(cost.gpu_s(gpu_bytes), link_s.max(), cpu_s)
+            total_s += step_s
+            for x in prefetched:
+                g = state.expert_slot[x] // S
+                queues[g].append(int(x))
+                state.queued_bytes[g] += state.remaining_bytes[x]
+            for g, queue in enumerate(queues):  # prefetches use the link time demand copies left idle
+                budget = (step_s - link_s[g]) * cost.h2d_bytes_per_s
+                while queue and budget > 0:
+                    x = queue[0]
+                    left = state.remaining_bytes[x] if state.expert_slot[x] // S == g else 0
+                    step_bytes = min(left, budget)
+                    state.remaining_bytes[x] -= step_bytes
+                    moved_bytes += step_bytes
+                    budget -= step_bytes
+                    if state.remaining_bytes[x] == 0:
+                        queue.popleft()
+                        if left:
+                            landed.add(x)
+                            finished_prefetch += 1
+                state.queued_bytes[g] = sum(state.remaining_bytes[x] for x in queue
+                                            if state.expert_slot[x] // S == g)
+            landed = {x for x in landed if state.expert_slot[x] >= 0}  # evicted unused: a wasted prefetch
+    n = max(test.n_tokens, 1)
+    return ReplayResult(policy.name, hits / max(needed_total, 1), moved_bytes / n, cpu / max(needed_total, 1),
+                        n / total_s if total_s else float("inf"),
+                        used_prefetch / finished_prefetch if finished_prefetch else float("nan"))
+
+
+def holdout(trace: Trace, fit_share: float = 0.5) -> tuple[Trace, Trace]:
+    """Split by whole sequences: the first `fit_share` of them to fit, the rest to score."""
+    seqs = trace.sequences()
+    if len(seqs) < 2:
+        raise MoeTierError(trace.source, "held-out replay needs two or more sequences (or separate fit traces)")
+    n_fit = min(max(int(round(len(seqs) * fit_share)), 1), len(seqs) - 1)
+    fit_mask = np.isin(trace.sequence, seqs[:n_fit])
+    return trace.select(fit_mask), trace.select(~fit_mask)
+
+
+LFRU_HALF_LIVES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def fit_lfru(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes: np.ndarray) -> LFRU:
+    """LFRU with the half-life (in tokens) that gives the best hit rate replaying the fitting traces."""
+    best = max(LFRU_HALF_LIVES, key=lambda h: replay(LFRU(h), train, train, cost, cache, expert_bytes).hit_rate)
+    return LFRU(best)
+
+
+def compare(train: Trace, test: Trace, cost: CostModel, cache: CacheConfig,
+            expert_bytes: np.ndarray) -> list[ReplayResult]:
+    """Every policy fitted on `train` and scored on `test`: LRU, LFU, LFRU, pinning, the planner, Belady."""
+    policies = [LRU(), LFU(), fit_lfru(train, cost, cache, expert_bytes), StaticPinning(), Planner(cost),
+                Belady(test)]
+    return [replay(p, test, train, cost, cache, expert_bytes) for p in policies]
