@@ -152,6 +152,12 @@ def merge(traces: list[Trace]) -> Trace:
     return replace(first, sequence=np.concatenate(sequences), engine="+".join(engines), source=None, **cat)
 
 
+def check_same_model(a: Trace, b: Trace) -> None:
+    """Traces fitted on one model and scored on another would mean nothing."""
+    if a.fingerprint != b.fingerprint:
+        raise MoeTierError(b.source, f"recorded on model {b.fingerprint[:16]}, but {a.source} on {a.fingerprint[:16]}")
+
+
 def check_model(trace: Trace, fingerprint: str, model_path: str | Path) -> None:
     """A trace replayed against a model must come from that model."""
     if trace.fingerprint != fingerprint:
