@@ -8,7 +8,7 @@ import sys
 
 from moe_tier.errors import MoeTierError
 
-COMMANDS = ("inspect", "run", "synth")
+COMMANDS = ("inspect", "run", "synth", "trace", "replay", "profile")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
