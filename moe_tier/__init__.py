@@ -2,4 +2,14 @@
 
 from moe_tier.errors import MoeTierError
 
-__all__ = ["MoeTierError"]
+
+def __getattr__(name):
+    # Engine pulls in numba kernels and llama.cpp's tokenizer: import it only when asked for.
+    if name == "Engine":
+        from moe_tier.engine import Engine
+
+        return Engine
+    raise AttributeError(name)
+
+
+__all__ = ["Engine", "MoeTierError"]

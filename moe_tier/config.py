@@ -153,7 +153,7 @@ def from_metadata(arch: str, kv: dict, n_vocab: int, tensor_shapes: dict[str, tu
         n_expert_used=n_expert_used,
         n_ff=n_ff,
         n_ff_exp=n_ff_exp,
-        n_ff_shexp=int(get(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, 0)),
+        n_ff_shexp=int(get(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, 0)) or _shared_width_from_tensors(tensor_shapes),
         n_expert_shared=int(get(Keys.LLM.EXPERT_SHARED_COUNT, 0)),
         n_leading_dense=int(get(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0)),
         gating=gating,
@@ -171,6 +171,11 @@ def _expert_width_from_tensors(shapes: dict[str, tuple[int, ...]]) -> int:
         if ".ffn_gate.0." in name or ".ffn_up.0." in name:
             return int(shape[1])
     return 0
+
+
+def _shared_width_from_tensors(shapes: dict[str, tuple[int, ...]]) -> int:
+    """deepseek2 states no shared width: it is n_expert_shared * n_ff_exp, the up_shexp rows."""
+    return next((int(shape[1]) for name, shape in shapes.items() if name.endswith("ffn_up_shexp.weight")), 0)
 
 
 def field_value(field_obj) -> object:

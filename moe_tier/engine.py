@@ -87,9 +87,18 @@ class Engine:
                chat: bool = False, observer: RoutingObserver | None = None) -> Iterator[str]:
         """Yield text as it is generated; stops at end-of-generation or max_tokens."""
         if chat:
-            ids = self._check(self.tokenizer.encode(self.tokenizer.apply_chat(prompt), add_special=False))
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat(prompt), add_special=False)
         else:
-            ids = self._check(self.tokenizer.encode(prompt))
+            ids = self.tokenizer.encode(prompt)
+        text = TextStream(self.tokenizer)
+        for token in self.generate_tokens(ids, max_tokens, sampling, observer):
+            yield text.push(token)
+        yield text.flush()
+
+    def generate_tokens(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                        observer: RoutingObserver | None = None) -> Iterator[int]:
+        """The decode loop: prefill in chunks, then one token per step against the KV cache."""
+        ids = self._check(prompt_ids)
         if len(ids) + max_tokens > self.ctx:
             raise MoeTierError(self.desc.path, f"prompt ({len(ids)} tokens) + {max_tokens} new tokens "
                                                f"exceed the context ({self.ctx})")
@@ -100,7 +109,6 @@ class Engine:
             logits = self._step(cache, ids[i : i + PREFILL_CHUNK], observer, last_only=True)
         self.stats.prompt_tokens += len(ids)
         self.stats.prompt_seconds += time.perf_counter() - t0
-        text_out = TextStream(self.tokenizer)
         expert_bytes_before = self.stats.expert_bytes()
         t0 = time.perf_counter()
         for n in range(max_tokens):
@@ -108,12 +116,11 @@ class Engine:
             if self.tokenizer.is_end(token):
                 break
             self.stats.generated_tokens += 1
-            yield text_out.push(token)
+            yield token
             if n + 1 < max_tokens:
                 logits = self._step(cache, np.array([token]), observer, last_only=True)
         self.stats.generate_seconds += time.perf_counter() - t0
         self.stats.decode_expert_bytes += self.stats.expert_bytes() - expert_bytes_before
-        yield text_out.flush()
 
     def generate(self, prompt: str, max_tokens: int, temperature: float = 0.0, seed: int = 0, **sampling) -> str:
         cfg = SamplingConfig(temperature=temperature, seed=seed, **sampling)

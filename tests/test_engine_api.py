@@ -1,0 +1,60 @@
+"""The public Engine API and its bad-input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moe_tier import Engine, MoeTierError
+from moe_tier.synth import tiny, write_model
+
+
+def test_public_api(synth_model):
+    eng = Engine.open(synth_model("qwen3moe", qtype="Q8_0"), vram=None, ram=None, ctx=64)
+    tokens = eng.tokenize("Hello world")
+    assert tokens[0] == eng.tokenizer.bos and all(isinstance(t, int) for t in tokens)
+    logits = eng.logits(tokens)
+    assert logits.shape == (len(tokens), eng.n_vocab) and logits.dtype == np.float32
+    text = eng.generate("Hello", max_tokens=8)
+    assert isinstance(text, str) and text == eng.generate("Hello", max_tokens=8)  # greedy is deterministic
+    a = eng.generate("Hello", max_tokens=8, temperature=1.0, seed=1)
+    assert a == eng.generate("Hello", max_tokens=8, temperature=1.0, seed=1)
+
+
+def test_batch_of_sequences_equals_each_alone(synth_model):
+    """The forward pass takes several sequences at once; each gets the logits it gets alone."""
+    from moe_tier.models import Segment
+
+    eng = Engine.open(synth_model("llama", qtype="Q8_0"), ctx=64)
+    a, b = eng.tokenize("The cat sat on the mat"), eng.tokenize("def main(): return 1")
+    caches = [eng.model.new_cache(64), eng.model.new_cache(64)]
+    both = eng.model.forward(np.array(a + b), [Segment(caches[0], 0, len(a)), Segment(caches[1], len(a), len(b))])
+    np.testing.assert_allclose(both[: len(a)], eng.logits(a), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(both[len(a):], eng.logits(b), rtol=0, atol=1e-5)
+
+
+def test_warm_tier_gives_the_same_logits(synth_model):
+    path = synth_model("llama", qtype="Q8_0")
+    cold = Engine.open(path, ram=0, ctx=64)
+    warm = Engine.open(path, ctx=64)
+    tokens = cold.tokenize("warm and cold")
+    np.testing.assert_array_equal(cold.logits(tokens), warm.logits(tokens))
+    assert set(cold.stats.hit_rates()) == {"cold"} and set(warm.stats.hit_rates()) == {"warm"}
+
+
+def test_bad_inputs(synth_model, tmp_path):
+    eng = Engine.open(synth_model("llama"), ctx=16)
+    with pytest.raises(MoeTierError, match="longer than the context"):
+        eng.logits(list(range(1, 40)))
+    with pytest.raises(MoeTierError, match="token id 100000 out of range"):
+        eng.logits([1, 100000])
+    with pytest.raises(MoeTierError, match="exceed the context"):
+        eng.generate("Hello", max_tokens=100)
+
+
+def test_unsupported_architecture_and_quant_type_are_named(synth_model, tmp_path):
+    with pytest.raises(MoeTierError, match="'deepseek2' is not supported by the engine yet"):
+        Engine.open(synth_model("deepseek2"))
+    path = write_model(tmp_path / "iq.gguf", tiny("llama", qtype="IQ4_NL"))
+    with pytest.raises(MoeTierError, match=r"tensor \S+: unsupported quant type IQ4_NL"):
+        Engine.open(path)
