@@ -21,6 +21,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 VOCAB_SIZE = 8192
+MAX_TOKEN_BYTES = 16          # llama-cpp-python's detokenize drops pieces longer than its 32-byte buffer
 END_OF_TEXT = "<|endoftext|>"
 SPECIAL_TOKENS = (END_OF_TEXT,)
 # Qwen2's pre-tokenizer regex as its tokenizer.json writes it; llama.cpp spells the (?i:) group out.
@@ -48,7 +49,8 @@ def documents(path: Path) -> Iterator[str]:
 def train(corpus: Path) -> Tokenizer:
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+                                  max_token_length=MAX_TOKEN_BYTES)
     train_files = sorted(corpus.glob("*.train.jsonl"))
     tok.train_from_iterator((doc for path in train_files for doc in documents(path)), trainer=trainer)
     return tok
