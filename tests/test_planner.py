@@ -1,0 +1,102 @@
+"""The compiled planner: misses split between link and CPU, evictions by expected next use, idle-only prefetch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from router_predict.planner import CPU, FETCH, HIT, next_use_steps, plan_step
+from router_predict.policies import LRU, CacheState, Planner
+from router_predict.replay import CacheConfig, CostModel, replay
+from router_predict.trace import Trace
+
+L, E, K, D = 4, 8, 2, 2
+MB = 2**20
+
+
+def setup(resident, slots=4, n_gpu=1):
+    X = L * E
+    state = CacheState.preloaded(n_gpu, slots, np.array(resident, int), np.full(X, MB, np.int64), np.zeros(X, bool))
+    return state
+
+
+def call(state, layer, needed, ahead=None, recent=None, h2d=100 * MB, cpu=100 * MB, gpu_step_s=0.0, backlog=None,
+         max_prefetch=4):
+    ahead = np.full((D, E), 0.25, np.float32) if ahead is None else ahead
+    recent = np.full((L, E), 0.25, np.float32) if recent is None else recent
+    actions, prefetch = np.empty(len(needed), np.int8), np.empty(max_prefetch, np.int64)
+    backlog = np.zeros(state.slot_expert.shape[0]) if backlog is None else backlog
+    n = plan_step(layer, np.array(needed, np.int64), ahead, recent, state.slot_expert, state.expert_slot,
+                  state.remaining_bytes, state.on_disk, state.expert_bytes, float(h2d), float(cpu), 10.0 * MB,
+                  gpu_step_s, backlog, 1.0, actions, prefetch)
+    state.check()
+    return actions.tolist(), prefetch[:n].tolist()
+
+
+def test_expected_next_use():
+    ahead = np.zeros((D, E), np.float32)
+    ahead[0, 3] = 1.0
+    recent = np.full((L, E), 0.5, np.float32)
+    assert next_use_steps(1 * E + 3, 0, ahead, recent) == 1.0  # certain at the next layer
+    assert next_use_steps(1 * E + 4, 0, ahead, recent) > L  # ruled out there: next token at the earliest
+    assert next_use_steps(0 * E + 3, 0, ahead, recent) == L + 0.5 * L / 0.5  # this layer: next token, p = 0.5
+
+
+def test_hits_and_misses_balanced_between_link_and_cpu():
+    state = setup([0, 1])
+    actions, _ = call(state, 0, [0, 1])
+    assert actions == [HIT, HIT]
+    state = setup([0, 1])
+    actions, _ = call(state, 0, [2, 3], h2d=100 * MB, cpu=100 * MB)
+    assert sorted(actions) == [FETCH, CPU]  # equal rates: one each finishes the step soonest
+    state = setup([0, 1])
+    actions, _ = call(state, 0, [2, 3], h2d=100 * MB, cpu=1 * MB)
+    assert actions == [FETCH, FETCH]
+    state = setup([0, 1])
+    actions, _ = call(state, 0, [2, 3], h2d=1 * MB, cpu=100 * MB)
+    assert actions == [CPU, CPU]
+
+
+def test_never_evicts_what_the_layer_needs():
+    state = setup([0, 1, 2, 3], slots=4)  # full; the step needs 0 and 9
+    recent = np.full((L, E), 0.25, np.float32)
+    recent[0, 0] = 1e-6  # 0 looks worthless afterwards, but it is needed now
+    actions, _ = call(state, 0, [0, 9], recent=recent, cpu=1.0)
+    assert actions == [HIT, FETCH]
+    assert state.expert_slot[0] >= 0 and state.expert_slot[9] >= 0
+
+
+def test_prefetch_only_into_idle_link_time():
+    ahead = np.zeros((D, E), np.float32)
+    ahead[0, 5] = 0.9  # layer 1, expert 5 is likely next
+    state = setup([0, 1])
+    _, prefetch = call(state, 0, [0, 1], ahead=ahead, gpu_step_s=0.0)
+    assert prefetch == []  # all hits and no GPU time: the step leaves no idle link time
+    state = setup([0, 1])
+    _, prefetch = call(state, 0, [0, 1], ahead=ahead, gpu_step_s=0.015)  # 1.5 MiB of idle link
+    assert prefetch[0] == 1 * E + 5 and len(prefetch) <= 2
+    assert state.remaining_bytes[1 * E + 5] == MB  # in flight, not ready
+    state = setup([0, 1])
+    _, prefetch = call(state, 0, [0, 1], ahead=ahead, gpu_step_s=0.015, backlog=np.array([0.02]))
+    assert prefetch == []  # the queue already fills the idle time
+
+
+def test_planner_beats_lru_when_layers_predict_each_other():
+    """Layer l+1 repeats layer l's experts; with idle link time the planner fetches them ahead."""
+    rng = np.random.default_rng(0)
+    n, Lt = 200, 8
+    first = rng.integers(0, E, (n, 1))
+    ids = np.repeat(np.stack([first[:, 0], (first[:, 0] + 1) % E], -1)[:, None], Lt, 1)
+    t = Trace(fingerprint="f", arch="llama", n_layer=Lt, n_expert=E, n_expert_used=2,
+              moe_layers=np.arange(Lt, dtype=np.int32), expert_ids=ids.astype(np.int16),
+              weights=np.full(ids.shape, 0.5, np.float32), is_prompt=np.zeros(n, bool),
+              sequence=(np.arange(n) >= n // 2).astype(np.int32), position=np.arange(n, dtype=np.int32),
+              token=np.full(n, -1, np.int32))
+    train, test = t.select(t.sequence == 0), t.select(t.sequence == 1)
+    cost = CostModel(h2d_bytes_per_s=100 * MB, cpu_bytes_per_s=20 * MB, disk_bytes_per_s=10 * MB,
+                     gpu_bytes_per_s=1000 * MB, dense_layer_bytes=30 * MB)  # 30 ms GPU per layer: 3 MiB idle
+    eb = np.full(Lt * E, MB, np.int64)
+    cache = CacheConfig(1, 24)
+    lru = replay(LRU(), test, train, cost, cache, eb)
+    planner = replay(Planner(cost), test, train, cost, cache, eb)
+    assert planner.hit_rate > lru.hit_rate + 0.3
+    assert planner.prefetch_used > 0.5
