@@ -1,0 +1,77 @@
+"""Matmul and row lookup straight from GGUF quantized blocks, matching llama.cpp's CPU backend.
+
+Shape key: T tokens, K = n_cols (GGUF ne0, the reduced dimension), N = n_rows (GGUF ne1, output features).
+A weight is N rows of K values, each row K / block_values blocks of block_bytes, kept in the file's bytes.
+
+`w` is the tensor's raw bytes: a uint8 array (a np.memmap slice is fine) of N * row_bytes(qtype, K) bytes, any
+shape. A typed array (float32 for F32, float16 for F16) is taken as its bytes too; no conversion is done.
+Results follow llama.cpp: x is first rounded to the weight type's vec_dot_type (see activations.py), so they
+differ from x @ dequantize(w).T by that rounding, as llama.cpp's do.
+
+Threads: numba's (numba.set_num_threads). Kernels compile on first use and are cached next to this package
+(numba cache=True); for a read-only install set NUMBA_CACHE_DIR to a writable directory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from moe_tier.errors import MoeTierError
+from moe_tier.kernels import cpu, cpu_kquants
+
+_KERNELS = {**cpu.KERNELS, **cpu_kquants.KERNELS}
+SUPPORTED: frozenset[GGMLQuantizationType] = frozenset(_KERNELS)
+
+
+def block_shape(qtype: GGMLQuantizationType) -> tuple[int, int]:
+    """(values per block, bytes per block), from gguf.GGML_QUANT_SIZES."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+
+
+def row_bytes(qtype: GGMLQuantizationType, n_cols: int) -> int:
+    """Bytes of one weight row of n_cols values."""
+    block_values, block_bytes = block_shape(qtype)
+    return n_cols // block_values * block_bytes
+
+
+def _check_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    qtype = GGMLQuantizationType(qtype)
+    if qtype not in SUPPORTED:
+        raise MoeTierError(None, f"unsupported quant type {qtype.name}")
+    return qtype
+
+
+def _rows(w: np.ndarray, qtype: GGMLQuantizationType, n_rows: int, n_cols: int) -> np.ndarray:
+    """The weight bytes as a contiguous (N, row_bytes) uint8 view, after checking the sizes agree."""
+    block_values, _ = block_shape(qtype)
+    if n_cols % block_values:
+        raise MoeTierError(None, f"{n_cols} columns is not a multiple of the {qtype.name} block ({block_values})")
+    w = np.ascontiguousarray(w)
+    raw = w.reshape(-1).view(np.uint8)
+    expected = n_rows * row_bytes(qtype, n_cols)
+    if raw.size != expected:
+        raise MoeTierError(None, f"{qtype.name} weight of {n_rows}x{n_cols} needs {expected} bytes, got {raw.size}")
+    return raw.reshape(n_rows, -1)
+
+
+def matmul(x: np.ndarray, w: np.ndarray, qtype: GGMLQuantizationType, n_rows: int, n_cols: int) -> np.ndarray:
+    """x (T, K=n_cols) float32 @ W.T for W (N=n_rows, K) stored as raw blocks in w; returns (T, N) float32."""
+    qtype = _check_type(qtype)
+    rows = _rows(w, qtype, n_rows, n_cols)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != n_cols:
+        raise MoeTierError(None, f"activations of shape {x.shape} do not match a weight of {n_cols} columns")
+    out = np.zeros((x.shape[0], n_rows), dtype=np.float32)
+    if x.shape[0] and n_rows:
+        _KERNELS[qtype](rows, x, out)
+    return out
+
+
+def get_rows(w: np.ndarray, qtype: GGMLQuantizationType, n_cols: int, rows: np.ndarray) -> np.ndarray:
+    """Dequantize the selected rows (an embedding lookup): (len(rows), K) float32, exactly as gguf does."""
+    qtype = _check_type(qtype)
+    raw = np.asarray(w).reshape(-1).view(np.uint8)
+    table = _rows(raw, qtype, raw.size // max(row_bytes(qtype, n_cols), 1), n_cols)
+    picked = table[np.asarray(rows, dtype=np.int64)]
+    return np.ascontiguousarray(quants.dequantize(picked, qtype), dtype=np.float32).reshape(len(picked), n_cols)

@@ -1,0 +1,187 @@
+"""numba matmul kernels for float weights and the 32-value block quants (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4).
+
+Shape key: T tokens, K = n_cols, N = n_rows, B = K / 32 blocks per row.
+  w   (N, B * block_bytes) uint8   raw GGUF blocks, one weight row per array row
+  xq  (T, K) int8                  activations in the vec_dot_type (float32, rounded, for float weights)
+  xd  (T, B) float32               activation block scales; xs (T, B) the Q8_1 `s` sums
+  out (T, N) float32, zeroed       out[t, r] = sum over blocks of that block's dot, as llama.cpp sums it
+
+Loop order: row tasks in parallel (a prange shell around a serial row function: numba's parfor lowering
+loses the arrays' contiguity and the dots stop vectorizing), then rows, then blocks; each weight block is decoded once into a small
+int16 buffer and dotted with all T tokens, so weights are read from memory once whatever T is. The dots are
+int32 sums of int16 products, as in ggml (LLVM turns them into vpmaddwd); only the float combination of
+blocks is reordered by fastmath. Two things keep LLVM vectorizing the block loops (else it emits byte gathers,
+10x slower): block sizes arrive as run-time values (a literal 32 gets unrolled and the vectorizer moves to the
+block loop), and every index is a loop expression on a per-block slice, provably non-negative, so numba's
+negative-index wraparound check folds away.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from numba import njit, prange
+
+from moe_tier.kernels import activations as act
+
+ROWS_PER_TASK = 16  # rows per parallel task: amortises the scratch buffer, keeps tasks balanced
+
+# fp16 bit pattern -> float32; a 256 KiB table beats bit-twiddling for the scattered per-block scales.
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+# ggml_e8m0_to_fp32_half (ggml-impl.h): the MXFP4 block exponent, halved because its values are doubled.
+E8M0_HALF_TO_F32 = np.array(
+    [(0x00200000 << e) if e < 2 else ((e - 1) << 23) for e in range(256)], dtype=np.uint32
+).view(np.float32)
+# kvalues_mxfp4 (ggml-common.h): e2m1 values, doubled.
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+@njit(cache=True)
+def f16_at(f16, row, o):
+    """The little-endian fp16 at byte offset o of row, as float32."""
+    return f16[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+
+
+@njit(cache=True, fastmath=True)
+def _float_rows(w, kind, x, f16, out, r0, r1):
+    """F32 (w as uint32 bits, kind 0), F16 (uint16, kind 1), BF16 (uint16, kind 2); x already rounded to the
+    vec_dot_type and widened, so each product is exact and only the float32 summation order differs."""
+    k = w.shape[1]
+    n_tok = x.shape[0]
+    bits = np.empty(k, np.uint32)
+    wf = bits.view(np.float32)
+    for r in range(r0, r1):
+        row = w[r]
+        if kind == 1:
+            for i in range(k):
+                wf[i] = f16[row[i]]
+        else:
+            shift = 16 if kind == 2 else 0
+            for i in range(k):
+                bits[i] = np.uint32(row[i]) << shift
+        for t in range(n_tok):
+            s = np.float32(0.0)
+            for i in range(k):
+                s += wf[i] * x[t, i]
+            out[t, r] = s
+
+
+@njit(cache=True, parallel=True)
+def _float_par(w, kind, x, f16, out):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _float_rows(w, kind, x, f16, out, task * ROWS_PER_TASK, min(w.shape[0], (task + 1) * ROWS_PER_TASK))
+
+
+@njit(cache=True, fastmath=True)
+def _q8_0_rows(w, qk, xq, xd, f16, out, r0, r1):
+    """ggml_vec_dot_q8_0_q8_0: w is the raw bytes viewed as int8 (the fp16 scale bytes are read unsigned)."""
+    n_tok, n_blk = xd.shape
+    block_bytes = qk + 2
+    for r in range(r0, r1):
+        row = w[r]
+        for b in range(n_blk):
+            blk = row[b * block_bytes:(b + 1) * block_bytes]
+            dw = f16[np.int64(np.uint8(blk[0])) | (np.int64(np.uint8(blk[1])) << 8)]
+            for t in range(n_tok):
+                xb = xq[t, b * qk:(b + 1) * qk]
+                s = np.int32(0)
+                for j in range(qk):
+                    s += np.int32(np.int16(blk[2 + j]) * np.int16(xb[j]))
+                out[t, r] += np.float32(np.int32(s)) * (dw * xd[t, b])
+
+
+@njit(cache=True, parallel=True)
+def _q8_0_par(w, qk, xq, xd, f16, out):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _q8_0_rows(w, qk, xq, xd, f16, out, task * ROWS_PER_TASK, min(w.shape[0], (task + 1) * ROWS_PER_TASK))
+
+
+@njit(cache=True, fastmath=True)
+def _nibble_rows(w, qk, layout, xq, xd, xs, values, scales, f16, out, r0, r1):
+    """Q4_0, Q4_1, Q5_0, Q5_1, MXFP4: qk/2 bytes of nibbles (value j low, value j + qk/2 high), an optional
+    32-bit fifth-bit mask, a block scale and an optional fp16 minimum. layout = (block_bytes, scale_bytes,
+    min_offset, qh_offset, qs_offset, value_offset), offsets -1 when absent. The weight's integer value is
+    code + value_offset, or values[code] when values is non-empty (MXFP4); scales maps scale bytes to float32."""
+    block_bytes, scale_bytes, min_off, qh_off, qs_off, value_off = layout
+    half = qk // 2
+    n_tok, n_blk = xd.shape
+    wq = np.empty(qk, np.int16)
+    for r in range(r0, r1):
+        row = w[r]
+        for b in range(n_blk):
+            blk = row[b * block_bytes:(b + 1) * block_bytes]
+            code = np.int64(blk[0])
+            if scale_bytes == 2:
+                code |= np.int64(blk[1]) << 8
+            dw = scales[code]
+            qh = np.int64(0)
+            if qh_off >= 0:
+                for i in range(4):
+                    qh |= np.int64(blk[qh_off + i]) << (8 * i)
+            qs = blk[qs_off:]
+            for j in range(half):
+                byte = qs[j]
+                wq[j] = (byte & 15) | (((qh >> j) & 1) << 4)
+                wq[j + half] = (byte >> 4) | (((qh >> (j + half)) & 1) << 4)
+            if values.size:
+                for j in range(qk):
+                    wq[j] = values[wq[j]]
+            else:
+                for j in range(qk):
+                    wq[j] += value_off
+            dm = f16_at(f16, blk, min_off) if min_off >= 0 else np.float32(0.0)
+            for t in range(n_tok):
+                xb = xq[t, b * qk:(b + 1) * qk]
+                s = np.int32(0)
+                for j in range(qk):
+                    s += np.int32(wq[j] * np.int16(xb[j]))
+                out[t, r] += np.float32(np.int32(s)) * (dw * xd[t, b]) + dm * xs[t, b]
+
+
+@njit(cache=True, parallel=True)
+def _nibble_par(w, qk, layout, xq, xd, xs, values, scales, f16, out):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        r0, r1 = task * ROWS_PER_TASK, min(w.shape[0], (task + 1) * ROWS_PER_TASK)
+        _nibble_rows(w, qk, layout, xq, xd, xs, values, scales, f16, out, r0, r1)
+
+
+def _float_kernel(kind: int, bits_dtype: type, widen):
+    def run(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        _float_par(w.view(bits_dtype), kind, widen(x), F16_TO_F32, out)
+
+    return run
+
+
+def _q8_0_kernel(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    xq = act.quantize_q8_0(x)
+    _q8_0_par(w.view(np.int8), act.QK8_0, xq.qs, xq.d, F16_TO_F32, out)
+
+
+def _nibble_kernel(qtype: Q, value_off: int, min_off: int, qh_off: int, values=(), scales=F16_TO_F32):
+    """The activation type is Q8_1 iff the block has a minimum (Q4_1, Q5_1), else Q8_0."""
+    qk, block_bytes = GGML_QUANT_SIZES[qtype]
+    scale_bytes = 2 if scales is F16_TO_F32 else 1
+    layout = np.array([block_bytes, scale_bytes, min_off, qh_off, block_bytes - qk // 2, value_off], np.int64)
+    values = np.array(values, dtype=np.int16)
+    quantize = act.quantize_q8_1 if min_off >= 0 else act.quantize_q8_0
+
+    def run(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        xq = quantize(x)
+        xs = xq.extra if min_off >= 0 else xq.d  # xs is only read when there is a minimum
+        _nibble_par(w, qk, layout, xq.qs, xq.d, xs, values, scales, F16_TO_F32, out)
+
+    return run
+
+
+KERNELS = {
+    Q.F32: _float_kernel(0, np.uint32, lambda x: np.ascontiguousarray(x, dtype=np.float32)),
+    Q.F16: _float_kernel(1, np.uint16, act.to_f16),
+    Q.BF16: _float_kernel(2, np.uint16, act.to_bf16),
+    Q.Q8_0: _q8_0_kernel,
+    Q.Q4_0: _nibble_kernel(Q.Q4_0, value_off=-8, min_off=-1, qh_off=-1),
+    Q.Q4_1: _nibble_kernel(Q.Q4_1, value_off=0, min_off=2, qh_off=-1),
+    Q.Q5_0: _nibble_kernel(Q.Q5_0, value_off=-16, min_off=-1, qh_off=2),
+    Q.Q5_1: _nibble_kernel(Q.Q5_1, value_off=0, min_off=2, qh_off=4),
+    Q.MXFP4: _nibble_kernel(Q.MXFP4, 0, -1, -1, values=MXFP4_VALUES, scales=E8M0_HALF_TO_F32),
+}
+"""qtype -> run(w (N, row_bytes) uint8, x (T, K) float32, out (T, N) float32 zeroed)."""

@@ -1,0 +1,260 @@
+"""numba matmul kernels for the 256-value super-block quants (Q2_K..Q6_K, IQ4_XS); activations go to Q8_K.
+
+Shape key: T tokens, K = n_cols, N = n_rows, B = K / 256 super-blocks per row, S = K / 16.
+  w     (N, B * block_bytes) uint8   raw GGUF blocks
+  xq    (T, K) int8                  Q8_K values
+  xd    (T, B) float32               Q8_K scales
+  bsums (T, S) int32                 sums of 16 consecutive xq, for the blocks' minimums
+  out   (T, N) float32, zeroed
+
+Each super-block is decoded once into wq[256] = sub-block scale * quant (int16: |scale * quant| <= 4096), then
+dotted with every token in int32 (|sum| < 256 * 4096 * 127 < 2**31), which equals ggml's aux32 sums exactly:
+d_w * d_x * (wq . xq) - dmin_w * d_x * (mins . bsums).
+Block layouts and element order follow ggml-quants.c (dequantize_row_*) and gguf.quants.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from numba import njit, prange
+
+from moe_tier.kernels import activations as act
+from moe_tier.kernels.cpu import F16_TO_F32, ROWS_PER_TASK, f16_at
+
+# kvalues_iq4nl (ggml-common.h), the IQ4_NL / IQ4_XS non-linear grid.
+IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
+
+
+
+# Decoders: from one block's bytes blk, fill wq[qk] with sub-block scale * quant, mn[qk/16] with the minimum
+# of each 16 values (left zero where the type has none), return (d, dmin). What keeps them vectorized (10x):
+# inlined into the row loop, int16 arithmetic, one scale per inner loop, n16 = 16 known only at run time, and
+# blk a per-block slice so indices are provably non-negative (see cpu.py).
+
+
+@njit(cache=True, inline="always")
+def _decode_q2_k(qk, blk, wq, sc, mn, values):
+    """scales[16] | qs[64] | d | dmin; per 16 values a low-nibble scale and a high-nibble minimum."""
+    n16 = qk // 16
+    for s in range(16):
+        sc[s] = blk[s] & 15
+        mn[s] = blk[s] >> 4
+    for n in range(2):
+        for j in range(4):
+            for half in range(2):
+                scale = np.int16(sc[8 * n + 2 * j + half])
+                for l in range(n16):
+                    q = np.int16((blk[16 + 32 * n + 16 * half + l] >> (2 * j)) & 3)
+                    wq[128 * n + 32 * j + 16 * half + l] = scale * q
+    return f16_at(F16_TO_F32, blk, 80), f16_at(F16_TO_F32, blk, 82)
+
+
+@njit(cache=True, inline="always")
+def _decode_q3_k(qk, blk, wq, sc, mn, values):
+    """hmask[32] | qs[64] | scales[12] | d; quant - 4 where the hmask bit is clear; 6-bit scales - 32."""
+    n16 = qk // 16
+    for s in range(16):
+        low = (blk[96 + s % 8] >> (4 * (s // 8))) & 15
+        high = (blk[104 + s % 4] >> (2 * (s // 4))) & 3
+        sc[s] = (low | (high << 4)) - 32
+    for n in range(2):
+        for j in range(4):
+            for half in range(2):
+                scale = np.int16(sc[8 * n + 2 * j + half])
+                for l in range(n16):
+                    q = np.int16((blk[32 + 32 * n + 16 * half + l] >> (2 * j)) & 3)
+                    h = np.int16((blk[16 * half + l] >> (4 * n + j)) & 1)
+                    wq[128 * n + 32 * j + 16 * half + l] = scale * (q - 4 + 4 * h)
+    return f16_at(F16_TO_F32, blk, 108), np.float32(0.0)
+
+
+@njit(cache=True, inline="always")
+def _scales_mins_k4(blk, sc, mn):
+    """get_scale_min_k4 (Q4_K, Q5_K): 8 six-bit scales and minimums in blk[4:16], minimums spread per 16."""
+    for j in range(4):
+        sc[j] = blk[4 + j] & 63
+        mn[j] = blk[8 + j] & 63
+    for j in range(4, 8):
+        sc[j] = (blk[8 + j] & 15) | ((blk[j] >> 6) << 4)
+        mn[j] = (blk[8 + j] >> 4) | ((blk[4 + j] >> 6) << 4)
+    for s in range(7, -1, -1):
+        mn[2 * s] = mn[s]
+        mn[2 * s + 1] = mn[s]
+
+
+@njit(cache=True, inline="always")
+def _decode_q4_k(qk, blk, wq, sc, mn, values):
+    """d | dmin | scales[12] | qs[128]; 32 low nibbles then 32 high nibbles per 32 bytes."""
+    n32 = qk // 8
+    _scales_mins_k4(blk, sc, mn)
+    for n in range(4):
+        s0, s1 = np.int16(sc[2 * n]), np.int16(sc[2 * n + 1])
+        for l in range(n32):
+            byte = blk[16 + 32 * n + l]
+            wq[64 * n + l] = s0 * np.int16(byte & 15)
+            wq[64 * n + 32 + l] = s1 * np.int16(byte >> 4)
+    return f16_at(F16_TO_F32, blk, 0), f16_at(F16_TO_F32, blk, 2)
+
+
+@njit(cache=True, inline="always")
+def _decode_q5_k(qk, blk, wq, sc, mn, values):
+    """d | dmin | scales[12] | qh[32] | qs[128]; as Q4_K plus a fifth bit from qh."""
+    n32 = qk // 8
+    _scales_mins_k4(blk, sc, mn)
+    for n in range(4):
+        s0, s1 = np.int16(sc[2 * n]), np.int16(sc[2 * n + 1])
+        for l in range(n32):
+            byte, qh = blk[48 + 32 * n + l], blk[16 + l]
+            wq[64 * n + l] = s0 * np.int16((byte & 15) | (((qh >> (2 * n)) & 1) << 4))
+            wq[64 * n + 32 + l] = s1 * np.int16((byte >> 4) | (((qh >> (2 * n + 1)) & 1) << 4))
+    return f16_at(F16_TO_F32, blk, 0), f16_at(F16_TO_F32, blk, 2)
+
+
+@njit(cache=True, inline="always")
+def _decode_q6_k(qk, blk, wq, sc, mn, values):
+    """ql[128] | qh[64] | scales[16] int8 | d; 4 low + 2 high bits, quant - 32."""
+    n16 = qk // 16
+    for s in range(16):
+        sc[s] = np.int8(blk[192 + s])
+    for n in range(2):
+        for j in range(4):
+            for half in range(2):
+                scale = np.int16(sc[8 * n + 2 * j + half])
+                for l in range(n16):
+                    low = np.int16((blk[64 * n + 32 * (j % 2) + 16 * half + l] >> (4 * (j // 2))) & 15)
+                    high = np.int16((blk[128 + 32 * n + 16 * half + l] >> (2 * j)) & 3)
+                    wq[128 * n + 32 * j + 16 * half + l] = scale * ((low | (high << 4)) - 32)
+    return f16_at(F16_TO_F32, blk, 208), np.float32(0.0)
+
+
+@njit(cache=True, inline="always")
+def _decode_iq4_xs(qk, blk, wq, sc, mn, values):
+    """d | scales_h u16 | scales_l[4] | qs[128]; grid values, a 6-bit scale - 32 per 32 values."""
+    n16 = qk // 16
+    scales_h = np.int64(blk[2]) | (np.int64(blk[3]) << 8)
+    for s in range(8):
+        low = (blk[4 + s // 2] >> (4 * (s % 2))) & 15
+        sc[s] = (low | (((scales_h >> (2 * s)) & 3) << 4)) - 32
+    for s in range(8):
+        scale = np.int16(sc[s])
+        for l in range(n16):
+            byte = blk[8 + 16 * s + l]
+            wq[32 * s + l] = scale * values[byte & 15]
+            wq[32 * s + 16 + l] = scale * values[byte >> 4]
+    return f16_at(F16_TO_F32, blk, 0), np.float32(0.0)
+
+
+@njit(cache=True, inline="always")
+def _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out):
+    """Super-block b of row r against every token: int32 sums wq . xq and mn . bsums (ggml's aux32 / sumi),
+    then the float combination d_x * (d * sum - dmin * min_sum)."""
+    qk, n16 = wq.size, wq.size // 16
+    for t in range(xq.shape[0]):
+        xb = xq[t, qk * b:qk * (b + 1)]
+        s = np.int32(0)
+        for i in range(qk):
+            s += np.int32(wq[i] * np.int16(xb[i]))
+        m = np.int32(0)
+        for i in range(n16):
+            m += np.int32(mn[i] * bsums[t, n16 * b + i])
+        out[t, r] += xd[t, b] * (d * np.float32(np.int32(s)) - dmin * np.float32(np.int32(m)))
+
+
+# One row function per type, each a separate compilation with its decoder inlined: a single function that
+# branches on the type per block, or takes the decoder as an argument, is 3x slower or defeats numba's cache.
+
+
+@njit(cache=True, fastmath=True)
+def _rows_q2_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
+    wq, sc, mn = np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(16, np.int32)
+    for r in range(r0, r1):
+        for b in range(xd.shape[1]):
+            d, dmin = _decode_q2_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
+            _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
+
+
+@njit(cache=True, fastmath=True)
+def _rows_q3_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
+    wq, sc, mn = np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(16, np.int32)
+    for r in range(r0, r1):
+        for b in range(xd.shape[1]):
+            d, dmin = _decode_q3_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
+            _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
+
+
+@njit(cache=True, fastmath=True)
+def _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
+    wq, sc, mn = np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(16, np.int32)
+    for r in range(r0, r1):
+        for b in range(xd.shape[1]):
+            d, dmin = _decode_q4_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
+            _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
+
+
+@njit(cache=True, fastmath=True)
+def _rows_q5_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
+    wq, sc, mn = np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(16, np.int32)
+    for r in range(r0, r1):
+        for b in range(xd.shape[1]):
+            d, dmin = _decode_q5_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
+            _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
+
+
+@njit(cache=True, fastmath=True)
+def _rows_q6_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
+    wq, sc, mn = np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(16, np.int32)
+    for r in range(r0, r1):
+        for b in range(xd.shape[1]):
+            d, dmin = _decode_q6_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
+            _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
+
+
+@njit(cache=True, fastmath=True)
+def _rows_iq4_xs(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
+    wq, sc, mn = np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(16, np.int32)
+    for r in range(r0, r1):
+        for b in range(xd.shape[1]):
+            d, dmin = _decode_iq4_xs(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
+            _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
+
+
+@njit(cache=True, parallel=True)
+def _kquant_par(kind, w, qk, block_bytes, xq, xd, bsums, values, out):
+    """Row tasks in parallel around the serial row functions (see cpu.py: parfor bodies do not vectorize)."""
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        r0, r1 = task * ROWS_PER_TASK, min(w.shape[0], (task + 1) * ROWS_PER_TASK)
+        if kind == 2:
+            _rows_q2_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1)
+        elif kind == 3:
+            _rows_q3_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1)
+        elif kind == 4:
+            _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1)
+        elif kind == 5:
+            _rows_q5_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1)
+        elif kind == 6:
+            _rows_q6_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1)
+        else:
+            _rows_iq4_xs(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1)
+
+
+def _kernel(qtype: Q, kind: int):
+    """kind selects the row function in _kquant_par: the bit width (2..6), 0 for IQ4_XS."""
+    qk, block_bytes = GGML_QUANT_SIZES[qtype]
+
+    def run(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        xq = act.quantize_q8_k(x)
+        _kquant_par(kind, w, qk, block_bytes, xq.qs, xq.d, xq.extra, IQ4NL_VALUES, out)
+
+    return run
+
+
+KERNELS = {
+    Q.Q2_K: _kernel(Q.Q2_K, 2),
+    Q.Q3_K: _kernel(Q.Q3_K, 3),
+    Q.Q4_K: _kernel(Q.Q4_K, 4),
+    Q.Q5_K: _kernel(Q.Q5_K, 5),
+    Q.Q6_K: _kernel(Q.Q6_K, 6),
+    Q.IQ4_XS: _kernel(Q.IQ4_XS, 0),
+}
+"""qtype -> run(w (N, row_bytes) uint8, x (T, K) float32, out (T, N) float32 zeroed)."""
