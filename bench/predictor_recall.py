@@ -1,0 +1,111 @@
+"""Recall of the expert predictors for the next 1-4 layers, held out, per architecture.
+
+llama (Mixtral-8x7B, real routing from ../shared/data/routing): fitted on one GSM8K problem, scored on the
+other, both ways. qwen3moe (data/demo-moe.gguf, the trained demo): routing and hidden states recorded by
+moe-tier's engine on prompts of five domains, fitted on half the prompts and scored on the other half;
+gate lookahead (layer l+d's router on layer l's hidden state) needs no fitting and is scored on all tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bench import mixtral_routing as mx
+from bench.report import update_section
+from moe_tier.engine import Engine
+from router_predict.predictors import MAX_DISTANCE, Combined, chosen, evaluate, gate_lookahead, precision_at, \
+    recall_at
+from router_predict.recorder import TraceRecorder
+from router_predict.trace import Trace
+
+DEMO = Path(__file__).resolve().parent.parent / "data" / "demo-moe.gguf"
+N_NEW = 48
+PROMPTS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "import os\nimport sys\n\nclass Config:\n    def __init__(self, path):\n",
+    "And God said, Let there be light: and there was light. And God saw the light,",
+    "In the beginning was the Word, and the Word was with God,",
+    "Die Paketverwaltung von Debian installiert Software aus den Archiven,",
+    "Der Systemverwalter richtet das Netzwerk mit der Datei /etc/network/interfaces ein",
+    "Le gestionnaire de paquets de Debian installe les logiciels depuis les archives,",
+    "Pour configurer le réseau, l'administrateur modifie le fichier",
+    ".. function:: open(file, mode='r')\n\n   Open *file* and return a corresponding",
+    "The apt-get command installs packages from the Debian archive; to upgrade the system,",
+]
+
+
+def record_demo() -> tuple[Trace, dict[int, np.ndarray], Engine]:
+    """Greedy generation on every prompt; the trace and each MoE layer's router input (N, D)."""
+    engine = Engine.open(DEMO, ctx=512)
+    d, c = engine.desc, engine.desc.config
+    rec = TraceRecorder(fingerprint=d.fingerprint, arch=d.arch, n_layer=c.n_layer, n_expert=c.n_expert,
+                        n_expert_used=c.n_expert_used, moe_layers=d.moe_layers, engine="moe-tier")
+    hidden: dict[int, list[np.ndarray]] = {}
+    route = engine.model.route
+
+    def tapped(il, h):  # the engine has no hidden-state observer yet: wrap its router for this measurement
+        hidden.setdefault(il, []).append(np.array(h, np.float32))
+        return route(il, h)
+
+    engine.model.route = tapped
+    for prompt in PROMPTS:
+        ids = engine.tokenize(prompt)
+        rec.begin_sequence(ids)
+        for token in engine.generate_tokens(ids, N_NEW, observer=rec):
+            rec.generated(token)
+    return rec.trace(), {il: np.concatenate(h) for il, h in hidden.items()}, engine
+
+
+def lookahead_rows(trace: Trace, hidden: dict[int, np.ndarray], engine: Engine) -> list[dict]:
+    """Gate lookahead: layer m's router on layer m-d's input, re-weighted by layer m's norm."""
+    w, truth, K = engine.model.w, chosen(trace), trace.n_expert_used
+    layers = trace.moe_layers.tolist()
+    rows = []
+    for d in range(1, MAX_DISTANCE + 1):
+        preds, wanted = [], []
+        for i in range(d, len(layers)):
+            src, dst = layers[i - d], layers[i]
+            g_src, g_dst = (w.vector(f"blk.{il}.ffn_norm.weight") for il in (src, dst))
+            router = w.matrix(f"blk.{dst}.ffn_gate_inp.weight")
+            router = router.rows(np.arange(router.n_rows))  # (E, D)
+            preds.append(gate_lookahead(router, hidden[src] / g_src * g_dst))
+            wanted.append(truth[:, i])
+        p, t = np.stack(preds, 1), np.stack(wanted, 1)
+        rows.append({"arch": trace.arch, "predictor": "gate lookahead", "distance": d,
+                     "recall@k": recall_at(p, t, K), "recall@2k": recall_at(p, t, 2 * K),
+                     "precision@2k": precision_at(p, t, 2 * K)})
+    return rows
+
+
+def mean_rows(runs: list[list[dict]]) -> list[dict]:
+    keys = ("recall@k", "recall@2k", "precision@2k")
+    return [{**r, **{k: float(np.mean([run[i][k] for run in runs])) for k in keys}} for i, r in enumerate(runs[0])]
+
+
+def table(rows: list[dict]) -> str:
+    out = "| arch | predictor | layers ahead | recall@k | recall@2k | precision@2k |\n|---|---|---|---|---|---|\n"
+    return out + "".join(f"| {r['arch']} | {r['predictor']} | {r['distance']} | {r['recall@k']:.3f} | "
+                         f"{r['recall@2k']:.3f} | {r['precision@2k']:.3f} |\n" for r in rows)
+
+
+def main() -> None:
+    mixtral = mx.load()
+    mixtral_rows = mean_rows([evaluate(Combined.fit(fit), test) for _, fit, test in mx.folds(mixtral)])
+    demo, hidden, engine = record_demo()
+    half = np.isin(demo.sequence, demo.sequences()[::2])
+    demo_rows = evaluate(Combined.fit(demo.select(half)), demo.select(~half)) + lookahead_rows(demo, hidden, engine)
+    body = (f"k = experts per token (2 for both). Uniform routing would give recall@k = 0.25.\n\n"
+            f"**llama: Mixtral-8x7B-Instruct**, {mixtral.n_tokens} generated GSM8K tokens, mean of the two "
+            "held-out folds (no hidden states in these traces, so no gate lookahead).\n\n" + table(mixtral_rows) +
+            f"\n**qwen3moe: the trained demo model** ({demo.n_moe_layers} MoE layers, {demo.n_expert} experts), "
+            f"{demo.n_tokens} tokens ({int(demo.is_prompt.sum())} prompt) over {len(PROMPTS)} prompts in five "
+            "domains; fitted on half the prompts, scored on the other half; gate lookahead on all tokens.\n\n"
+            + table(demo_rows))
+    update_section("predictor-recall", "python -m bench.predictor_recall", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
