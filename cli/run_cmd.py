@@ -10,6 +10,7 @@ from rich.console import Console
 from cli.options import add_budget_options, budget_from_args, default_model
 from moe_tier.engine import Engine
 from moe_tier.errors import MoeTierError
+from moe_tier.reader import open_model
 from moe_tier.sampling import SamplingConfig
 from moe_tier.units import format_bytes
 
@@ -34,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as err:
         raise MoeTierError(None, str(err)) from None
-    budget, _ = budget_from_args(args)
-    eng = Engine.open(args.model or default_model(), vram=budget.vram_bytes, ram=budget.ram_bytes, ctx=budget.ctx)
+    path = args.model or default_model()
+    budget, freq = budget_from_args(args, open_model(path) if args.profile else None)
+    eng = Engine.open(path, vram=budget.vram_bytes, ram=budget.ram_bytes, ctx=budget.ctx, expert_freq=freq)
     out = sys.stdout
     out.write(args.prompt if not args.chat else "")
     for piece in eng.stream(args.prompt, args.max_tokens, sampling, chat=args.chat):

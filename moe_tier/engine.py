@@ -37,7 +37,8 @@ class Engine:
         self.stats = EngineStats()
         self.tokenizer = Tokenizer(desc.path)
         weights = Weights(desc)
-        self.experts = HostExperts(desc, plan.warm, self.stats)
+        # The CPU engine has no VRAM: experts planned hot (for a --vram with no GPU here) stay in RAM too.
+        self.experts = HostExperts(desc, [*plan.hot, *plan.warm], self.stats)
         self.model = family(desc.arch, desc.path)(desc.config, weights, self.experts)
         self.stats.dense_bytes_per_token = sum(
             t.n_bytes for t in desc.tensors.values()
@@ -46,12 +47,14 @@ class Engine:
 
     @classmethod
     def open(cls, path: str | Path, vram: int | str | None = None, ram: int | str | None = None,
-             ctx: int = 2048) -> Engine:
+             ctx: int = 2048, expert_freq: np.ndarray | None = None) -> Engine:
+        """vram/ram: bytes or sizes like "12GiB" (vram may list one per GPU); expert_freq (layer, expert)
+        from a routing profile ranks experts for the tiers."""
         desc = open_model(path)
         if ctx <= 0:
             raise MoeTierError(path, f"context length must be positive, got {ctx}")
         budget = Budget(vram_bytes=_sizes(vram), ram_bytes=_sizes(ram)[0] if ram is not None else None, ctx=ctx)
-        plan = plan_tiers(desc, probe(), budget, fits=FitStore())
+        plan = plan_tiers(desc, probe(), budget, expert_freq=expert_freq, fits=FitStore())
         return cls(desc, plan, ctx)
 
     @property
@@ -127,11 +130,13 @@ class Engine:
         return "".join(self.stream(prompt, max_tokens, cfg))
 
 
-def _sizes(value: int | str | None) -> tuple[int, ...] | None:
+def _sizes(value: int | str | tuple[int, ...] | None) -> tuple[int, ...] | None:
     if value is None:
         return None
     if isinstance(value, int):
         return (value,)
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) for v in value)
     try:
         return tuple(parse_bytes_list(value))
     except ValueError as err:
