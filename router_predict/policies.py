@@ -117,7 +117,8 @@ class LRU(DemandPolicy):
         super().start(state, train)
         self.last = np.full(state.expert_bytes.shape[0], -1.0)
         resident = state.slot_expert.ravel()
-        self.last[resident[resident >= 0]] = -1.0 - np.arange((resident >= 0).sum())[::-1] * 1e-6
+        # preloaded most-used first: rank them as if the most used were the most recent
+        self.last[resident[resident >= 0]] = -1.0 - np.arange((resident >= 0).sum()) * 1e-6
 
     def keep(self, xs):
         return self.last[xs]
@@ -207,7 +208,11 @@ class Belady(DemandPolicy):
 
 
 class Planner:
-    """Predictions from the fitted Combined predictor, decisions from the compiled `plan_step`."""
+    """Predictions from the fitted Combined predictor, decisions from the compiled `plan_step`.
+
+    `recent` (L, E) predicts each layer's next visit: token reuse from the layer's latest routing, mixed
+    (`online_weight`) with expert frequencies that keep counting through the replayed tokens.
+    """
 
     name = "planner"
 
