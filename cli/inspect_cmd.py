@@ -80,7 +80,7 @@ def render(desc: ModelDesc, plan: TierPlan, console: Console) -> None:
         ("norm eps", f"{c.norm_eps:g}"),
         ("experts / used", f"{c.n_expert} / {c.n_expert_used}"), ("expert FFN", c.n_ff_exp),
         ("shared experts", f"{c.n_expert_shared or (1 if c.n_ff_shexp else 0)} x {c.n_ff_shexp}"),
-        ("leading dense layers", f"{c.n_leading_dense} (FFN {c.n_ff})"),
+        ("leading dense layers", f"{c.n_leading_dense} (FFN {c.n_ff})" if c.n_leading_dense else "0"),
         ("gating", f"{c.gating.name.lower()}, weights {'renormalised' if c.weights_norm else 'as gated'}, "
                    f"scale {c.weights_scale:g}"),
     ] + [(k.replace("_", " "), v) for k, v in c.extra.items()]
