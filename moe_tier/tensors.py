@@ -38,6 +38,7 @@ class Weights:
 
     def __init__(self, desc: ModelDesc):
         self.desc = desc
+        self._matrices: dict[str, QTensor] = {}
         self._vectors: dict[str, np.ndarray] = {}
         for t in desc.tensors.values():
             if t.qtype not in kernels.SUPPORTED:
@@ -50,9 +51,11 @@ class Weights:
         return self.matrix(name) if name in self.desc.tensors else None
 
     def matrix(self, name: str) -> QTensor:
-        t = self.desc.tensors[name]
-        n_cols, n_rows = t.shape[0], int(np.prod(t.shape[1:]))
-        return QTensor(name, self.desc.data(t.offset, t.n_bytes), t.qtype, n_rows, n_cols)
+        if name not in self._matrices:  # views are cheap but not free: build each once
+            t = self.desc.tensors[name]
+            n_cols, n_rows = t.shape[0], int(np.prod(t.shape[1:]))
+            self._matrices[name] = QTensor(name, self.desc.data(t.offset, t.n_bytes), t.qtype, n_rows, n_cols)
+        return self._matrices[name]
 
     def vector(self, name: str) -> np.ndarray | None:
         """Norm weights and biases as float32 (cached: they are small and used every step)."""
