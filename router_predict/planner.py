@@ -56,9 +56,12 @@ def _slot_values(layer, needed, ahead, recent, slot_expert, value):
 def _victim(value, S, link_free_s):
     """The slot with the largest E[T] on a GPU whose link has time left (link_free_s > 0), or -1."""
     best, best_v = -1, -1.0
-    for c in range(value.shape[0]):
-        if value[c] > best_v and link_free_s[c // S] > 0.0:
-            best, best_v = c, value[c]
+    for g in range(link_free_s.shape[0]):
+        if link_free_s[g] <= 0.0:
+            continue
+        for c in range(g * S, (g + 1) * S):
+            if value[c] > best_v:
+                best, best_v = c, value[c]
     return best
 
 
