@@ -118,16 +118,17 @@ def replay(policy, test: Trace, train: Trace, cost: CostModel, cache: CacheConfi
                 budget = (step_s - link_s[g]) * cost.h2d_bytes_per_s
                 while queue and budget > 0:
                     x = queue[0]
-                    left = state.remaining_bytes[x] if state.expert_slot[x] // S == g else 0
-                    step_bytes = min(left, budget)
+                    if state.expert_slot[x] < 0 or state.expert_slot[x] // S != g or not state.remaining_bytes[x]:
+                        queue.popleft()  # cancelled by an eviction, or finished by a demand copy
+                        continue
+                    step_bytes = min(state.remaining_bytes[x], budget)
                     state.remaining_bytes[x] -= step_bytes
                     moved_bytes += step_bytes
                     budget -= step_bytes
                     if state.remaining_bytes[x] == 0:
                         queue.popleft()
-                        if left:
-                            landed.add(x)
-                            finished_prefetch += 1
+                        landed.add(x)
+                        finished_prefetch += 1
                 state.queued_bytes[g] = sum(state.remaining_bytes[x] for x in queue
                                             if state.expert_slot[x] // S == g)
             landed = {x for x in landed if state.expert_slot[x] >= 0}  # evicted unused: a wasted prefetch
