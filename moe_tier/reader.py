@@ -180,9 +180,10 @@ def _open_gguf(path: Path) -> GGUFReader:
         raise MoeTierError(path, "not a GGUF file (bad magic)")
     try:
         return GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, OSError) as err:
+    except (ValueError, IndexError, KeyError, OSError):
         size = path.stat().st_size
-        raise MoeTierError(path, f"truncated or corrupt GGUF file ({size:,} bytes): {err}") from None
+        raise MoeTierError(path, f"truncated or corrupt GGUF file ({size:,} bytes): its header or tensor data "
+                                 "runs past the end of the file") from None
 
 
 def _catalog(reader: GGUFReader) -> dict[str, TensorInfo]:
