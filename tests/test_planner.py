@@ -99,4 +99,4 @@ def test_planner_beats_lru_when_layers_predict_each_other():
         lru = replay(LRU(), test, train, cost, cache, eb)
         planner = replay(Planner(cost), test, train, cost, cache, eb)
         assert planner.hit_rate > lru.hit_rate + 0.3
-        assert planner.prefetch_used > 0.5
+        assert planner.prefetch_used > 0.4  # more idle link time also buys less likely experts
