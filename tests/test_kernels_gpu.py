@@ -1,0 +1,118 @@
+"""Triton GGUF kernels against gguf's dequantizers (the reference) and the CPU kernels, on random blocks.
+
+Without CUDA they run under Triton's interpreter on CPU tensors (TRITON_INTERPRET must be set before the
+kernels are defined, hence before the import); with CUDA they run on the GPU and carry the `gpu` mark.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants  # noqa: E402
+
+from moe_tier import kernels  # noqa: E402
+from moe_tier.errors import MoeTierError  # noqa: E402
+from moe_tier.kernels import gpu  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []  # `pytest -m gpu` on the GPU machine runs them too
+# Relative error of x @ W.T against float64: exact float32 in the interpreter, tf32 dots on the GPU.
+TOL = 5e-3 if DEVICE == "cuda" else 1e-5
+# Where each type keeps its f16 scales (d, dmin, m): random bytes there would give inf/NaN or huge values.
+F16_FIELDS = {
+    Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
+    Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
+}
+TYPES = sorted(gpu.SUPPORTED)
+
+
+def random_weight(qtype: Q, n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
+    """(N, row_bytes) uint8: random quants and scales with sane f16 block scales."""
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        values = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
+        return quants.quantize(values, qtype).view(np.uint8).reshape(n_rows, -1) if qtype is not Q.F32 \
+            else values.view(np.uint8).reshape(n_rows, -1)
+    qk, bb = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (n_rows, n_cols // qk, bb), dtype=np.uint8)
+    for at in F16_FIELDS[qtype]:
+        d = rng.uniform(-0.02, 0.02, (n_rows, n_cols // qk)).astype(np.float16)
+        blocks[:, :, at : at + 2] = d.view(np.uint8).reshape(n_rows, n_cols // qk, 2)
+    return blocks.reshape(n_rows, -1)
+
+
+def reference(x: np.ndarray, w: np.ndarray, qtype: Q, n_rows: int, n_cols: int) -> np.ndarray:
+    return x.astype(np.float64) @ quants.dequantize(w, qtype).reshape(n_rows, n_cols).astype(np.float64).T
+
+
+def rel_err(got, want) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("n_tokens", [1, 7])
+def test_matmul_matches_gguf_dequantize_and_cpu_kernel(qtype, n_tokens):
+    rng = np.random.default_rng([int(qtype), n_tokens])
+    n_rows, n_cols = 40, 512  # a partial BLOCK_N tile; two K-quant super-blocks, sixteen Q8_0 blocks per row
+    w = random_weight(qtype, n_rows, n_cols, rng)
+    x = rng.standard_normal((n_tokens, n_cols)).astype(np.float32)
+    got = gpu.matmul(torch.from_numpy(x).to(DEVICE), torch.from_numpy(w.reshape(-1)).to(DEVICE), qtype, n_rows, n_cols)
+    got = got.cpu().numpy()
+    assert got.shape == (n_tokens, n_rows) and np.isfinite(got).all()
+    want = reference(x, w, qtype, n_rows, n_cols)
+    assert rel_err(got, want) < TOL
+    # The CPU kernels round x as llama.cpp does (to Q8_0/Q8_K for quantized weights): ~1e-2 apart.
+    assert rel_err(got, kernels.matmul(x, w, qtype, n_rows, n_cols)) < 3e-2
+
+
+def test_bfloat16_activations():
+    rng = np.random.default_rng(1)
+    w = random_weight(Q.Q4_K, 32, 256, rng)
+    x = torch.from_numpy(rng.standard_normal((3, 256)).astype(np.float32)).to(torch.bfloat16)
+    got = gpu.matmul(x.to(DEVICE), torch.from_numpy(w.reshape(-1)).to(DEVICE), Q.Q4_K, 32, 256).cpu().numpy()
+    want = reference(x.float().numpy(), w, Q.Q4_K, 32, 256)
+    assert rel_err(got, want) < TOL
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.BF16], ids=lambda q: q.name)
+def test_grouped_matmul_serves_every_expert_in_one_launch(qtype):
+    """Experts at odd offsets of one arena, tokens grouped by expert (one expert with none, one past a row tile)."""
+    rng = np.random.default_rng(int(qtype))
+    n_rows, n_cols = 48, 256
+    counts = [3, 0, 1, 18, 2]  # rows per expert; 18 spans two BLOCK_T tiles
+    weights = [random_weight(qtype, n_rows, n_cols, rng) for _ in counts]
+    offsets, arena, at = [], [], 0
+    for w in weights:
+        pad = int(rng.integers(1, 40))  # blobs need no alignment
+        arena += [np.zeros(pad, np.uint8), w.reshape(-1)]
+        offsets.append(at + pad)
+        at += pad + w.size
+    seg = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    x = rng.standard_normal((seg[-1], n_cols)).astype(np.float32)
+    out = gpu.moe_matmul(
+        torch.from_numpy(x).to(DEVICE), torch.from_numpy(np.concatenate(arena)).to(DEVICE),
+        torch.tensor(offsets, dtype=torch.int64, device=DEVICE), torch.from_numpy(seg).to(DEVICE),
+        max(counts), qtype, n_rows, n_cols,
+    ).cpu().numpy()
+    for e, w in enumerate(weights):
+        rows = slice(seg[e], seg[e + 1])
+        if counts[e]:
+            assert rel_err(out[rows], reference(x[rows], w, qtype, n_rows, n_cols)) < TOL
+
+
+def test_bad_arguments_raise_moe_tier_error():
+    x = torch.zeros((1, 256), device=DEVICE)
+    w = torch.zeros(144 * 4, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(MoeTierError, match="needs 576 bytes"):
+        gpu.matmul(x, w[:100], Q.Q4_K, 4, 256)
+    with pytest.raises(MoeTierError, match="no GPU kernel"):
+        gpu.matmul(x, w, Q.IQ2_XXS, 4, 256)
+    with pytest.raises(MoeTierError, match="do not match"):
+        gpu.matmul(torch.zeros((1, 512), device=DEVICE), w, Q.Q4_K, 4, 256)
