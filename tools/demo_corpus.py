@@ -1,13 +1,15 @@
 """Build the multi-domain text corpus for the embedded demo MoE (issue 6).
 
 Every source is free to redistribute and reachable offline or through Debian's apt:
-  python   the running interpreter's standard library sources (PSF-2.0)
-  english  King James Bible (public domain), Debian Reference and Debian Administrator's Handbook (GPL-2+)
-  german   the same two Debian books in German (GPL-2+) and Debian's German fortunes (GPL-2+)
-  french   the same two Debian books in French (GPL-2+)
+  python   the running interpreter's standard library sources, tests included (PSF-2.0)
+  english  King James Bible (public domain); Debian Reference, Debian Administrator's Handbook and Debian
+           New Maintainers' Guide (GPL-2+); Linux man-pages rendered to text (free licences per page)
+  german   the same Debian books in German (GPL-2+), Debian's German fortunes (GPL-2+), manpages-de (GPL-3+)
+  french   the same Debian books in French (GPL-2+), manpages-fr (GPL-3+)
+  rst      the Python 3.11 documentation's reStructuredText sources (PSF-2.0)
 Distinct domains let the experts specialise, which is what the routing demos need to show.
 
-Requirements: python3, apt-get and dpkg-deb (Debian/Ubuntu). The Debian packages are downloaded with
+Requirements: python3, apt-get, dpkg-deb and groff (Debian/Ubuntu: groff-base). The Debian packages are downloaded with
 `apt-get download` into --cache and unpacked there; nothing is installed.
 
     python tools/demo_corpus.py --cache /tmp/demo-debs --out .carry/demo/corpus
@@ -21,19 +23,24 @@ import argparse
 import gzip
 import html.parser
 import json
+import os
 import re
 import subprocess
 import sysconfig
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 DEBIAN_PACKAGES = ("bible-kjv", "bible-kjv-text", "debian-reference-en", "debian-reference-de",
-                   "debian-reference-fr", "debian-handbook", "fortunes-de")
+                   "debian-reference-fr", "debian-handbook", "fortunes-de", "maint-guide", "maint-guide-de",
+                   "maint-guide-fr", "manpages", "manpages-de", "manpages-fr", "python3.11-doc")
 HELDOUT_MODULUS = 20          # 1 document in 20 is held out
 CHUNK_CHARS = 6000            # long flat texts are cut into documents of about this size
-STDLIB_SKIP = ("site-packages", "test", "tests", "idle_test", "pydoc_data", "encodings", "__pycache__")
+STDLIB_SKIP = ("site-packages", "pydoc_data", "encodings", "__pycache__")
+RST_SKIP = ("whatsnew",)      # release notes: long lists of issue numbers
+GROFF = ("groff", "-man", "-t", "-k", "-Tutf8", "-P-cbou", "-rLL=78n", "-rHY=0", "-dAD=l")
 
 
 @dataclass(frozen=True)
@@ -189,19 +196,51 @@ def stdlib_files(_: Path) -> Iterator[str]:
             yield text
 
 
+def man_pages(folder: str) -> Callable[[Path], Iterator[str]]:
+    """Manual pages of sections 1-8 under folder, rendered to plain text by groff, one document each."""
+    def render(page: Path) -> str:
+        roff = gzip.decompress(page.read_bytes())
+        return subprocess.run(GROFF, input=roff, capture_output=True, check=False).stdout.decode("utf-8", "replace")
+
+    def documents(root: Path) -> Iterator[str]:
+        pages = sorted(p for p in (root / folder).glob("man[1-8]/*.gz") if not p.is_symlink())
+        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+            for text in pool.map(render, pages):
+                text = re.sub(r"\n{3,}", "\n\n", text.strip())
+                if len(text) > 200:
+                    yield from chunks(text) if len(text) > 4 * CHUNK_CHARS else [text]
+    return documents
+
+
+def rst_sources(root: Path) -> Iterator[str]:
+    folder = root / "usr/share/doc/python3.11/html/_sources"
+    for path in sorted(folder.rglob("*.rst.txt")):
+        if not any(part in RST_SKIP for part in path.relative_to(folder).parts):
+            yield from chunks(path.read_text(encoding="utf-8", errors="replace"))
+
+
 SOURCES = (
     Source("python", "Python standard library sources", "PSF-2.0", stdlib_files),
     Source("english", "King James Bible (Debian bible-kjv-text)", "public domain", kjv_chapters),
     Source("english", "Debian Reference (en)", "GPL-2+", gzip_text("usr/share/debian-reference/debian-reference.en.txt.gz")),
+    Source("english", "Debian New Maintainers' Guide (en)", "GPL-2+", gzip_text("usr/share/doc/maint-guide/maint-guide.en.txt.gz")),
+    Source("english", "Linux man-pages (Debian manpages), rendered", "free licences per page (Debian main)",
+           man_pages("usr/share/man")),
     Source("english", "Debian Administrator's Handbook (en-US)", "GPL-2+ or CC-BY-SA-3.0",
            html_pages("usr/share/doc/debian-handbook/html/en-US")),
     Source("german", "Debian Reference (de)", "GPL-2+", gzip_text("usr/share/debian-reference/debian-reference.de.txt.gz")),
     Source("german", "Debian Administrator's Handbook (de-DE)", "GPL-2+ or CC-BY-SA-3.0",
            html_pages("usr/share/doc/debian-handbook/html/de-DE", "german")),
     Source("german", "German fortunes (Debian fortunes-de)", "GPL-2+", german_fortunes),
+    Source("german", "Debian New Maintainers' Guide (de)", "GPL-2+", gzip_text("usr/share/doc/maint-guide-de/maint-guide.de.txt.gz")),
+    Source("german", "German manual pages (Debian manpages-de), rendered", "GPL-3+", man_pages("usr/share/man/de")),
     Source("french", "Debian Reference (fr)", "GPL-2+", gzip_text("usr/share/debian-reference/debian-reference.fr.txt.gz")),
     Source("french", "Debian Administrator's Handbook (fr-FR)", "GPL-2+ or CC-BY-SA-3.0",
            html_pages("usr/share/doc/debian-handbook/html/fr-FR", "french")),
+    Source("french", "Debian New Maintainers' Guide (fr)", "GPL-2+", gzip_text("usr/share/doc/maint-guide-fr/maint-guide.fr.txt.gz")),
+    Source("french", "French manual pages (Debian manpages-fr), rendered", "GPL-3+", man_pages("usr/share/man/fr")),
+    Source("rst", "Python 3.11 documentation sources, reStructuredText (Debian python3.11-doc)", "PSF-2.0",
+           rst_sources),
 )
 DOMAINS = tuple(dict.fromkeys(s.domain for s in SOURCES))
 

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_moe_model import DemoConfig, DemoMoE  # noqa: E402
 
-DOMAINS = ("python", "english", "german", "french")
 SHARD_BYTES = 15 * 2**20
 AUX_LOSS_COEF = 0.01
 TINY = DemoConfig(n_layer=2, d_model=64, n_head=2, n_kv_head=1, head_dim=32, n_expert=4, n_ff_expert=64,
@@ -34,16 +33,17 @@ TINY = DemoConfig(n_layer=2, d_model=64, n_head=2, n_kv_head=1, head_dim=32, n_e
 
 
 def load_tokens(data: Path, split: str, device) -> dict[str, torch.Tensor]:
-    return {d: torch.from_numpy(np.load(data / "tokens" / f"{d}.{split}.npy").astype(np.int64)).to(device)
-            for d in DOMAINS}
+    """{domain: token ids} from <data>/tokens/<domain>.<split>.npy, domains in name order."""
+    paths = sorted((data / "tokens").glob(f"*.{split}.npy"))
+    return {p.name.split(".")[0]: torch.from_numpy(np.load(p).astype(np.int64)).to(device) for p in paths}
 
 
 class Sampler:
     """Random windows of T+1 tokens; a row's domain is drawn with probability proportional to sqrt(tokens)."""
 
     def __init__(self, tokens: dict[str, torch.Tensor], seq: int, seed: int):
-        self.flat = torch.cat([tokens[d] for d in DOMAINS])
-        lens = torch.tensor([tokens[d].numel() for d in DOMAINS])
+        self.flat = torch.cat(list(tokens.values()))
+        lens = torch.tensor([t.numel() for t in tokens.values()])
         self.starts = (torch.cumsum(lens, 0) - lens).to(self.flat.device)
         self.spans = (lens - seq - 1).to(self.flat.device)
         weights = lens.double().sqrt()
@@ -64,8 +64,7 @@ def evaluate(model, tokens: dict[str, torch.Tensor], seq: int, rows: int, autoca
     """Mean next-token loss over non-overlapping windows of each domain, and each layer's expert shares."""
     model.eval()
     out = {}
-    for d in DOMAINS:
-        t = tokens[d]
+    for d, t in tokens.items():
         n = (t.numel() - 1) // seq
         x = t[: n * seq].view(n, seq)
         y = t[1: n * seq + 1].view(n, seq)
