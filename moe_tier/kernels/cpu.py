@@ -6,8 +6,8 @@ Shape key: T tokens, K = n_cols, N = n_rows, B = K / 32 blocks per row.
   xd  (T, B) float32               activation block scales; xs (T, B) the Q8_1 `s` sums
   out (T, N) float32, zeroed       out[t, r] = sum over blocks of that block's dot, as llama.cpp sums it
 
-Loop order: row tasks in parallel (a prange shell around a serial row function: numba's parfor lowering
-loses the arrays' contiguity and the dots stop vectorizing), then rows, then blocks; each weight block is decoded once into a small
+Loop order: row tasks in parallel (a prange shell around a serial row function: written inside the parfor
+body, the same loops did not vectorize), then rows, then blocks; each weight block is decoded once into a small
 int16 buffer and dotted with all T tokens, so weights are read from memory once whatever T is. The dots are
 int32 sums of int16 products, as in ggml (LLVM turns them into vpmaddwd); only the float combination of
 blocks is reordered by fastmath. Two things keep LLVM vectorizing the block loops (else it emits byte gathers,

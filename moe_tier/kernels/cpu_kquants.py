@@ -1,10 +1,11 @@
 """numba matmul kernels for the 256-value super-block quants (Q2_K..Q6_K, IQ4_XS); activations go to Q8_K.
 
-Shape key: T tokens, K = n_cols, N = n_rows, B = K / 256 super-blocks per row, S = K / 16.
+Shape key: T tokens, K = n_cols, N = n_rows, B = K / 256 super-blocks per row, M = block minimums per row
+(K / 16 for Q2_K, K / 32 for Q4_K / Q5_K, 0 for the others).
   w     (N, B * block_bytes) uint8   raw GGUF blocks
   xq    (T, K) int8                  Q8_K values
   xd    (T, B) float32               Q8_K scales
-  bsums (T, S) int32                 sums of 16 consecutive xq, for the blocks' minimums
+  bsums (T, M) int32                 sums of xq over each group sharing a minimum (Q8_K's bsums, regrouped)
   out   (T, N) float32, zeroed
 
 Each super-block is decoded once into wq[256] = sub-block scale * quant (int16: |scale * quant| <= 4096), then
@@ -27,8 +28,8 @@ IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38
 
 
 
-# Decoders: from one block's bytes blk, fill wq[qk] with sub-block scale * quant, mn[qk/16] with the minimum
-# of each 16 values (left zero where the type has none), return (d, dmin). What keeps them vectorized (10x):
+# Decoders: from one block's bytes blk, fill wq[qk] with sub-block scale * quant and mn with the minimums
+# (per 16 values for Q2_K, per 32 for Q4_K / Q5_K, none otherwise), return (d, dmin). What keeps them vectorized (10x):
 # inlined into the row loop, int16 arithmetic, one scale per inner loop, n16 = 16 known only at run time, and
 # blk a per-block slice so indices are provably non-negative (see cpu.py).
 
@@ -71,16 +72,13 @@ def _decode_q3_k(qk, blk, wq, sc, mn, values):
 
 @njit(cache=True, inline="always")
 def _scales_mins_k4(blk, sc, mn):
-    """get_scale_min_k4 (Q4_K, Q5_K): 8 six-bit scales and minimums in blk[4:16], minimums spread per 16."""
+    """get_scale_min_k4 (Q4_K, Q5_K): 8 six-bit scales and minimums in blk[4:16]."""
     for j in range(4):
         sc[j] = blk[4 + j] & 63
         mn[j] = blk[8 + j] & 63
     for j in range(4, 8):
         sc[j] = (blk[8 + j] & 15) | ((blk[j] >> 6) << 4)
         mn[j] = (blk[8 + j] >> 4) | ((blk[4 + j] >> 6) << 4)
-    for s in range(7, -1, -1):
-        mn[2 * s] = mn[s]
-        mn[2 * s + 1] = mn[s]
 
 
 @njit(cache=True, inline="always")
@@ -148,17 +146,24 @@ def _decode_iq4_xs(qk, blk, wq, sc, mn, values):
 @njit(cache=True, inline="always")
 def _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out):
     """Super-block b of row r against every token: int32 sums wq . xq and mn . bsums (ggml's aux32 / sumi),
-    then the float combination d_x * (d * sum - dmin * min_sum)."""
-    qk, n16 = wq.size, wq.size // 16
+    then the float combination d_x * (d * sum - dmin * min_sum). bsums holds x's sums per group of values
+    that shares one minimum (16 or 32), so that it pairs with mn."""
+    qk, n_min = wq.size, mn.size
     for t in range(xq.shape[0]):
         xb = xq[t, qk * b:qk * (b + 1)]
         s = np.int32(0)
         for i in range(qk):
             s += np.int32(wq[i] * np.int16(xb[i]))
         m = np.int32(0)
-        for i in range(n16):
-            m += np.int32(mn[i] * bsums[t, n16 * b + i])
+        for i in range(n_min):
+            m += np.int32(mn[i] * bsums[t, n_min * b + i])
         out[t, r] += xd[t, b] * (d * np.float32(np.int32(s)) - dmin * np.float32(np.int32(m)))
+
+
+@njit(cache=True, inline="always")
+def _scratch(qk, bsums, xd):
+    """Per-task buffers: wq (qk,) int16, sc (16,) scales, mn (minimums per block,) int32."""
+    return np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(bsums.shape[1] // xd.shape[1], np.int32)
 
 
 # One row function per type, each a separate compilation with its decoder inlined: a single function that
@@ -167,7 +172,7 @@ def _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out):
 
 @njit(cache=True, fastmath=True)
 def _rows_q2_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    wq, sc, mn = np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(16, np.int32)
+    wq, sc, mn = _scratch(qk, bsums, xd)
     for r in range(r0, r1):
         for b in range(xd.shape[1]):
             d, dmin = _decode_q2_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
@@ -176,7 +181,7 @@ def _rows_q2_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
 
 @njit(cache=True, fastmath=True)
 def _rows_q3_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    wq, sc, mn = np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(16, np.int32)
+    wq, sc, mn = _scratch(qk, bsums, xd)
     for r in range(r0, r1):
         for b in range(xd.shape[1]):
             d, dmin = _decode_q3_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
@@ -185,7 +190,7 @@ def _rows_q3_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
 
 @njit(cache=True, fastmath=True)
 def _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    wq, sc, mn = np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(16, np.int32)
+    wq, sc, mn = _scratch(qk, bsums, xd)
     for r in range(r0, r1):
         for b in range(xd.shape[1]):
             d, dmin = _decode_q4_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
@@ -194,7 +199,7 @@ def _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
 
 @njit(cache=True, fastmath=True)
 def _rows_q5_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    wq, sc, mn = np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(16, np.int32)
+    wq, sc, mn = _scratch(qk, bsums, xd)
     for r in range(r0, r1):
         for b in range(xd.shape[1]):
             d, dmin = _decode_q5_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
@@ -203,7 +208,7 @@ def _rows_q5_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
 
 @njit(cache=True, fastmath=True)
 def _rows_q6_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    wq, sc, mn = np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(16, np.int32)
+    wq, sc, mn = _scratch(qk, bsums, xd)
     for r in range(r0, r1):
         for b in range(xd.shape[1]):
             d, dmin = _decode_q6_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
@@ -212,7 +217,7 @@ def _rows_q6_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
 
 @njit(cache=True, fastmath=True)
 def _rows_iq4_xs(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    wq, sc, mn = np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(16, np.int32)
+    wq, sc, mn = _scratch(qk, bsums, xd)
     for r in range(r0, r1):
         for b in range(xd.shape[1]):
             d, dmin = _decode_iq4_xs(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
@@ -238,23 +243,29 @@ def _kquant_par(kind, w, qk, block_bytes, xq, xd, bsums, values, out):
             _rows_iq4_xs(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1)
 
 
-def _kernel(qtype: Q, kind: int):
-    """kind selects the row function in _kquant_par: the bit width (2..6), 0 for IQ4_XS."""
+def _kernel(qtype: Q, kind: int, min_group: int):
+    """kind selects the row function in _kquant_par: the bit width (2..6), 0 for IQ4_XS. min_group: values
+    per block minimum (16, 32), 0 for none; Q8_K's bsums are summed to that grouping."""
     qk, block_bytes = GGML_QUANT_SIZES[qtype]
 
     def run(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         xq = act.quantize_q8_k(x)
-        _kquant_par(kind, w, qk, block_bytes, xq.qs, xq.d, xq.extra, IQ4NL_VALUES, out)
+        n_tok = x.shape[0]
+        if min_group:
+            bsums = xq.extra.reshape(n_tok, -1, min_group // 16).sum(axis=-1, dtype=np.int32)
+        else:
+            bsums = np.zeros((n_tok, 0), np.int32)
+        _kquant_par(kind, w, qk, block_bytes, xq.qs, xq.d, bsums, IQ4NL_VALUES, out)
 
     return run
 
 
 KERNELS = {
-    Q.Q2_K: _kernel(Q.Q2_K, 2),
-    Q.Q3_K: _kernel(Q.Q3_K, 3),
-    Q.Q4_K: _kernel(Q.Q4_K, 4),
-    Q.Q5_K: _kernel(Q.Q5_K, 5),
-    Q.Q6_K: _kernel(Q.Q6_K, 6),
-    Q.IQ4_XS: _kernel(Q.IQ4_XS, 0),
+    Q.Q2_K: _kernel(Q.Q2_K, 2, 16),
+    Q.Q3_K: _kernel(Q.Q3_K, 3, 0),
+    Q.Q4_K: _kernel(Q.Q4_K, 4, 32),
+    Q.Q5_K: _kernel(Q.Q5_K, 5, 32),
+    Q.Q6_K: _kernel(Q.Q6_K, 6, 0),
+    Q.IQ4_XS: _kernel(Q.IQ4_XS, 0, 0),
 }
 """qtype -> run(w (N, row_bytes) uint8, x (T, K) float32, out (T, N) float32 zeroed)."""
