@@ -7,13 +7,14 @@ Shape key: T tokens, K = n_cols, N = n_rows, B = K / 32 blocks per row.
   out (T, N) float32, zeroed       out[t, r] = sum over blocks of that block's dot, as llama.cpp sums it
 
 Loop order: row tasks in parallel (a prange shell around a serial row function: written inside the parfor
-body, the same loops did not vectorize), then rows, then blocks; each weight block is decoded once into a small
-int16 buffer and dotted with all T tokens, so weights are read from memory once whatever T is. The dots are
-int32 sums of int16 products, as in ggml (LLVM turns them into vpmaddwd); only the float combination of
-blocks is reordered by fastmath. Two things keep LLVM vectorizing the block loops (else it emits byte gathers,
-10x slower): block sizes arrive as run-time values (a literal 32 gets unrolled and the vectorizer moves to the
-block loop), and every index is a loop expression on a per-block slice, provably non-negative, so numba's
-negative-index wraparound check folds away.
+body, the same loops did not vectorize), then rows, then tokens, then blocks. One row's blocks stay in L1/L2
+while every token passes over them, so weights are read from memory once whatever T is; decoding a 32-value
+block again per token is cheaper than the buffer it would take to keep it (the K-quants, with costlier
+decoding, decode once per block for all tokens instead). The dots are int32 sums of int16 products, as in
+ggml (LLVM turns them into vpmaddwd); only the float combination of blocks is reordered by fastmath.
+Two things keep LLVM vectorizing the block loops (else it emits byte gathers, several times slower): block
+sizes arrive as run-time values (a literal 32 gets unrolled and the vectorizer moves to the block loop), and
+indices are unsigned (np.uint64), so numba's negative-index wraparound check disappears.
 """
 
 from __future__ import annotations
@@ -76,18 +77,20 @@ def _float_par(w, kind, x, f16, out):
 def _q8_0_rows(w, qk, xq, xd, f16, out, r0, r1):
     """ggml_vec_dot_q8_0_q8_0: w is the raw bytes viewed as int8 (the fp16 scale bytes are read unsigned)."""
     n_tok, n_blk = xd.shape
-    block_bytes = qk + 2
+    block_bytes, uqk = np.uint64(qk + 2), np.uint64(qk)
     for r in range(r0, r1):
         row = w[r]
-        for b in range(n_blk):
-            blk = row[b * block_bytes:(b + 1) * block_bytes]
-            dw = f16[np.int64(np.uint8(blk[0])) | (np.int64(np.uint8(blk[1])) << 8)]
-            for t in range(n_tok):
-                xb = xq[t, b * qk:(b + 1) * qk]
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(n_blk):
+                o, xo = np.uint64(b) * block_bytes, np.uint64(b) * uqk
+                dw = f16[np.int64(np.uint8(row[o])) | (np.int64(np.uint8(row[o + np.uint64(1)])) << 8)]
                 s = np.int32(0)
                 for j in range(qk):
-                    s += np.int32(np.int16(blk[2 + j]) * np.int16(xb[j]))
-                out[t, r] += np.float32(np.int32(s)) * (dw * xd[t, b])
+                    uj = np.uint64(j)
+                    s += np.int32(np.int16(row[o + np.uint64(2) + uj]) * np.int16(xq[t, xo + uj]))
+                acc += np.float32(np.int32(s)) * (dw * xd[t, b])
+            out[t, r] = acc
 
 
 @njit(cache=True, parallel=True)
@@ -97,52 +100,50 @@ def _q8_0_par(w, qk, xq, xd, f16, out):
 
 
 @njit(cache=True, fastmath=True)
-def _nibble_rows(w, qk, layout, xq, xd, xs, values, scales, f16, out, r0, r1):
+def _nibble_rows(w, qk, layout, xq, xd, xsum, xs, values, scales, f16, out, r0, r1):
     """Q4_0, Q4_1, Q5_0, Q5_1, MXFP4: qk/2 bytes of nibbles (value j low, value j + qk/2 high), an optional
     32-bit fifth-bit mask, a block scale and an optional fp16 minimum. layout = (block_bytes, scale_bytes,
     min_offset, qh_offset, qs_offset, value_offset), offsets -1 when absent. The weight's integer value is
-    code + value_offset, or values[code] when values is non-empty (MXFP4); scales maps scale bytes to float32."""
+    code + value_offset (the offset applied through xsum, x's block sums), or values[code] when values is
+    non-empty (MXFP4); scales maps the scale bytes to float32."""
     block_bytes, scale_bytes, min_off, qh_off, qs_off, value_off = layout
-    half = qk // 2
     n_tok, n_blk = xd.shape
-    wq = np.empty(qk, np.int16)
+    half = qk // 2
+    ubb, uqk, uhalf, uqs = np.uint64(block_bytes), np.uint64(qk), np.uint64(half), np.uint64(qs_off)
     for r in range(r0, r1):
         row = w[r]
-        for b in range(n_blk):
-            blk = row[b * block_bytes:(b + 1) * block_bytes]
-            code = np.int64(blk[0])
-            if scale_bytes == 2:
-                code |= np.int64(blk[1]) << 8
-            dw = scales[code]
-            qh = np.int64(0)
-            if qh_off >= 0:
-                for i in range(4):
-                    qh |= np.int64(blk[qh_off + i]) << (8 * i)
-            qs = blk[qs_off:]
-            for j in range(half):
-                byte = qs[j]
-                wq[j] = (byte & 15) | (((qh >> j) & 1) << 4)
-                wq[j + half] = (byte >> 4) | (((qh >> (j + half)) & 1) << 4)
-            if values.size:
-                for j in range(qk):
-                    wq[j] = values[wq[j]]
-            else:
-                for j in range(qk):
-                    wq[j] += value_off
-            dm = f16_at(f16, blk, min_off) if min_off >= 0 else np.float32(0.0)
-            for t in range(n_tok):
-                xb = xq[t, b * qk:(b + 1) * qk]
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for b in range(n_blk):
+                o, xo = np.uint64(b) * ubb, np.uint64(b) * uqk
+                code = np.int64(row[o])
+                if scale_bytes == 2:
+                    code |= np.int64(row[o + np.uint64(1)]) << 8
+                qh = np.int64(0)
+                if qh_off >= 0:
+                    for i in range(4):
+                        qh |= np.int64(row[o + np.uint64(qh_off + i)]) << (8 * i)
                 s = np.int32(0)
-                for j in range(qk):
-                    s += np.int32(wq[j] * np.int16(xb[j]))
-                out[t, r] += np.float32(np.int32(s)) * (dw * xd[t, b]) + dm * xs[t, b]
+                for j in range(half):
+                    uj = np.uint64(j)
+                    byte = row[o + uqs + uj]
+                    lo = np.int16((byte & 15) | (((qh >> j) & 1) << 4))
+                    hi = np.int16((byte >> 4) | (((qh >> (j + half)) & 1) << 4))
+                    if values.size:
+                        lo, hi = values[lo], values[hi]
+                    s += np.int32(lo * np.int16(xq[t, xo + uj])) + np.int32(hi * np.int16(xq[t, xo + uhalf + uj]))
+                s += np.int32(value_off * xsum[t, b])
+                acc += np.float32(np.int32(s)) * (scales[code] * xd[t, b])
+                if min_off >= 0:
+                    acc += f16_at(f16, row, np.int64(o) + min_off) * xs[t, b]
+            out[t, r] = acc
 
 
 @njit(cache=True, parallel=True)
-def _nibble_par(w, qk, layout, xq, xd, xs, values, scales, f16, out):
+def _nibble_par(w, qk, layout, xq, xd, xsum, xs, values, scales, f16, out):
     for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         r0, r1 = task * ROWS_PER_TASK, min(w.shape[0], (task + 1) * ROWS_PER_TASK)
-        _nibble_rows(w, qk, layout, xq, xd, xs, values, scales, f16, out, r0, r1)
+        _nibble_rows(w, qk, layout, xq, xd, xsum, xs, values, scales, f16, out, r0, r1)
 
 
 def _float_kernel(kind: int, bits_dtype: type, widen):
@@ -168,7 +169,8 @@ def _nibble_kernel(qtype: Q, value_off: int, min_off: int, qh_off: int, values=(
     def run(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         xq = quantize(x)
         xs = xq.extra if min_off >= 0 else xq.d  # xs is only read when there is a minimum
-        _nibble_par(w, qk, layout, xq.qs, xq.d, xs, values, scales, F16_TO_F32, out)
+        xsum = xq.qs.reshape(x.shape[0], -1, qk).sum(axis=-1, dtype=np.int32)
+        _nibble_par(w, qk, layout, xq.qs, xq.d, xsum, xs, values, scales, F16_TO_F32, out)
 
     return run
 
