@@ -29,7 +29,7 @@ from train_demo_moe import load_checkpoint  # noqa: E402
 
 ARCH = gguf.MODEL_ARCH.QWEN3MOE
 NAME = "moe-tier demo MoE"
-LICENSE = "GPL-2.0-or-later"   # the most restrictive licence among the training sources (see data/MODEL_CARD.md)
+LICENSE = "GPL-3.0-or-later"   # compatible with every training source's licence (see data/MODEL_CARD.md)
 # The model was trained on plain documents, not dialogue: the template just joins the messages' text.
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% if not loop.last %}\n\n{% endif %}{% endfor %}"
 KEEP_F32 = (gguf.MODEL_TENSOR.FFN_GATE_INP,)
