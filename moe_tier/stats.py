@@ -14,6 +14,7 @@ class TierCounter:
 @dataclass
 class EngineStats:
     tiers: dict[str, TierCounter] = field(default_factory=dict)
+    links: dict[str, TierCounter] = field(default_factory=dict)  # expert moves, e.g. "disk->gpu", "warm->gpu"
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
@@ -23,6 +24,11 @@ class EngineStats:
 
     def served(self, tier: str, n_bytes: int) -> None:
         c = self.tiers.setdefault(tier, TierCounter())
+        c.hits += 1
+        c.bytes += n_bytes
+
+    def moved(self, link: str, n_bytes: int) -> None:
+        c = self.links.setdefault(link, TierCounter())
         c.hits += 1
         c.bytes += n_bytes
 
