@@ -129,28 +129,35 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
     free_s = np.empty(G)
     for g in range(G):
         free_s[g] = queue_steps * step_s - link_s[g] - backlog_s[g]
+    if free_s.max() <= 0.0:
+        return 0  # the link is busy with demand copies: no room for speculation
     D, E = ahead.shape
     L = recent.shape[0]
-    n_cand = min(D, L - 1 - layer) * E
-    if n_cand <= 0:
-        return 0
-    cand_value = np.empty(n_cand)
-    for j in range(n_cand):
+    P = prefetch.shape[0]
+    best_x = np.empty(P, np.int64)  # the P candidates of smallest E[T], ascending
+    best_v = np.full(P, np.inf)
+    for j in range(min(D, L - 1 - layer) * E):
         x = (layer + 1 + j // E) * E + j % E
-        cand_value[j] = next_use_steps(x, layer, ahead, recent) if expert_slot[x] < 0 else np.inf
-    order = np.argsort(cand_value)
-    n = 0
-    for j in order:
-        if n == prefetch.shape[0] or cand_value[j] == np.inf:
-            break
-        x = (layer + 1 + j // E) * E + j % E
-        if on_disk[x]:
+        if expert_slot[x] >= 0 or on_disk[x]:
             continue
-        c = _victim(value, S, free_s)
-        if c < 0 or value[c] <= cand_value[j]:
+        v = next_use_steps(x, layer, ahead, recent)
+        if v >= best_v[P - 1]:
+            continue
+        i = P - 1
+        while i > 0 and best_v[i - 1] > v:
+            best_v[i], best_x[i] = best_v[i - 1], best_x[i - 1]
+            i -= 1
+        best_v[i], best_x[i] = v, x
+    n = 0
+    for i in range(P):
+        if best_v[i] == np.inf:
             break
+        c = _victim(value, S, free_s)
+        if c < 0 or value[c] <= best_v[i]:
+            break
+        x = best_x[i]
         _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes)
-        value[c] = cand_value[j]
+        value[c] = best_v[i]
         free_s[c // S] -= expert_bytes[x] / h2d_bytes_per_s
         prefetch[n] = x
         n += 1
