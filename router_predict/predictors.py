@@ -193,7 +193,7 @@ def evaluate(model: Combined, test: Trace, max_distance: int = MAX_DISTANCE) -> 
              "combined": model}
     rows = []
     for name, p in parts.items():
-        for d in range(1, max_distance + 1):
+        for d in range(1, min(max_distance, test.n_moe_layers - 1) + 1):
             pred, t = p.predict_all(test, d)[:, d:], truth[:, d:]
             rows.append({"arch": test.arch, "predictor": name, "distance": d, "recall@k": recall_at(pred, t, K),
                          "recall@2k": recall_at(pred, t, 2 * K), "precision@2k": precision_at(pred, t, 2 * K)})

@@ -172,3 +172,22 @@ def test_recorder_splits_forward_passes_and_marks_prompt():
     rec.record(1, np.array([[0]]), np.ones((1, 1)))
     with pytest.raises(RuntimeError, match="layers \\[2\\]"):
         rec.record(1, np.array([[0]]), np.ones((1, 1)))
+
+
+def test_import_and_predict_commands(tmp_path, capsys):
+    jsonl = tmp_path / "r.jsonl"
+    ids = structured(120, L=4, seed=3)
+    seq = np.arange(120) // 40
+    jsonl.write_text("\n".join(json.dumps({"problem_id": int(seq[t]), "token_idx": t, "layer": l,
+                                           "experts": ids[t, l].tolist(), "gating_probs": [0.6, 0.4]})
+                               for t in range(120) for l in range(4)))
+    out = tmp_path / "t.npz"
+    assert main(["trace", "import", str(jsonl), "--out", str(out), "--n-expert", "8", "--fingerprint", "ab"]) == 0
+    t = tr.load(out)
+    assert t.n_tokens == 120 and len(t.sequences()) == 3 and t.fingerprint == "ab"
+    capsys.readouterr()
+    assert main(["trace", "predict", str(out), "--json"]) == 0  # fit on sequences 0-1, score on 2
+    rows = json.loads(capsys.readouterr().out)
+    cross = [r for r in rows if r["predictor"] == "cross-layer"]
+    assert len(cross) == 3 and all(r["recall@k"] > 0.9 for r in cross)  # 4 layers: 3 distances to score
+    assert main(["trace", "import", str(jsonl), "--out", str(out)]) == 2  # neither --model nor --n-expert
