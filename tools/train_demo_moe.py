@@ -149,10 +149,10 @@ def main() -> None:
     t0 = time.time()
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
-    config, state, start_step = (TINY if args.tiny else DemoConfig()), None, 0
-    if args.resume:
+    config, state, start_step, best = (TINY if args.tiny else DemoConfig()), None, 0, None
+    if args.resume:   # a new checkpoint is written only if it beats the resumed one on held-out loss
         config, state, meta = load_checkpoint(args.resume)
-        start_step = meta["step"]
+        start_step, best = meta["step"], meta["best"]
     model = DemoMoE(config).to(dev)
     if state is not None:
         model.load_state_dict({k: v.float() for k, v in state.items()})
@@ -168,7 +168,7 @@ def main() -> None:
     fwd = model if args.no_compile else torch.compile(model)
     use_bf16 = dev.type == "cuda"
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
-    best, history, ema, step = None, [], None, start_step
+    history, ema, step = [], None, start_step
     tokens_seen = start_step * args.batch * seq
     t_train = time.time()
     budget_s = args.minutes * 60 - (time.time() - t0)       # what is left after loading, for training
