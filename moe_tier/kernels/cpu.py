@@ -110,6 +110,7 @@ def _nibble_rows(w, qk, layout, xq, xd, xsum, xs, values, scales, f16, out, r0, 
     n_tok, n_blk = xd.shape
     half = qk // 2
     ubb, uqk, uhalf, uqs = np.uint64(block_bytes), np.uint64(qk), np.uint64(half), np.uint64(qs_off)
+    plain = qh_off < 0 and values.size == 0
     for r in range(r0, r1):
         row = w[r]
         for t in range(n_tok):
@@ -124,14 +125,21 @@ def _nibble_rows(w, qk, layout, xq, xd, xsum, xs, values, scales, f16, out, r0, 
                     for i in range(4):
                         qh |= np.int64(row[o + np.uint64(qh_off + i)]) << (8 * i)
                 s = np.int32(0)
-                for j in range(half):
-                    uj = np.uint64(j)
-                    byte = row[o + uqs + uj]
-                    lo = np.int16((byte & 15) | (((qh >> j) & 1) << 4))
-                    hi = np.int16((byte >> 4) | (((qh >> (j + half)) & 1) << 4))
-                    if values.size:
-                        lo, hi = values[lo], values[hi]
-                    s += np.int32(lo * np.int16(xq[t, xo + uj])) + np.int32(hi * np.int16(xq[t, xo + uhalf + uj]))
+                if plain:  # the general loop below, minus what Q4_0 / Q4_1 lack: 2x faster for them
+                    for j in range(half):
+                        uj = np.uint64(j)
+                        byte = row[o + uqs + uj]
+                        s += np.int32(np.int16(byte & 15) * np.int16(xq[t, xo + uj]))
+                        s += np.int32(np.int16(byte >> 4) * np.int16(xq[t, xo + uhalf + uj]))
+                else:
+                    for j in range(half):
+                        uj = np.uint64(j)
+                        byte = row[o + uqs + uj]
+                        lo = np.int16((byte & 15) | (((qh >> j) & 1) << 4))
+                        hi = np.int16((byte >> 4) | (((qh >> (j + half)) & 1) << 4))
+                        if values.size:
+                            lo, hi = values[lo], values[hi]
+                        s += np.int32(lo * np.int16(xq[t, xo + uj])) + np.int32(hi * np.int16(xq[t, xo + uhalf + uj]))
                 s += np.int32(value_off * xsum[t, b])
                 acc += np.float32(np.int32(s)) * (scales[code] * xd[t, b])
                 if min_off >= 0:
