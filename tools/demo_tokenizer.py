@@ -60,7 +60,7 @@ def encode_file(tok: Tokenizer, path: Path) -> np.ndarray:
     eot = tok.token_to_id(END_OF_TEXT)
     ids: list[int] = []
     docs = list(documents(path))
-    for enc in tok.encode_batch_fast(docs) if hasattr(tok, "encode_batch_fast") else tok.encode_batch(docs):
+    for enc in tok.encode_batch(docs):
         ids.append(eot)
         ids.extend(enc.ids)
     return np.asarray(ids, dtype=np.uint16)
