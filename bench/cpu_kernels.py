@@ -9,7 +9,7 @@ The two results are also compared: same activation quantization, so they agree t
 Build llama.cpp once (several minutes):
   cmake -S /tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp -B /tmp/llama-build -DGGML_NATIVE=ON \\
         -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release && cmake --build /tmp/llama-build --target test-backend-ops -j2
-Run:  python bench/cpu_kernels.py [--ggml-lib-dir /tmp/llama-build/bin] [--no-record]
+Run:  python -m bench.cpu_kernels [--ggml-lib-dir /tmp/llama-build/bin] [--no-record]
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
+from bench.report import update_section
 from moe_tier import kernels
 
 SHAPES = ((14336, 4096), (4096, 14336))  # (N rows, K cols): ffn up/gate and down of a 4096-wide model
 TYPES = (Q.Q4_K, Q.Q8_0)
 REPEATS = 4  # MUL_MAT nodes per ggml graph
-ROUNDS = 5
+ROUNDS = 7
 # fp16 scale fields per block (ggml-common.h); all other bytes may be random.
 F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_K: (0, 2)}
 
@@ -51,6 +52,8 @@ class Ggml:
             ("ggml_mul_mat", p, [p, p, p]), ("ggml_new_graph", p, [p]),
             ("ggml_build_forward_expand", None, [p, p]), ("ggml_get_data", p, [p]),
             ("ggml_nbytes", ctypes.c_size_t, [p]),
+            ("ggml_quantize_chunk", ctypes.c_size_t, [ctypes.c_int, p, p, ctypes.c_int64, ctypes.c_int64,
+                                                      ctypes.c_int64, p]),
         ]:
             fn = getattr(self.base, name)
             fn.restype, fn.argtypes = res, args
@@ -58,12 +61,21 @@ class Ggml:
         self.cpu.ggml_graph_compute_with_ctx.argtypes = [p, p, ctypes.c_int]
         self.cpu.ggml_cpu_init()
 
+    def quantize(self, data: np.ndarray, qtype: Q) -> np.ndarray:
+        """llama.cpp's own quantizer (ggml_quantize_chunk): (N, K) float32 -> (N, row_bytes) uint8."""
+        n_rows, n_cols = data.shape
+        block_values, block_bytes = GGML_QUANT_SIZES[qtype]
+        out = np.zeros((n_rows, n_cols // block_values * block_bytes), np.uint8)
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        self.base.ggml_quantize_chunk(int(qtype), data.ctypes.data, out.ctypes.data, 0, n_rows, n_cols, None)
+        return out
+
     def matmul_runner(self, w: np.ndarray, qtype: Q, n_rows: int, x: np.ndarray):
-        """Returns (run(n_threads) -> seconds per MUL_MAT, result (1, N) of the last node, free())."""
-        n_cols = x.shape[1]
+        """Returns (run(n_threads) -> seconds per MUL_MAT, result() (T, N) of the last node, free())."""
+        n_tok, n_cols = x.shape
         ctx = self.base.ggml_init(Ggml.InitParams(w.nbytes + (256 << 20), None, False))
         wt = self.base.ggml_new_tensor_2d(ctx, int(qtype), n_cols, n_rows)
-        xt = self.base.ggml_new_tensor_2d(ctx, int(Q.F32), n_cols, 1)
+        xt = self.base.ggml_new_tensor_2d(ctx, int(Q.F32), n_cols, n_tok)
         assert self.base.ggml_nbytes(wt) == w.nbytes
         ctypes.memmove(self.base.ggml_get_data(wt), w.ctypes.data, w.nbytes)
         ctypes.memmove(self.base.ggml_get_data(xt), x.ctypes.data, x.nbytes)
@@ -78,8 +90,8 @@ class Ggml:
             return (time.perf_counter() - start) / REPEATS
 
         def result() -> np.ndarray:
-            buf = (ctypes.c_float * n_rows).from_address(self.base.ggml_get_data(outs[-1]))
-            return np.frombuffer(buf, dtype=np.float32).reshape(1, n_rows).copy()
+            buf = (ctypes.c_float * (n_tok * n_rows)).from_address(self.base.ggml_get_data(outs[-1]))
+            return np.frombuffer(buf, dtype=np.float32).reshape(n_tok, n_rows).copy()
 
         return run, result, lambda: self.base.ggml_free(ctx)
 
@@ -91,6 +103,25 @@ def random_weight(qtype: Q, n_rows: int, n_cols: int, rng: np.random.Generator) 
         scale = rng.uniform(0.002, 0.02, (n_rows, n_cols // block_values, 1)).astype(np.float16)
         blocks[:, :, offset:offset + 2] = scale.view(np.uint8)
     return blocks.reshape(n_rows, -1)
+
+
+def parity_table(ggml: Ggml, rng: np.random.Generator) -> str:
+    """Every supported type, weights quantized by llama.cpp itself: max |ours - llama.cpp| / max |llama.cpp|."""
+    n_rows, n_cols = 64, 1024
+    lines = ["| type | T=1 | T=5 |", "|---|---|---|"]
+    for qtype in sorted(kernels.SUPPORTED, key=lambda q: q.name):
+        w = ggml.quantize(rng.standard_normal((n_rows, n_cols)).astype(np.float32), qtype)
+        diffs = []
+        for n_tok in (1, 5):
+            x = rng.standard_normal((n_tok, n_cols)).astype(np.float32)
+            run, result, free = ggml.matmul_runner(w, qtype, n_rows, x)
+            run(1)
+            theirs = result()
+            free()
+            ours = kernels.matmul(x, w, qtype, n_rows, n_cols)
+            diffs.append(float(np.abs(ours - theirs).max() / np.abs(theirs).max()))
+        lines.append(f"| {qtype.name} | {diffs[0]:.1e} | {diffs[1]:.1e} |")
+    return "\n".join(lines) + "\n"
 
 
 def ours_seconds(w: np.ndarray, qtype: Q, n_rows: int, x: np.ndarray) -> float:
@@ -105,6 +136,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = parser.parse_args()
     ggml = Ggml(args.ggml_lib_dir)
+    load_at_start = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     all_threads = os.cpu_count() or 1
     thread_counts = sorted({1, all_threads})
@@ -140,13 +172,19 @@ def main() -> None:
         f"\nT = 1 token, weights {', '.join(t.name for t in TYPES)} as random valid blocks; GB/s = weight bytes / "
         f"time, best of {ROUNDS} alternating rounds. llama.cpp: ggml CPU backend from the vendored sources "
         f"(GGML_NATIVE=ON), {REPEATS} MUL_MAT nodes per graph_compute. ratio = ours / llama.cpp. "
-        "max rel diff = max |ours - llama.cpp| / max |llama.cpp| on the same inputs.\n"
+        "max rel diff = max |ours - llama.cpp| / max |llama.cpp| on the same inputs. "
+        f"1-minute load average at start: {load_at_start:.1f} on {all_threads} cores (a shared machine: "
+        "absolute numbers move from run to run, the ratios much less).\n"
     )
+    parity = parity_table(ggml, rng)
     print(table)
+    print(parity)
+    parity_notes = (
+        "\nParity: 64 x 1024 weights quantized by llama.cpp (ggml_quantize_chunk), same x, "
+        "max |ours - llama.cpp| / max |llama.cpp| per type.\n\n"
+    )
     if not args.no_record:
-        from bench.report import update_section
-
-        update_section("CPU kernels", "python bench/cpu_kernels.py", table + notes)
+        update_section("CPU kernels", "python -m bench.cpu_kernels", table + notes + parity_notes + parity)
 
 
 if __name__ == "__main__":
