@@ -1,0 +1,82 @@
+"""The MoE block on GPU slots: acquire the layer's experts, grouped matmuls over slot blobs, weighted sum.
+
+Shape key: T tokens, D embedding width, k experts per token, F expert FFN width,
+M rows sent to one GPU group = sum over its experts of the tokens that chose each (tokens sorted by expert).
+Experts the cost model leaves on the CPU run through the numba kernels on their warm blob (or the file map).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moe_tier.kernels.gpu import moe_matmul
+from moe_tier.moe import Routing, swiglu_ffn
+from moe_tier.reader import ExpertId
+from moe_tier.tiers.gpu_pool import GpuTiers
+from moe_tier.tiers.warm import blob_layout
+
+
+def moe_ffn_gpu(x: torch.Tensor, routing: Routing, layer: int, tiers: GpuTiers) -> torch.Tensor:
+    """x (T, D) on a GPU -> (T, D) float32; the k weighted expert outputs are added in slot order, as llama.cpp."""
+    ids, weights = routing.ids, routing.weights
+    experts, counts = np.unique(ids, return_counts=True)
+    acquired = tiers.acquire(layer, dict(zip(experts.tolist(), counts.tolist())))
+    per_slot = torch.zeros((ids.shape[1], ids.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)  # (k, T, D)
+    for gpu, held in acquired.gpu.items():
+        for group in _groups(tiers, held):
+            _grouped_swiglu(x, routing, group, tiers.arena[gpu], tiers, per_slot)
+    if acquired.cpu:
+        x_host = host_copy(x)
+        for eid, w in acquired.cpu:
+            tok, slot = np.nonzero(ids == eid.expert)
+            y = swiglu_ffn(x_host[tok], w.gate, w.up, w.down) * weights[tok, slot][:, None]
+            per_slot[_dev(slot, x.device), _dev(tok, x.device)] = _dev(y, x.device)
+    return per_slot.sum(dim=0)
+
+
+def _groups(tiers: GpuTiers, held: list[tuple[ExpertId, int]]) -> list[list[tuple[ExpertId, int]]]:
+    """Experts whose matrices share types and shapes go in one launch (all of a layer, except odd legacy files)."""
+    groups: dict[tuple, list] = {}
+    for eid, offset in held:
+        key = tuple((p.matrix, p.qtype, p.shape) for p in tiers.desc.experts[eid].parts)
+        groups.setdefault(key, []).append((eid, offset))
+    return list(groups.values())
+
+
+def _grouped_swiglu(x, routing: Routing, group, arena: torch.Tensor, tiers: GpuTiers, per_slot) -> None:
+    """down(silu(gate x) * up x) for every expert of the group: three launches, rows sorted by expert."""
+    dev = arena.device
+    toks, slots, seg = [], [], [0]
+    for eid, _ in group:
+        tok, slot = np.nonzero(routing.ids == eid.expert)
+        toks.append(tok)
+        slots.append(slot)
+        seg.append(seg[-1] + len(tok))
+    tok, slot = np.concatenate(toks), np.concatenate(slots)
+    seg_t = _dev(np.asarray(seg, np.int32), dev)
+    max_rows = int(np.diff(seg).max())
+    ref = tiers.desc.experts[group[0][0]]
+    layout = blob_layout(ref)
+
+    def matmul(h: torch.Tensor, matrix: str) -> torch.Tensor:
+        part = ref.part(matrix)
+        offsets = _dev(np.array([off + layout[matrix] for _, off in group], np.int64), dev)
+        n_cols, n_rows = part.shape[0], int(np.prod(part.shape[1:]))
+        return moe_matmul(h, arena, offsets, seg_t, max_rows, part.qtype, n_rows, n_cols)
+
+    xg = x.to(dev)[_dev(tok, dev)]  # (M, D)
+    y = matmul(F.silu(matmul(xg, "gate")) * matmul(xg, "up"), "down")  # (M, D)
+    y = y * _dev(routing.weights[tok, slot], dev)[:, None]
+    per_slot[_dev(slot, per_slot.device), _dev(tok, per_slot.device)] = y.to(per_slot.device)
+
+
+def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array -> device through the caching pinned allocator: an async copy, no stream synchronisation."""
+    return torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
+
+
+def host_copy(x: torch.Tensor) -> np.ndarray:
+    """The one place the MoE block waits for the GPU: activations for experts computed on the CPU."""
+    return x.detach().float().cpu().numpy()
