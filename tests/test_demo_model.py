@@ -134,3 +134,14 @@ def test_prediction_beats_chance():
     logp = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
     loss = -logp[np.arange(len(ids) - 1), ids[1:]].mean()
     assert loss < 4.5
+
+
+@pytest.mark.parametrize("prompt", ["def read_config(path):", "And the LORD said unto Moses,"])
+def test_moe_tier_greedy_text_equals_llama_cpp(prompt):
+    """The embedded default model: moe-tier's engine and llama.cpp produce the same greedy tokens."""
+    from moe_tier.engine import Engine
+    from test_engine_parity import assert_greedy_matches
+
+    eng = Engine.open(MODEL, ctx=64)
+    same = assert_greedy_matches(eng, MODEL, eng.tokenize(prompt), 24, 0.15)
+    assert len(same) == 24
