@@ -12,14 +12,13 @@ from moe_tier.plan import Budget
 from moe_tier.units import parse_bytes, parse_bytes_list
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_MODELS = ("demo-moe.gguf", "synthetic-qwen3moe.gguf")  # the trained demo first
+DEFAULT_MODEL = DATA / "demo-moe.gguf"  # the trained demo model (data/MODEL_CARD.md)
 
 
 def default_model() -> Path:
-    for name in DEFAULT_MODELS:
-        if (DATA / name).exists():
-            return DATA / name
-    raise MoeTierError(DATA, "no embedded default model found; pass a GGUF file")
+    if not DEFAULT_MODEL.exists():
+        raise MoeTierError(DEFAULT_MODEL, "the embedded default model is missing; pass a GGUF file")
+    return DEFAULT_MODEL
 
 
 def add_budget_options(p: argparse.ArgumentParser) -> None:
