@@ -48,7 +48,7 @@ def run_compiled(slot_expert, expert_slot, needed, ahead, recent):
     for s in range(needed.shape[0]):
         total += plan_step(s % L, needed[s], ahead[s], recent, slot_expert, expert_slot, remaining, on_disk,
                            expert_bytes, H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_STEP_S, backlog,
-                           1.0, actions, prefetch)
+                           1.0, 0.0, actions, prefetch)
         remaining[:] = 0  # transfers land before the next step
     return total
 
@@ -63,7 +63,7 @@ def run_python(slot_expert, expert_slot, needed, ahead, recent) -> np.ndarray:
     for s in range(needed.shape[0]):
         t0 = time.perf_counter()
         plan_step(s % L, needed[s], ahead[s], recent, slot_expert, expert_slot, remaining, on_disk, expert_bytes,
-                  H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_STEP_S, backlog, 1.0, actions, prefetch)
+                  H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_STEP_S, backlog, 1.0, 0.0, actions, prefetch)
         times[s] = time.perf_counter() - t0
         remaining[:] = 0
     return times

@@ -79,8 +79,8 @@ def _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes):
 
 @njit(cache=True)
 def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_bytes, on_disk, expert_bytes,
-              h2d_bytes_per_s, cpu_bytes_per_s, disk_bytes_per_s, gpu_step_s, backlog_s, queue_steps, actions,
-              prefetch):
+              h2d_bytes_per_s, cpu_bytes_per_s, disk_bytes_per_s, gpu_step_s, backlog_s, queue_steps, keep_weight,
+              actions, prefetch):
     """Decide one layer step in place; returns how many prefetches were written to `prefetch`.
 
     layer: current MoE layer position; needed (K,) flat ids routed now; ahead (D, E) predicted use of
@@ -91,6 +91,7 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
     the prefetch queue may hold; actions (K,) out: HIT / FETCH / CPU; prefetch (P,) out: flat ids newly in flight.
     """
     G, S = slot_expert.shape
+    L, E = recent.shape
     value = np.empty(G * S)
     _slot_values(layer, needed, ahead, recent, slot_expert, value)
     link_s = np.zeros(G)
@@ -113,9 +114,14 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
         read_s = expert_bytes[x] / disk_bytes_per_s if on_disk[x] else 0.0
         c = _victim(value, S, always)
         g = c // S if c >= 0 else 0
-        fetch_end = max(link_s[g] + read_s + expert_bytes[x] / h2d_bytes_per_s, cpu_s)
-        cpu_end = max(link_s[g], cpu_s + read_s + expert_bytes[x] / cpu_bytes_per_s)
-        if c >= 0 and fetch_end <= cpu_end:
+        fetch_s = read_s + expert_bytes[x] / h2d_bytes_per_s
+        compute_s = read_s + expert_bytes[x] / cpu_bytes_per_s
+        fetch_end = max(link_s[g] + fetch_s, cpu_s)
+        cpu_end = max(link_s[g], cpu_s + compute_s)
+        # a fetched copy that outranks its victim saves a miss at the next visit with chance q
+        q = min(max(recent[x // E, x % E], EPS), 1.0)
+        keep_gain = keep_weight * q * min(fetch_s, compute_s) if c >= 0 and value[c] > L / q else 0.0
+        if c >= 0 and fetch_end <= cpu_end + keep_gain:
             _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes)
             value[c] = -1.0
             link_s[g] += read_s + expert_bytes[x] / h2d_bytes_per_s
@@ -131,8 +137,7 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
         free_s[g] = queue_steps * step_s - link_s[g] - backlog_s[g]
     if free_s.max() <= 0.0:
         return 0  # the link is busy with demand copies: no room for speculation
-    D, E = ahead.shape
-    L = recent.shape[0]
+    D = ahead.shape[0]
     P = prefetch.shape[0]
     best_x = np.empty(P, np.int64)  # the P candidates of smallest E[T], ascending
     best_v = np.full(P, np.inf)

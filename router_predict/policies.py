@@ -207,43 +207,70 @@ class Belady(DemandPolicy):
         self.next_use[needed] = self.next_after[self.clock]
 
 
+@dataclass(frozen=True)
+class PlannerSettings:
+    max_prefetch: int = 8  # prefetches started per step at most
+    max_distance: int = MAX_DISTANCE  # layers ahead that get predictions
+    queue_steps: float = 1.0  # steps of idle link time the prefetch queue may hold
+    online_weight: float = 0.5  # in the next-visit prediction: running frequency vs token reuse
+    recency_weight: float = 0.3  # ... and uses with exponential forgetting vs both
+    half_life_tokens: float = 8.0
+    keep_weight: float = 0.0  # how much a cached copy counts when a miss could run on the CPU instead
+    lookahead_weight: float = 0.7  # gate lookahead vs the fitted predictors, where the engine provides it
+
+    def __str__(self) -> str:
+        return f"recency {self.recency_weight:g} / {self.half_life_tokens:g} tokens, keep {self.keep_weight:g}"
+
+
 class Planner:
     """Predictions from the fitted Combined predictor, decisions from the compiled `plan_step`.
 
-    `recent` (L, E) predicts each layer's next visit: token reuse from the layer's latest routing, mixed
-    (`online_weight`) with expert frequencies that keep counting through the replayed tokens.
+    `recent` (L, E) predicts each layer's next visit: token reuse from the layer's latest routing and the
+    expert frequencies (which keep counting through the replayed tokens), mixed with the uses of the last
+    few tokens (exponential forgetting). `lookahead` (N, L, D, E), when the engine recorded it: gate
+    lookahead probabilities for each replayed token and layer (`predictors.gate_lookahead`).
     """
 
-    name = "planner"
-
-    def __init__(self, cost: "CostModel", max_prefetch: int = 8, max_distance: int = MAX_DISTANCE,
-                 queue_steps: float = 1.0, online_weight: float = 0.5):
-        self.cost, self.max_prefetch, self.max_distance = cost, max_prefetch, max_distance
-        self.queue_steps, self.online_weight = queue_steps, online_weight
+    def __init__(self, cost: "CostModel", settings: PlannerSettings = PlannerSettings(),
+                 lookahead: np.ndarray | None = None):
+        self.cost, self.s, self.lookahead = cost, settings, lookahead
+        self.decay = 0.5 ** (1.0 / settings.half_life_tokens)
+        self.name = f"planner{' + gate lookahead' if lookahead is not None else ''} ({settings})"
 
     def start(self, state: CacheState, train: Trace) -> None:
-        self.model = Combined.fit(train, self.max_distance)
+        self.model = Combined.fit(train, self.s.max_distance)
         self.E = train.n_expert
         self.recent = self.model.prior.prob.astype(np.float32).copy()  # (L, E)
-        self.ahead = np.zeros((self.max_distance, self.E), np.float32)
-        self.prefetch = np.zeros(self.max_prefetch, np.int64)
+        self.ahead = np.zeros((self.s.max_distance, self.E), np.float32)
+        self.prefetch = np.zeros(self.s.max_prefetch, np.int64)
         self.counts = chosen(train).sum(0) + 1.0  # (L, E) uses so far, the replayed tokens included
+        self.decayed = self.model.prior.prob.copy()  # (L, E) uses with exponential forgetting
+        self.token = -1
 
     def step(self, layer, needed, weights, state, fresh):
         if fresh:
             self.recent[:] = self.model.prior.prob
+        self.token += layer == 0
         sel = np.zeros(self.E, np.float32)
         np.add.at(sel, needed % self.E, weights / max(weights.sum(), 1e-12))
         self.model.ahead(sel, layer, self.recent, self.ahead)
+        if self.lookahead is not None:  # a softmax share of p is a chance of about K * p to be in the top K
+            n = min(self.s.max_distance, self.recent.shape[0] - 1 - layer)
+            gate = np.minimum(self.lookahead[self.token, layer, :n] * needed.shape[0], 1.0)
+            w = self.s.lookahead_weight
+            self.ahead[:n] = w * gate + (1 - w) * self.ahead[:n]
         self.counts[layer, needed % self.E] += 1
         freq = self.counts[layer] * (needed.shape[0] / self.counts[layer].sum())
-        w = self.online_weight
-        self.recent[layer] = w * freq + (1 - w) * self.model.reuse.predict(sel, layer)
+        self.decayed[layer] *= self.decay
+        self.decayed[layer, needed % self.E] += 1 - self.decay
+        w, r = self.s.online_weight, self.s.recency_weight
+        self.recent[layer] = (1 - r) * (w * freq + (1 - w) * self.model.reuse.predict(sel, layer)) + \
+            r * self.decayed[layer]
         actions = np.empty(needed.shape[0], np.int8)
         c = self.cost
         n = plan_step(layer, needed.astype(np.int64), self.ahead, self.recent, state.slot_expert,
                       state.expert_slot, state.remaining_bytes, state.on_disk, state.expert_bytes,
                       c.h2d_bytes_per_s, c.cpu_bytes_per_s, c.disk_bytes_per_s,
                       c.gpu_s(int(state.expert_bytes[needed].sum())), state.queued_bytes / c.h2d_bytes_per_s,
-                      self.queue_steps, actions, self.prefetch)
+                      self.s.queue_steps, self.s.keep_weight, actions, self.prefetch)
         return actions, self.prefetch[:n]

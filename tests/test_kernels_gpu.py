@@ -116,3 +116,13 @@ def test_bad_arguments_raise_moe_tier_error():
         gpu.matmul(x, w, Q.IQ2_XXS, 4, 256)
     with pytest.raises(MoeTierError, match="do not match"):
         gpu.matmul(torch.zeros((1, 512), device=DEVICE), w, Q.Q4_K, 4, 256)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_1, Q.F16], ids=lambda q: q.name)
+def test_row_length_not_a_multiple_of_the_tile(qtype):
+    """K = 96: the last 64-wide K tile is half masked."""
+    rng = np.random.default_rng(5)
+    w = random_weight(qtype, 17, 96, rng)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    got = gpu.matmul(torch.from_numpy(x).to(DEVICE), torch.from_numpy(w.reshape(-1)).to(DEVICE), qtype, 17, 96)
+    assert rel_err(got.cpu().numpy(), reference(x, w, qtype, 17, 96)) < TOL

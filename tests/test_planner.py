@@ -27,7 +27,7 @@ def call(state, layer, needed, ahead=None, recent=None, h2d=100 * MB, cpu=100 * 
     backlog = np.zeros(state.slot_expert.shape[0]) if backlog is None else backlog
     n = plan_step(layer, np.array(needed, np.int64), ahead, recent, state.slot_expert, state.expert_slot,
                   state.remaining_bytes, state.on_disk, state.expert_bytes, float(h2d), float(cpu), 10.0 * MB,
-                  gpu_step_s, backlog, 1.0, actions, prefetch)
+                  gpu_step_s, backlog, 1.0, 0.0, actions, prefetch)
     state.check()
     return actions.tolist(), prefetch[:n].tolist()
 

@@ -88,7 +88,7 @@ def test_belady_bounds_every_policy(seed):
     belady = results[-1]
     assert belady.policy.startswith("Belady")
     for r in results[:-1]:
-        if r.policy != "planner":  # the planner prefetches, so demand caching does not bound it
+        if not r.policy.startswith("planner"):  # the planner prefetches, so demand caching does not bound it
             assert r.hit_rate <= belady.hit_rate + 1e-12, r.policy
 
 

@@ -1,0 +1,66 @@
+"""What gate lookahead adds to the planner, on the trained demo model's routing and hidden states.
+
+The demo (qwen3moe, 6 MoE layers x 8 experts, top-2) is recorded by moe-tier's engine on prompts of five
+domains (bench/predictor_recall.py); the planner is fitted on half the prompts and replayed on the other
+half, with and without layer l+d's router applied to layer l's hidden state. The demo's experts are tiny,
+so the cost model prices them as Mixtral-8x7B Q4_K experts on the measured H100 host: this compares the
+policies' choices on real (small-model) routing, not the demo's own speed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench import mixtral_routing as mx
+from bench.predictor_recall import record_demo
+from bench.replay_policies import CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_BYTES_PER_S, H2D_BYTES_PER_S
+from bench.report import update_section
+from router_predict.policies import LFU, Belady, Planner, StaticPinning
+from router_predict.predictors import MAX_DISTANCE, gate_lookahead
+from router_predict.replay import CacheConfig, CostModel, fit_lfru, fit_planner, replay
+
+SLOT_SHARES = (0.25, 0.5, 0.75)
+
+
+def lookahead_scores(trace, hidden, engine) -> np.ndarray:
+    """(N, L, D, E): layer i+d's router on layer i's router input, re-weighted by layer i+d's norm."""
+    w, layers = engine.model.w, trace.moe_layers.tolist()
+    out = np.zeros((trace.n_tokens, len(layers), MAX_DISTANCE, trace.n_expert), np.float32)
+    for i, src in enumerate(layers):
+        for d in range(1, min(MAX_DISTANCE, len(layers) - 1 - i) + 1):
+            dst = layers[i + d]
+            router = w.matrix(f"blk.{dst}.ffn_gate_inp.weight")
+            h = hidden[src] / w.vector(f"blk.{src}.ffn_norm.weight") * w.vector(f"blk.{dst}.ffn_norm.weight")
+            out[:, i, d - 1] = gate_lookahead(router.rows(np.arange(router.n_rows)), h)
+    return out
+
+
+def main() -> None:
+    trace, hidden, engine = record_demo()
+    scores = lookahead_scores(trace, hidden, engine)
+    fit_mask = np.isin(trace.sequence, trace.sequences()[::2])
+    fit, test = trace.select(fit_mask), trace.select(~fit_mask)
+    eb = np.full(trace.n_moe_layers * trace.n_expert, mx.EXPERT_BYTES, np.int64)
+    cost = CostModel(H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_BYTES_PER_S, mx.DENSE_LAYER_BYTES)
+    body = (f"Demo qwen3moe routing: fitted on {fit.n_tokens} tokens, replayed on {test.n_tokens} held-out tokens "
+            f"({int(test.is_prompt.sum())} of them prompt tokens, decoded one per step here); experts priced as "
+            "Mixtral-8x7B Q4_K on the H100 host (bench/replay_policies.py's cost model).\n")
+    for share in SLOT_SHARES:
+        cache = CacheConfig(1, int(eb.size * share))
+        planner = fit_planner(fit, cost, cache, eb)
+        policies = [LFU(), fit_lfru(fit, cost, cache, eb), StaticPinning(), planner,
+                    Planner(cost, planner.s, lookahead=scores[~fit_mask]), Belady(test)]
+        results = [replay(p, test, fit, cost, cache, eb) for p in policies]
+        belady = results[-1].hit_rate
+        body += (f"\n### {cache.slots_per_gpu} slots for {eb.size} experts\n\n"
+                 "| policy | hit rate | of Belady | GB moved / token | on CPU | est. tokens/s |\n"
+                 "|---|---|---|---|---|---|\n")
+        body += "".join(f"| {r.policy} | {r.hit_rate:.3f} | {r.hit_rate / belady:.0%} | "
+                        f"{r.h2d_bytes_per_token / 1e9:.2f} | {r.cpu_share:.0%} | {r.tokens_per_s:.1f} |\n"
+                        for r in results)
+    update_section("replay-lookahead", "python -m bench.replay_lookahead", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
