@@ -87,8 +87,10 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
     layers layer+1..layer+D; recent (L, E) predicted use of each layer's next visit (this layer's row
     already from the current token); slot_expert (G, S) / expert_slot (X,) / remaining_bytes (X,) the slot
     table, updated here; on_disk (X,) experts in the cold tier; backlog_s (G,) prefetch work already
-    queued per link; queue_steps: how many steps of idle link time
-    the prefetch queue may hold; actions (K,) out: HIT / FETCH / CPU; prefetch (P,) out: flat ids newly in flight.
+    queued per link; queue_steps: how many steps of idle link time the prefetch queue may hold;
+    keep_weight: how much the chance of reusing a fetched copy counts against running a miss on the CPU;
+    actions (K,) out: HIT / FETCH / CPU; prefetch (P,) out: flat ids newly in flight.
+    All times in seconds, rates in bytes per second; nothing here knows the machine.
     """
     G, S = slot_expert.shape
     L, E = recent.shape
@@ -107,7 +109,7 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
             link_s[c // S] += remaining_bytes[x] / h2d_bytes_per_s
         else:
             actions[i] = -1
-    for i in range(needed.shape[0]):  # misses: whichever of link and CPU finishes the step sooner
+    for i in range(needed.shape[0]):  # misses: whichever of link and CPU ends the step sooner
         if actions[i] >= 0:
             continue
         x = needed[i]
@@ -124,10 +126,10 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
         if c >= 0 and fetch_end <= cpu_end + keep_gain:
             _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes)
             value[c] = -1.0
-            link_s[g] += read_s + expert_bytes[x] / h2d_bytes_per_s
+            link_s[g] += fetch_s
             actions[i] = FETCH
         else:
-            cpu_s = cpu_s + read_s + expert_bytes[x] / cpu_bytes_per_s
+            cpu_s += compute_s
             actions[i] = CPU
     step_s = max(gpu_step_s, cpu_s)
     for g in range(G):
