@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if not plan.gpus:
         raise MoeTierError(None, "no GPU here: give --vram to plan for one")
     n_gpu = len(plan.gpus)
-    slots = min(g.n_slots for g in plan.gpus)
     expert_bytes = np.array([desc.experts[ExpertId(int(layer), e)].n_bytes for layer in test.moe_layers
                              for e in range(test.n_expert)], np.int64)
+    slots = min(min(g.n_slots for g in plan.gpus), -(-expert_bytes.size // n_gpu))  # more would stay empty
     dense = sum(t.n_bytes for t in desc.tensors.values() if t.category is not Category.ROUTED and t.layer is not None)
     cost = CostModel(rates["h2d"], rates["cpu_read"], rates["disk"], rates["gpu_read"], dense // desc.config.n_layer)
     cache = CacheConfig(n_gpu, slots, plan.ram_budget_bytes)
