@@ -49,7 +49,8 @@ def main() -> None:
         cache = CacheConfig(1, int(eb.size * share))
         planner = fit_planner(fit, cost, cache, eb)
         policies = [LFU(), fit_lfru(fit, cost, cache, eb), StaticPinning(), planner,
-                    Planner(cost, planner.s, lookahead=scores[~fit_mask]), Belady(test)]
+                    Planner(cost, planner.s, lookahead=scores[~fit_mask]), Belady(test, allow_bypass=False),
+                    Belady(test)]
         results = [replay(p, test, fit, cost, cache, eb) for p in policies]
         belady = results[-1].hit_rate
         body += (f"\n### {cache.slots_per_gpu} slots for {eb.size} experts\n\n"

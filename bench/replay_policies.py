@@ -29,7 +29,10 @@ def main() -> None:
     body = (f"Mixtral-8x7B-Instruct routing on GSM8K ({trace.n_tokens} generated tokens, 32 layers, top-2 of 8), "
             f"Q4_K experts of {eb[0] / 2**20:.1f} MiB; held out (fit on one problem, score on the other, both "
             "ways; mean of the two folds). Hit rate: needed experts ready in VRAM when their layer ran. "
-            "Static pinning is llama.cpp's placement (the peer).\n")
+            "Static pinning is llama.cpp's placement (the peer). \"of Belady\" is against Belady with bypass (a "
+            "miss used later than everything cached runs on the CPU), the hit-rate optimum of this model; "
+            "Belady MIN must cache every miss. The planner's settings are chosen per fold by replaying the "
+            "fitting problem.\n")
     for vram in VRAM_GIB:
         slots = slots_for_vram(vram * GIB, RESERVED_BYTES, eb)
         cache = CacheConfig(1, slots)

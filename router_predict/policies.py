@@ -174,11 +174,12 @@ class StaticPinning(DemandPolicy):
 
 
 class Belady(DemandPolicy):
-    """The offline optimum: evict the expert used furthest in the future, and bypass a miss used later still."""
+    """The offline optimum: evict the expert used furthest in the future, and bypass a miss used later still
+    (run on the CPU). Without bypass it is the classic MIN, the optimum when every miss must be cached."""
 
-    name = "Belady (oracle)"
-
-    def __init__(self, test: Trace):
+    def __init__(self, test: Trace, allow_bypass: bool = True):
+        self.allow_bypass = allow_bypass
+        self.name = "Belady (oracle)" if allow_bypass else "Belady MIN (oracle, every miss cached)"
         flat = test.flat_ids().reshape(-1, test.n_expert_used)  # (steps, K)
         X = test.n_moe_layers * test.n_expert
         self.next_after = np.full(flat.shape, np.iinfo(np.int64).max, np.int64)  # next step using the same x
@@ -197,7 +198,7 @@ class Belady(DemandPolicy):
 
     def bypass(self, x, victim):
         after = self.next_after[self.clock][np.flatnonzero(self._needed == x)[0]]
-        return after > self.next_use[victim]
+        return self.allow_bypass and after > self.next_use[victim]
 
     def step(self, layer, needed, weights, state, fresh):
         self._needed = needed

@@ -172,7 +172,8 @@ def fit_planner(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes:
 
 def compare(train: Trace, test: Trace, cost: CostModel, cache: CacheConfig,
             expert_bytes: np.ndarray) -> list[ReplayResult]:
-    """Every policy fitted on `train` and scored on `test`: LRU, LFU, LFRU, pinning, the planner, Belady."""
+    """Every policy fitted on `train` and scored on `test`: LRU, LFU, LFRU, pinning, the planner, Belady's MIN
+    and Belady with bypass (the hit-rate optimum, last)."""
     policies = [LRU(), LFU(), fit_lfru(train, cost, cache, expert_bytes), StaticPinning(),
-                fit_planner(train, cost, cache, expert_bytes), Belady(test)]
+                fit_planner(train, cost, cache, expert_bytes), Belady(test, allow_bypass=False), Belady(test)]
     return [replay(p, test, train, cost, cache, expert_bytes) for p in policies]

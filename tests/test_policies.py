@@ -69,6 +69,9 @@ def test_belady_evicts_furthest_next_use_and_bypasses():
     actions, _ = run_steps(Belady(one_layer(seq)), seq, slots=2)
     # 2 first returns after 0 and 1 do, 3 never: bypass both; at the end 2 replaces 0 (never used again)
     assert actions == [FETCH, FETCH, CPU, HIT, HIT, CPU, HIT, HIT, FETCH, HIT]
+    actions, _ = run_steps(Belady(one_layer(seq), allow_bypass=False), seq, slots=2)
+    # MIN must cache every miss: 2 evicts 1 (next used at 4, 0 at 3), 1 evicts 2, 3 evicts 1, ...
+    assert actions == [FETCH, FETCH, FETCH, HIT, FETCH, FETCH, HIT, FETCH, FETCH, HIT]
 
 
 @pytest.mark.parametrize("seed", range(3))

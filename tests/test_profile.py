@@ -82,7 +82,7 @@ def test_replay_command_and_its_bad_input(synth_model, tmp_path, capsys):
     trace = tmp_path / "llama.cpp.npz"
     assert main(replay_args(trace, model) + ["--json"]) == 0
     results = {r["policy"].split(" (")[0]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(results) == {"LRU", "LFU", "LFRU", "static pinning", "planner", "Belady"}
+    assert set(results) == {"LRU", "LFU", "LFRU", "static pinning", "planner", "Belady MIN", "Belady"}
     assert all(r["hit_rate"] <= results["Belady"]["hit_rate"] for name, r in results.items()
                if name != "planner")
     assert results["static pinning"]["h2d_bytes_per_token"] == 0 and results["LRU"]["cpu_share"] == 0
