@@ -3,7 +3,8 @@
 llama (Mixtral-8x7B, real routing from ../shared/data/routing): fitted on one GSM8K problem, scored on the
 other, both ways. qwen3moe (data/demo-moe.gguf, the trained demo): routing and hidden states recorded by
 moe-tier's engine on prompts of five domains, fitted on half the prompts and scored on the other half;
-gate lookahead (layer l+d's router on layer l's hidden state) needs no fitting and is scored on all tokens.
+gate lookahead (layer l+d's router on layer l's hidden state, from two points of layer l) needs no fitting
+and is scored on all tokens.
 """
 
 from __future__ import annotations
@@ -36,46 +37,57 @@ PROMPTS = [
 ]
 
 
-def record_demo() -> tuple[Trace, dict[int, np.ndarray], Engine]:
-    """Greedy generation on every prompt; the trace and each MoE layer's router input (N, D)."""
+def record_demo() -> tuple[Trace, dict[str, dict[int, np.ndarray]], Engine]:
+    """Greedy generation on every prompt: the trace, and per layer the RMS-normalised residual (N, D) at two
+    points: "FFN input" (after layer l's attention) and "output" (after layer l's experts)."""
     engine = Engine.open(DEMO, ctx=512)
     d, c = engine.desc, engine.desc.config
     rec = TraceRecorder(fingerprint=d.fingerprint, arch=d.arch, n_layer=c.n_layer, n_expert=c.n_expert,
                         n_expert_used=c.n_expert_used, moe_layers=d.moe_layers, engine="moe-tier")
-    hidden: dict[int, list[np.ndarray]] = {}
-    route = engine.model.route
+    taps: dict[str, dict[int, list[np.ndarray]]] = {"FFN input": {}, "output": {}}
+    model, w = engine.model, engine.model.w
+    route, attention = model.route, model.attention
 
-    def tapped(il, h):  # the engine has no hidden-state observer yet: wrap its router for this measurement
-        hidden.setdefault(il, []).append(np.array(h, np.float32))
+    # the engine has no hidden-state observer yet: wrap two of its methods for this measurement, dividing
+    # out the norm weights so that any layer's router can be applied with its own
+    def tapped_route(il, h):
+        taps["FFN input"].setdefault(il, []).append(h / w.vector(f"blk.{il}.ffn_norm.weight"))
         return route(il, h)
 
-    engine.model.route = tapped
+    def tapped_attention(il, h, segments):
+        if il > 0:
+            taps["output"].setdefault(il - 1, []).append(h / w.vector(f"blk.{il}.attn_norm.weight"))
+        return attention(il, h, segments)
+
+    model.route, model.attention = tapped_route, tapped_attention
     for prompt in PROMPTS:
         ids = engine.tokenize(prompt)
         rec.begin_sequence(ids)
         for token in engine.generate_tokens(ids, N_NEW, observer=rec):
             rec.generated(token)
-    return rec.trace(), {il: np.concatenate(h) for il, h in hidden.items()}, engine
+    states = {kind: {il: np.concatenate(h).astype(np.float32) for il, h in per.items()} for kind, per in taps.items()}
+    return rec.trace(), states, engine
 
 
-def lookahead_rows(trace: Trace, hidden: dict[int, np.ndarray], engine: Engine) -> list[dict]:
-    """Gate lookahead: layer m's router on layer m-d's input, re-weighted by layer m's norm."""
-    w, truth, K = engine.model.w, chosen(trace), trace.n_expert_used
-    layers = trace.moe_layers.tolist()
+def lookahead_probs(state: np.ndarray, engine: Engine, layer: int) -> np.ndarray:
+    """(N, E): layer `layer`'s router on a normalised residual state (N, D) of an earlier layer."""
+    w = engine.model.w
+    router = w.matrix(f"blk.{layer}.ffn_gate_inp.weight")
+    return gate_lookahead(router.rows(np.arange(router.n_rows)), state * w.vector(f"blk.{layer}.ffn_norm.weight"))
+
+
+def lookahead_rows(trace: Trace, states: dict[str, dict[int, np.ndarray]], engine: Engine) -> list[dict]:
+    """Gate lookahead from each tap point: layer l+d's router on layer l's state, scored on all tokens."""
+    truth, K, layers = chosen(trace), trace.n_expert_used, trace.moe_layers.tolist()
     rows = []
-    for d in range(1, MAX_DISTANCE + 1):
-        preds, wanted = [], []
-        for i in range(d, len(layers)):
-            src, dst = layers[i - d], layers[i]
-            g_src, g_dst = (w.vector(f"blk.{il}.ffn_norm.weight") for il in (src, dst))
-            router = w.matrix(f"blk.{dst}.ffn_gate_inp.weight")
-            router = router.rows(np.arange(router.n_rows))  # (E, D)
-            preds.append(gate_lookahead(router, hidden[src] / g_src * g_dst))
-            wanted.append(truth[:, i])
-        p, t = np.stack(preds, 1), np.stack(wanted, 1)
-        rows.append({"arch": trace.arch, "predictor": "gate lookahead", "distance": d,
-                     "recall@k": recall_at(p, t, K), "recall@2k": recall_at(p, t, 2 * K),
-                     "precision@2k": precision_at(p, t, 2 * K)})
+    for kind, state in states.items():
+        for d in range(1, MAX_DISTANCE + 1):
+            pairs = [(i, layers[i - d]) for i in range(d, len(layers)) if layers[i - d] in state]
+            p = np.stack([lookahead_probs(state[src], engine, layers[i]) for i, src in pairs], 1)
+            t = np.stack([truth[:, i] for i, _ in pairs], 1)
+            rows.append({"arch": trace.arch, "predictor": f"gate lookahead (layer l's {kind})", "distance": d,
+                         "recall@k": recall_at(p, t, K), "recall@2k": recall_at(p, t, 2 * K),
+                         "precision@2k": precision_at(p, t, 2 * K)})
     return rows
 
 
@@ -93,15 +105,18 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     mixtral = mx.load()
     mixtral_rows = mean_rows([evaluate(Combined.fit(fit), test) for _, fit, test in mx.folds(mixtral)])
-    demo, hidden, engine = record_demo()
+    demo, states, engine = record_demo()
     half = np.isin(demo.sequence, demo.sequences()[::2])
-    demo_rows = evaluate(Combined.fit(demo.select(half)), demo.select(~half)) + lookahead_rows(demo, hidden, engine)
+    demo_rows = evaluate(Combined.fit(demo.select(half)), demo.select(~half)) + lookahead_rows(demo, states, engine)
     body = (f"k = experts per token (2 for both). Uniform routing would give recall@k = 0.25.\n\n"
             f"**llama: Mixtral-8x7B-Instruct**, {mixtral.n_tokens} generated GSM8K tokens, mean of the two "
             "held-out folds (no hidden states in these traces, so no gate lookahead).\n\n" + table(mixtral_rows) +
             f"\n**qwen3moe: the trained demo model** ({demo.n_moe_layers} MoE layers, {demo.n_expert} experts), "
             f"{demo.n_tokens} tokens ({int(demo.is_prompt.sum())} prompt) over {len(PROMPTS)} prompts in five "
-            "domains; fitted on half the prompts, scored on the other half; gate lookahead on all tokens.\n\n"
+            "domains; fitted on half the prompts, scored on the other half; gate lookahead on all tokens, from "
+            "layer l's FFN input (the router's own input: the layer's experts still to run give the prefetch "
+            "its time) or from layer l's output (closer to layer l+1, with only layer l+1's attention left to "
+            "hide a copy behind).\n\n"
             + table(demo_rows))
     update_section("predictor-recall", "python -m bench.predictor_recall", body)
     print(body)

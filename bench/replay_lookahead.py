@@ -12,32 +12,30 @@ from __future__ import annotations
 import numpy as np
 
 from bench import mixtral_routing as mx
-from bench.predictor_recall import record_demo
+from bench.predictor_recall import lookahead_probs, record_demo
 from bench.replay_policies import CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_BYTES_PER_S, H2D_BYTES_PER_S
 from bench.report import update_section
 from router_predict.policies import LFU, Belady, Planner, StaticPinning
-from router_predict.predictors import MAX_DISTANCE, gate_lookahead
+from router_predict.predictors import MAX_DISTANCE
 from router_predict.replay import CacheConfig, CostModel, fit_lfru, fit_planner, replay
 
 SLOT_SHARES = (0.25, 0.5, 0.75)
 
 
-def lookahead_scores(trace, hidden, engine) -> np.ndarray:
-    """(N, L, D, E): layer i+d's router on layer i's router input, re-weighted by layer i+d's norm."""
-    w, layers = engine.model.w, trace.moe_layers.tolist()
+def lookahead_scores(trace, states, engine) -> np.ndarray:
+    """(N, L, D, E): layer i+d's router on layer i's FFN input, the point that leaves layer i's experts to
+    hide the copy behind."""
+    layers, state = trace.moe_layers.tolist(), states["FFN input"]
     out = np.zeros((trace.n_tokens, len(layers), MAX_DISTANCE, trace.n_expert), np.float32)
     for i, src in enumerate(layers):
         for d in range(1, min(MAX_DISTANCE, len(layers) - 1 - i) + 1):
-            dst = layers[i + d]
-            router = w.matrix(f"blk.{dst}.ffn_gate_inp.weight")
-            h = hidden[src] / w.vector(f"blk.{src}.ffn_norm.weight") * w.vector(f"blk.{dst}.ffn_norm.weight")
-            out[:, i, d - 1] = gate_lookahead(router.rows(np.arange(router.n_rows)), h)
+            out[:, i, d - 1] = lookahead_probs(state[src], engine, layers[i + d])
     return out
 
 
 def main() -> None:
-    trace, hidden, engine = record_demo()
-    scores = lookahead_scores(trace, hidden, engine)
+    trace, states, engine = record_demo()
+    scores = lookahead_scores(trace, states, engine)
     fit_mask = np.isin(trace.sequence, trace.sequences()[::2])
     fit, test = trace.select(fit_mask), trace.select(~fit_mask)
     eb = np.full(trace.n_moe_layers * trace.n_expert, mx.EXPERT_BYTES, np.int64)
