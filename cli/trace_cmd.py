@@ -68,12 +68,15 @@ def _stats(args) -> int:
     table = Table("layer", "top expert", "share", "entropy bits", "of max", "reuse dist", "reused", "next top-1",
                   caption="reuse dist: mean tokens between uses of an expert; reused: share of the previous token's "
                           "experts chosen again; next top-1: mean max P(expert at l+1 | expert at l)")
+    if t.n_expert <= 16:  # small enough to show every expert's share
+        table.add_column(f"% per expert 0..{t.n_expert - 1}")
     for i, layer in enumerate(t.moe_layers):
         top = int(np.argmax(s.frequency[i]))
         nxt = f"{s.transition_top1[i]:.2f}" if i < len(s.transition_top1) else "-"
+        shares = [" ".join(f"{100 * f:.0f}" for f in s.frequency[i])] if t.n_expert <= 16 else []
         table.add_row(str(layer), str(top), f"{s.frequency[i, top]:.1%}", f"{s.entropy_bits[i]:.2f}",
                       f"{s.entropy_bits[i] / np.log2(t.n_expert):.0%}", f"{s.reuse_distance[i]:.1f}",
-                      f"{s.reuse_next[i]:.0%}", nxt)
+                      f"{s.reuse_next[i]:.0%}", nxt, *shares)
     console.print(table)
     console.print(f"uniform routing would reuse {t.n_expert_used / t.n_expert:.0%} from the previous token and "
                   f"give a top-1 transition of {1 / t.n_expert:.2f}")
