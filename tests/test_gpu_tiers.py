@@ -141,8 +141,10 @@ def test_grouped_moe_layer_from_slots_matches_cpu_moe_ffn(models, qtype, case):
         assert set(stats.tiers) == {"hot"}
     elif case == "all cold":
         assert "cold" in stats.tiers and "disk->gpu" in stats.links
-    elif case.endswith("on cpu"):
-        assert not stats.links  # nothing moved: computed where it lay
+    elif case == "cold on cpu":
+        assert set(stats.links) == {"disk->cpu"}  # read past the page cache, computed on the CPU
+    elif case == "warm on cpu":
+        assert not stats.links  # computed in place on the pinned blobs
     tiers.close()
 
 

@@ -51,8 +51,8 @@ def allocate_arena(device: torch.device, n_slots: int, slot_bytes: int, headroom
         try:
             arena = torch.empty(n_slots * slot_bytes, dtype=torch.uint8, device=device)
             try:
-                del_me = torch.empty(headroom_bytes, dtype=torch.uint8, device=device)
-                del del_me
+                headroom = torch.empty(headroom_bytes, dtype=torch.uint8, device=device)  # can activations fit?
+                del headroom
             except torch.cuda.OutOfMemoryError:
                 del arena
                 raise
@@ -179,15 +179,15 @@ class GpuTiers:
         return out
 
     def host_weights(self, eid: ExpertId) -> ExpertWeights:
-        """CPU-side weights: the pinned blob if warm, else views of the file map."""
+        """CPU-side weights: the pinned blob if warm, else read from the file past the page cache."""
         if eid in self.warm:
             return self.warm.weights(eid)
         ref = self.desc.experts[eid]
-        lo = min(p.offset for p in ref.parts)
-        hi = max(p.offset + p.n_bytes for p in ref.parts)
-        if hi - lo == ref.n_bytes and [p.offset for p in ref.parts] == sorted(p.offset for p in ref.parts):
-            return host_weights(ref, self.desc.data(lo, ref.n_bytes))  # parts adjacent in file: no copy
-        return host_weights(ref, np.concatenate([self.desc.data(p.offset, p.n_bytes) for p in ref.parts]))
+        ranges = [(p.offset, p.n_bytes) for p in ref.parts]
+        staging = np.empty(self.reader.staging_bytes(ranges), dtype=np.uint8)
+        spans = self.reader.read(ranges, staging)
+        self.stats.moved("disk->cpu", ref.n_bytes)
+        return host_weights(ref, np.concatenate([staging[s.start : s.start + s.n_bytes] for s in spans]))
 
     def part_offsets(self, eid: ExpertId) -> dict[str, int]:
         return blob_layout(self.desc.experts[eid])
