@@ -165,6 +165,30 @@ def test_layer_needing_more_experts_than_slots_computes_the_rest_on_cpu(models):
     tiers.close()
 
 
+def test_decode_steps_with_few_slots_evict_and_stay_exact(models):
+    """Random routing over many steps through 3 slots: evictions under acquire keep the table and results right."""
+    from moe_tier.moe_gpu import moe_ffn_gpu
+
+    desc = models["Q4_K"]
+    cfg = desc.config
+    experts = list(desc.experts)
+    tiers, stats = open_tiers(desc, hot=experts[:3], warm=experts[::2], n_slots=3, policy="lfu")
+    exact = DequantizedExperts(desc)
+    rng = np.random.default_rng(11)
+    for step in range(10):
+        for layer in desc.moe_layers:
+            n_tokens = int(rng.integers(1, 3))  # two tokens choose at most 4 experts: some go to the CPU
+            x = rng.standard_normal((n_tokens, cfg.n_embd)).astype(np.float32)
+            logits = rng.standard_normal((n_tokens, cfg.n_expert)).astype(np.float32)
+            routing = route(logits, cfg.n_expert_used, Gating.SOFTMAX, weights_norm=True)
+            got = moe_ffn_gpu(torch.from_numpy(x).cuda(), routing, layer, tiers).cpu().numpy()
+            assert rel_err(got, moe_ffn(x, routing, layer, exact)) < 2.5e-2, (step, layer)
+            tiers.check()
+            assert len(tiers.table.hot_on(0)) == 3  # the pool stays full: a miss replaces, never grows
+    assert stats.links["warm->gpu"].hits + stats.links["disk->gpu"].hits > 3  # evictions happened
+    tiers.close()
+
+
 def test_oversized_pool_shrinks_to_fit_and_is_remembered(models, tmp_path):
     desc = models["Q8_0"]
     free_bytes, total_bytes = torch.cuda.mem_get_info(0)
