@@ -2,7 +2,7 @@
 
 A Mixtral-shaped model, scaled down so it fits this machine's RAM and a benchmark run's minutes, is written
 with the fast synthetic writer; both engines run greedy decode from the same prompt with the same threads.
-Usage: python bench/cpu_decode.py [--qtype Q4_K] [--tokens 32] [--threads N] [--out /tmp/bench-model.gguf]
+Usage: python -m bench.cpu_decode [--qtype Q4_K] [--tokens 32] [--threads N] [--out /tmp/bench-model.gguf]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main() -> None:
               f"{spec.n_expert} experts of {spec.n_ff_exp} (top-{spec.n_expert_used}), "
               f"{path.stat().st_size / 2**30:.2f} GiB; {args.threads} threads, {args.tokens} greedy tokens.\n")
     print(table)
-    update_section(f"CPU decode ({spec.qtype.name})", "python bench/cpu_decode.py " + " ".join(sys.argv[1:]), table)
+    update_section(f"CPU decode ({spec.qtype.name}, {args.threads} threads)", "python -m bench.cpu_decode " + " ".join(sys.argv[1:]), table)
 
 
 if __name__ == "__main__":
