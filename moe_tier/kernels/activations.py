@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 QK8_0, _ = GGML_QUANT_SIZES[Q.Q8_0]
@@ -61,15 +62,34 @@ def quantize_q8_1(x: np.ndarray) -> QuantizedActivations:
 
 def quantize_q8_k(x: np.ndarray) -> QuantizedActivations:
     """quantize_row_q8_K_ref (x86 uses the reference): scale from the signed value of largest magnitude
-    (first one on ties), iscale = -127/max, nearest_int (half to even), min(127, .); d = 1/iscale in float32."""
+    (first one on ties), iscale = -127/max, nearest_int (half to even), min(127, .); d = 1/iscale in float32.
+    Compiled: at one token per step, numpy's temporaries cost as much as a small matmul."""
     xb = _blocks(x, QK_K)
-    first_max = np.take_along_axis(xb, np.abs(xb).argmax(axis=-1)[..., None], axis=-1)[..., 0]
-    with np.errstate(divide="ignore"):
-        iscale = np.where(first_max != 0, np.float32(-127.0) / first_max, np.float32(0.0)).astype(np.float32)
-        d = np.where(first_max != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
-    qs = np.minimum(np.rint(iscale[..., None] * xb), np.float32(127.0)).reshape(x.shape).astype(np.int8)
-    bsums = qs.reshape(x.shape[0], -1, 16).sum(axis=-1, dtype=np.int32)
-    return QuantizedActivations(qs, d, bsums)
+    qs = np.empty(xb.shape, np.int8)
+    d = np.empty(xb.shape[:2], np.float32)
+    bsums = np.empty((x.shape[0], x.shape[1] // 16), np.int32)
+    _q8_k(xb, qs, d, bsums)
+    return QuantizedActivations(qs.reshape(x.shape), d, bsums)
+
+
+@njit(cache=True)
+def _q8_k(xb, qs, d, bsums):
+    """xb (T, B, 256) float32 -> qs (T, B, 256) int8, d (T, B) float32, bsums (T, B * 16) int32."""
+    for t in range(xb.shape[0]):
+        for b in range(xb.shape[1]):
+            amax, vmax = np.float32(0.0), np.float32(0.0)
+            for i in range(xb.shape[2]):
+                if abs(xb[t, b, i]) > amax:
+                    amax, vmax = abs(xb[t, b, i]), xb[t, b, i]
+            iscale = np.float32(-127.0) / vmax if amax != 0 else np.float32(0.0)
+            d[t, b] = np.float32(1.0) / iscale if amax != 0 else np.float32(0.0)
+            for g in range(xb.shape[2] // 16):
+                total = 0
+                for i in range(16 * g, 16 * g + 16):
+                    q = min(np.rint(np.float32(iscale * xb[t, b, i])), np.float32(127.0))
+                    qs[t, b, i] = np.int8(q)
+                    total += np.int32(q)
+                bsums[t, b * (xb.shape[2] // 16) + g] = total
 
 
 def to_f16(x: np.ndarray) -> np.ndarray:
