@@ -45,25 +45,25 @@ def record_demo() -> tuple[Trace, dict[str, dict[int, np.ndarray]], Engine]:
     rec = TraceRecorder(fingerprint=d.fingerprint, arch=d.arch, n_layer=c.n_layer, n_expert=c.n_expert,
                         n_expert_used=c.n_expert_used, moe_layers=d.moe_layers, engine="moe-tier")
     taps: dict[str, dict[int, list[np.ndarray]]] = {"FFN input": {}, "output": {}}
-    model, w = engine.model, engine.model.w
-    route, attention = model.route, model.attention
+    w = engine.weights
 
-    # the engine has no hidden-state observer yet: wrap two of its methods for this measurement, dividing
-    # out the norm weights so that any layer's router can be applied with its own
-    def tapped_route(il, h):
-        taps["FFN input"].setdefault(il, []).append(h / w.vector(f"blk.{il}.ffn_norm.weight"))
-        return route(il, h)
+    class Tap:
+        """The recorder plus the engine's hidden-state hook, with the norm weights divided out so that any
+        layer's router can be applied with its own."""
 
-    def tapped_attention(il, h, segments):
-        if il > 0:
-            taps["output"].setdefault(il - 1, []).append(h / w.vector(f"blk.{il}.attn_norm.weight"))
-        return attention(il, h, segments)
+        record = staticmethod(rec.record)
 
-    model.route, model.attention = tapped_route, tapped_attention
+        @staticmethod
+        def hidden(il: int, where: str, h: np.ndarray) -> None:
+            if where == "ffn_in":
+                taps["FFN input"].setdefault(il, []).append(h / w.vector(f"blk.{il}.ffn_norm.weight"))
+            elif il > 0:
+                taps["output"].setdefault(il - 1, []).append(h / w.vector(f"blk.{il}.attn_norm.weight"))
+
     for prompt in PROMPTS:
         ids = engine.tokenize(prompt)
         rec.begin_sequence(ids)
-        for token in engine.generate_tokens(ids, N_NEW, observer=rec):
+        for token in engine.generate_tokens(ids, N_NEW, observer=Tap):
             rec.generated(token)
     states = {kind: {il: np.concatenate(h).astype(np.float32) for il, h in per.items()} for kind, per in taps.items()}
     return rec.trace(), states, engine
@@ -71,7 +71,7 @@ def record_demo() -> tuple[Trace, dict[str, dict[int, np.ndarray]], Engine]:
 
 def lookahead_probs(state: np.ndarray, engine: Engine, layer: int) -> np.ndarray:
     """(N, E): layer `layer`'s router on a normalised residual state (N, D) of an earlier layer."""
-    w = engine.model.w
+    w = engine.weights
     router = w.matrix(f"blk.{layer}.ffn_gate_inp.weight")
     return gate_lookahead(router.rows(np.arange(router.n_rows)), state * w.vector(f"blk.{layer}.ffn_norm.weight"))
 

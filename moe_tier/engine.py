@@ -16,6 +16,7 @@ import numpy as np
 
 from moe_tier.errors import MoeTierError
 from moe_tier.fits import FitStore
+from moe_tier.host_ops import HostOps
 from moe_tier.host_tiers import HostExperts
 from moe_tier.machine import probe
 from moe_tier.models import Segment, family
@@ -36,10 +37,10 @@ class Engine:
         self.desc, self.plan, self.ctx = desc, plan, ctx
         self.stats = EngineStats()
         self.tokenizer = Tokenizer(desc.path)
-        weights = Weights(desc)
+        self.weights = weights = Weights(desc)
         # The CPU engine has no VRAM: experts planned hot (for a --vram with no GPU here) stay in RAM too.
         self.experts = HostExperts(desc, [*plan.hot, *plan.warm], self.stats)
-        self.model = family(desc.arch, desc.path)(desc.config, weights, self.experts)
+        self.model = family(desc.arch, desc.path)(desc.config, HostOps(desc.config, weights, self.experts))
         self.stats.dense_bytes_per_token = sum(
             t.n_bytes for t in desc.tensors.values()
             if t.category is not Category.ROUTED and not t.name.startswith("token_embd")
