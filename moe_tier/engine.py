@@ -38,13 +38,30 @@ class Engine:
         self.stats = EngineStats()
         self.tokenizer = Tokenizer(desc.path)
         self.weights = weights = Weights(desc)
-        # The CPU engine has no VRAM: experts planned hot (for a --vram with no GPU here) stay in RAM too.
-        self.experts = HostExperts(desc, [*plan.hot, *plan.warm], self.stats)
-        self.model = family(desc.arch, desc.path)(desc.config, HostOps(desc.config, weights, self.experts))
+        measured_gpu = bool(plan.gpus) and plan.gpus[0].runtime_measured
+        ops = self._gpu_ops(weights) if measured_gpu else self._host_ops(weights)
+        self.model = family(desc.arch, desc.path)(desc.config, ops)
         self.stats.dense_bytes_per_token = sum(
             t.n_bytes for t in desc.tensors.values()
             if t.category is not Category.ROUTED and not t.name.startswith("token_embd")
         )
+
+    def _host_ops(self, weights: Weights) -> HostOps:
+        # The CPU engine has no VRAM: experts planned hot (for a --vram with no GPU here) stay in RAM too.
+        experts = HostExperts(self.desc, [*self.plan.hot, *self.plan.warm], self.stats)
+        return HostOps(self.desc.config, weights, experts)
+
+    def _gpu_ops(self, weights: Weights):
+        """Dense weights and KV cache on the first GPU, routed experts in the slot pool of every GPU."""
+        import torch
+
+        from moe_tier.gpu_ops import GpuOps
+        from moe_tier.moe_gpu import moe_ffn_gpu
+        from moe_tier.tiers.gpu_pool import GpuTiers
+
+        self.tiers = GpuTiers(self.desc, self.plan, self.stats, fits=FitStore())
+        return GpuOps(self.desc.config, weights, lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, self.tiers),
+                      torch.device("cuda", self.plan.gpus[0].index))
 
     @classmethod
     def open(cls, path: str | Path, vram: int | str | None = None, ram: int | str | None = None,
@@ -85,7 +102,7 @@ class Engine:
         return np.concatenate(out).astype(np.float32)
 
     def _step(self, cache, ids: np.ndarray, observer, last_only: bool) -> np.ndarray:
-        return self.model.forward(ids, [Segment(cache, 0, len(ids))], observer, last_only)
+        return self.model.ops.to_host(self.model.forward(ids, [Segment(cache, 0, len(ids))], observer, last_only))
 
     def stream(self, prompt: str, max_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                chat: bool = False, observer: RoutingObserver | None = None) -> Iterator[str]:

@@ -48,7 +48,7 @@ class HostOps:
 
     def new_cache(self, ctx: int) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layer, ctx, c.n_head_kv, c.head_dim_k, c.head_dim_v)
+        return KVCache.host(c.n_layer, ctx, c.n_head_kv, c.head_dim_k, c.head_dim_v)
 
     def attend(self, layer: int, cache: KVCache, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Rope q (T, H, d) and k (T, Hkv, d) at the cache's next positions, store k and v, attend causally."""

@@ -33,7 +33,7 @@ def rope_angles(pos: np.ndarray, n_rot: int, base: float, freq_scale: float) -> 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: RopeStyle) -> np.ndarray:
     """Rotate the first n_rot dims of x (T, H, d). NORM pairs (2i, 2i+1); NEOX pairs (i, i + n_rot/2)."""
     half = cos.shape[1]
-    out = x.copy()
+    out = 1 * x  # a copy, for numpy arrays and torch tensors alike
     c, s = cos[:, None, :], sin[:, None, :]
     if style is RopeStyle.NORM:
         a, b = x[..., 0 : 2 * half : 2], x[..., 1 : 2 * half : 2]
@@ -72,12 +72,18 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: fl
 
 
 class KVCache:
-    """One sequence's keys and values for every layer, f16 like llama.cpp's default cache."""
+    """One sequence's keys and values for every layer, f16 like llama.cpp's default cache.
 
-    def __init__(self, n_layer: int, ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int):
-        self.k = np.zeros((n_layer, ctx, n_head_kv, head_dim_k), dtype=np.float16)
-        self.v = np.zeros((n_layer, ctx, n_head_kv, head_dim_v), dtype=np.float16)
+    k (n_layer, ctx, Hkv, d) and v (n_layer, ctx, Hkv, dv): numpy arrays, or torch tensors on a GPU."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
         self.length = 0  # positions filled (the same for every layer once a forward pass completes)
+
+    @classmethod
+    def host(cls, n_layer: int, ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int) -> KVCache:
+        return cls(np.zeros((n_layer, ctx, n_head_kv, head_dim_k), dtype=np.float16),
+                   np.zeros((n_layer, ctx, n_head_kv, head_dim_v), dtype=np.float16))
 
     @property
     def ctx(self) -> int:

@@ -1,0 +1,104 @@
+"""The GPU backend of the decoder: torch tensors on one device, dense weights uploaded once as raw GGUF
+blocks and multiplied by the Triton kernels, an f16 KV cache on the device, experts through the GPU tiers.
+
+Shape key as in models/base.py. Dense weights, norms, router and shared experts are always hot (the plan
+reserved room for them); routed experts come from `moe`, normally moe_gpu.moe_ffn_gpu over the slot pool.
+Known host round trips, one per MoE layer (the routing is read back to pick slots) and one per token (the
+sampler): the decode loop is not yet free of synchronisation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moe_tier.config import ModelConfig
+from moe_tier.kernels.gpu import matmul
+from moe_tier.layers import KVCache, rope, rope_angles
+from moe_tier.moe import Routing, route
+from moe_tier.reader import Category
+from moe_tier.tensors import QTensor, Weights
+
+MoE = Callable[[torch.Tensor, Routing, int], torch.Tensor]
+
+
+class GpuOps:
+    def __init__(self, cfg: ModelConfig, weights: Weights, moe: MoE, device: torch.device):
+        self.cfg, self.w, self.moe, self.device = cfg, weights, moe, device
+        self.head = "output" if "output.weight" in weights else "token_embd"
+        self._blocks: dict[str, tuple[torch.Tensor, QTensor]] = {}
+        self._vectors: dict[str, torch.Tensor | None] = {}
+        for t in weights.desc.tensors.values():  # every dense matrix now: a first token must not wait on uploads
+            if t.category is not Category.ROUTED and len(t.shape) > 1 and not t.name.startswith("token_embd"):
+                self._upload(t.name)
+        if self.head == "token_embd":
+            self._upload("token_embd.weight")
+
+    def _upload(self, name: str) -> tuple[torch.Tensor, QTensor]:
+        if name not in self._blocks:
+            q = self.w.matrix(name)
+            self._blocks[name] = (torch.from_numpy(np.array(q.data)).to(self.device), q)
+        return self._blocks[name]
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps) * weight
+
+    silu = staticmethod(F.silu)
+    sigmoid = staticmethod(torch.sigmoid)
+
+    def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.float32, device=self.device)
+
+    @staticmethod
+    def to_host(x: torch.Tensor) -> np.ndarray:
+        return x.float().cpu().numpy()
+
+    def vector(self, name: str) -> torch.Tensor | None:
+        if name not in self._vectors:
+            v = self.w.vector(name)
+            self._vectors[name] = None if v is None else torch.from_numpy(v).to(self.device)
+        return self._vectors[name]
+
+    def embed(self, tokens: np.ndarray) -> torch.Tensor:
+        """Only the batch's rows of the embedding move: it stays in host memory, as the plan assumed."""
+        return torch.from_numpy(self.w.matrix("token_embd.weight").rows(tokens)).to(self.device)
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        blocks, q = self._upload(f"{name}.weight")
+        y = matmul(x.contiguous(), blocks, q.qtype, q.n_rows, q.n_cols)
+        bias = self.vector(f"{name}.bias")
+        return y if bias is None else y + bias
+
+    def new_cache(self, ctx: int) -> KVCache:
+        c = self.cfg
+        k = torch.zeros((c.n_layer, ctx, c.n_head_kv, c.head_dim_k), dtype=torch.float16, device=self.device)
+        v = torch.zeros((c.n_layer, ctx, c.n_head_kv, c.head_dim_v), dtype=torch.float16, device=self.device)
+        return KVCache(k, v)
+
+    def attend(self, layer: int, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """As layers.attention, with the same f16 roundings of q and of the softmax (llama.cpp's f16 cache)."""
+        c, start = self.cfg, cache.length
+        cos, sin = (torch.from_numpy(a).to(self.device) for a in
+                    rope_angles(np.arange(start, start + len(q)), c.n_rot, c.rope_freq_base, c.rope_freq_scale))
+        keys, values = cache.store(layer, start, rope(k, cos, sin, c.rope), v)
+        q = rope(q, cos, sin, c.rope)
+        T, H, d = q.shape
+        L, Hkv, dv = values.shape
+        group = H // Hkv
+        qg = q.half().float().reshape(T, Hkv, group, d).permute(1, 2, 0, 3).reshape(Hkv, group * T, d)
+        scores = qg @ keys.float().permute(1, 2, 0) / float(np.sqrt(c.head_dim_k))  # (Hkv, group*T, L)
+        qpos = torch.arange(start, start + T, device=self.device).repeat(group)
+        future = torch.arange(L, device=self.device)[None, :] > qpos[:, None]
+        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        out = probs.half().float() @ values.float().permute(1, 0, 2)  # (Hkv, group*T, dv)
+        return out.reshape(Hkv, group, T, dv).permute(2, 0, 1, 3).reshape(T, H * dv)
+
+    def route(self, logits: torch.Tensor, bias: torch.Tensor | None) -> Routing:
+        """On the host, by the one route(): the slot table needs the ids there anyway (a sync per layer)."""
+        c = self.cfg
+        host_bias = None if bias is None else self.to_host(bias)
+        return route(self.to_host(logits), c.n_expert_used, c.gating, c.weights_norm, c.weights_scale, host_bias)
