@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -36,7 +37,6 @@ class Engine:
     def __init__(self, desc: ModelDesc, plan: TierPlan, ctx: int):
         self.desc, self.plan, self.ctx = desc, plan, ctx
         self.stats = EngineStats()
-        self.tokenizer = Tokenizer(desc.path)
         self.weights = weights = Weights(desc)
         measured_gpu = bool(plan.gpus) and plan.gpus[0].runtime_measured
         ops = self._gpu_ops(weights) if measured_gpu else self._host_ops(weights)
@@ -45,6 +45,11 @@ class Engine:
             t.n_bytes for t in desc.tensors.values()
             if t.category is not Category.ROUTED and not t.name.startswith("token_embd")
         )
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """llama.cpp's vocabulary, loaded on first use: scoring token ids needs none."""
+        return Tokenizer(self.desc.path)
 
     def _host_ops(self, weights: Weights) -> HostOps:
         # The CPU engine has no VRAM: experts planned hot (for a --vram with no GPU here) stay in RAM too.

@@ -86,7 +86,7 @@ def plan_tiers(
         fixed = runtime + dense + kv + scratch
         if fixed > usable:
             raise MoeTierError(desc.path, _no_fit_message(desc, gpu, runtime, dense, kv, scratch, budget, len(layers)))
-        n_slots = (usable - fixed) // slot_bytes
+        n_slots = min((usable - fixed) // slot_bytes, len(desc.experts))  # more slots than experts is waste
         if fits is not None and (fit := fits.recall(desc.fingerprint, gpu.name, machine.runtime)):
             if fit["n_slots"] < n_slots:
                 notes.append(f"GPU {gpu.index}: {fit['n_slots']} slots, the fit remembered from a previous run")
