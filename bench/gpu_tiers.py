@@ -68,20 +68,23 @@ def main() -> None:
         rows.append((f"fetch one {name} expert", f"{s * 1e3:.1f} ms ({slot_bytes / s / 1e9:.1f} GB/s)"))
 
     dev = tiers.arena[0].device
-    gate = desc.experts[layer0[0]].part("gate")
-    n_cols, n_rows = gate.shape[0], int(np.prod(gate.shape[1:]))
-    for n_tokens, n_experts in ((1, 2), (8, 8), (64, 8)):
+    for matrix, n_tokens, n_experts in (("gate", 1, 2), ("down", 1, 2), ("gate", 8, 8), ("gate", 64, 8)):
+        part = desc.experts[layer0[0]].part(matrix)
+        n_cols, n_rows = part.shape[0], int(np.prod(part.shape[1:]))
         used = layer0[:n_experts]
-        offsets = torch.tensor([tiers.blob_offset(e)[1] for e in used], dtype=torch.int64, device=dev)
+        at = tiers.part_offsets(used[0])[matrix]
+        offsets = torch.tensor([tiers.blob_offset(e)[1] + at for e in used], dtype=torch.int64, device=dev)
         counts = np.full(n_experts, n_tokens * 2 // n_experts or 1)
         seg = torch.tensor(np.concatenate([[0], np.cumsum(counts)]), dtype=torch.int32, device=dev)
         x = torch.randn(int(counts.sum()), n_cols, device=dev)
-        ms = triton.testing.do_bench(
-            lambda: moe_matmul(x, tiers.arena[0], offsets, seg, int(counts.max()), gate.qtype, n_rows, n_cols),
-            warmup=25, rep=100, return_mode="median")
-        read = n_experts * gate.n_bytes
-        rows.append((f"gate matmul T={n_tokens}, {n_experts} experts", f"{ms:.3f} ms, {read / ms / 1e6:.0f} GB/s "
-                     f"({read / ms / 1e6 / (ceiling / 2e9):.0%} of copy read rate)"))
+        read = n_experts * part.n_bytes
+        for block_n, num_warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
+            ms = triton.testing.do_bench(
+                lambda: moe_matmul(x, tiers.arena[0], offsets, seg, int(counts.max()), part.qtype, n_rows, n_cols,
+                                   block_n=block_n, num_warps=num_warps),
+                warmup=25, rep=100, return_mode="median")
+            rows.append((f"{matrix} T={n_tokens}, {n_experts} experts, block_n {block_n}, {num_warps} warps",
+                         f"{ms:.3f} ms, {read / ms / 1e6:.0f} GB/s ({read / ms / 1e6 / (ceiling / 2e9):.0%} of copy read rate)"))
 
     rng = np.random.default_rng(0)
     for n_tokens in (1, 16):

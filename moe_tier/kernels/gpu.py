@@ -7,9 +7,10 @@ E experts in use, QK values per block, BB bytes per block (gguf.GGML_QUANT_SIZES
   seg    (E+1,)  int32                 expert e owns rows seg[e] .. seg[e+1]
   out    (M, N)  float32
 
-Blocks are dequantized in registers inside the product: a (BLOCK_K, BLOCK_N) weight tile is decoded element by
-element from its bytes (one layout per type, as gguf.quants' dequantizers read them) and fed to tl.dot, so no
-dequantized copy of a weight ever exists in memory. Weights are read byte-wise, so blobs need no alignment.
+Blocks are decoded in registers inside the product, never into a dequantized copy in memory: per group of G
+values sharing one scale (32, or 16 for Q2_K/Q3_K/Q6_K), the integer quants q (G, BLOCK_N) go through tl.dot
+and each row's scale a and offset b are applied after it: acc += (x_g @ q) * a + sum(x_g) * b, as llama.cpp's
+kernels do. Layouts follow gguf.quants' dequantizers. Weights are read byte-wise, so blobs need no alignment.
 The product runs at Triton's default float32 dot precision (tf32 on tensor cores): about 1e-3 relative error.
 Runs under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors too.
 """
@@ -26,9 +27,12 @@ from moe_tier.errors import MoeTierError
 SUPPORTED: frozenset[Q] = frozenset(
     {Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 )
-# tl.dot needs every tile side >= 16. A 64 x 32 weight tile decodes without register spills on sm_90 for every
-# type (ptxas -v: ~200-230 registers, 4 warps); 128-wide K tiles or 64-wide N tiles spill.
-BLOCK_T, BLOCK_N, BLOCK_K = 16, 32, 64
+# tl.dot needs every tile side >= 16. Static counts for sm_90 (cuobjdump of the loop over 64 K values), Q4_K,
+# in warp instructions per weight value: 1.19 at BLOCK_N 32 / 4 warps (150 registers), 0.97 at 64 / 4 (242),
+# 0.56 at 128 / 4 (224); dequantizing every value with its scales instead cost 2.66. Not yet timed: bench/gpu_tiers.py
+# sweeps block_n and num_warps.
+BLOCK_T, BLOCK_N, BLOCK_K, NUM_WARPS = 16, 32, 64, 4
+GROUP_VALUES = {Q.Q2_K: 16, Q.Q3_K: 16, Q.Q6_K: 16}  # values sharing one scale; 32 for the rest
 
 
 @triton.jit
@@ -55,74 +59,81 @@ def _scale_min_k4(sb, s, mask):
 
 
 @triton.jit
-def _dequant(bp, j, mask, QTYPE: tl.constexpr):
-    """Value j of the block at bp, for a tile of blocks (bp) and in-block indices (j), as float32."""
+def _group(bp, sb, j, m, nm, QTYPE: tl.constexpr):
+    """Sub-block sb (G values sharing one scale) of each row's block at bp: (q (G, BLOCK_N), a, b (BLOCK_N,))
+    with weight = a * q + b. q holds the small integer quants (exact in tf32), so the scales are applied once per
+    row after the dot, as llama.cpp's kernels do, instead of once per value. Float types: q = value, a = 1, b = 0.
+    bp points at each row's block; sb (scalar) counts G-value groups inside it; j = 0..G-1 down the rows.
+    """
+    R = bp[None, :]
+    zero = tl.zeros_like(_f16(bp, nm))
     if QTYPE == 0:  # F32
-        b = _u8(bp, mask) | (_u8(bp + 1, mask) << 8) | (_u8(bp + 2, mask) << 16) | (_u8(bp + 3, mask) << 24)
-        v = b.to(tl.float32, bitcast=True)
+        p = R + j * 4
+        q = (_u8(p, m) | (_u8(p + 1, m) << 8) | (_u8(p + 2, m) << 16) | (_u8(p + 3, m) << 24)).to(tl.float32, bitcast=True)
+        a, b = zero + 1.0, zero
     elif QTYPE == 1:  # F16
-        v = _f16(bp, mask)
+        q, a, b = _f16(R + j * 2, m), zero + 1.0, zero
     elif QTYPE == 30:  # BF16: the high half of a float32
-        b = _u8(bp, mask) | (_u8(bp + 1, mask) << 8)
-        v = (b << 16).to(tl.float32, bitcast=True)
+        q = ((_u8(R + j * 2, m) | (_u8(R + j * 2 + 1, m) << 8)) << 16).to(tl.float32, bitcast=True)
+        a, b = zero + 1.0, zero
     elif QTYPE == 8:  # Q8_0: d | qs[32] int8
-        q = tl.load(bp + 2 + j, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        v = _f16(bp, mask) * q
-    elif QTYPE == 2 or QTYPE == 3:  # Q4_0: d | qs[16];  Q4_1: d | m | qs[16]
-        byte = _u8(bp + (2 if QTYPE == 2 else 4) + j % 16, mask)
-        q = tl.where(j < 16, byte & 15, byte >> 4)
-        if QTYPE == 2:
-            v = _f16(bp, mask) * (q - 8).to(tl.float32)
-        else:
-            v = _f16(bp, mask) * q.to(tl.float32) + _f16(bp + 2, mask)
-    elif QTYPE == 6 or QTYPE == 7:  # Q5_0: d | qh u32 | qs[16];  Q5_1: d | m | qh u32 | qs[16]
-        qh = bp + (2 if QTYPE == 6 else 4)
-        byte = _u8(qh + 4 + j % 16, mask)
-        high = (_u8(qh + j // 8, mask) >> (j % 8)) & 1
-        q = tl.where(j < 16, byte & 15, byte >> 4) | (high << 4)
-        if QTYPE == 6:
-            v = _f16(bp, mask) * (q - 16).to(tl.float32)
-        else:
-            v = _f16(bp, mask) * q.to(tl.float32) + _f16(bp + 2, mask)
-    elif QTYPE == 10:  # Q2_K: scales[16] | qs[64] | d | dmin; j = 128 n + 32 shift + 16 half + l
-        n, shift, hl = j // 128, (j % 128) // 32, j % 32
-        sc = _u8(bp + 8 * n + 2 * shift + hl // 16, mask)
-        q = (_u8(bp + 16 + 32 * n + hl, mask) >> (2 * shift)) & 3
-        v = _f16(bp + 80, mask) * (sc & 15).to(tl.float32) * q.to(tl.float32)
-        v = v - _f16(bp + 82, mask) * (sc >> 4).to(tl.float32)
-    elif QTYPE == 11:  # Q3_K: hmask[32] | qs[64] | scales[12] | d; 6-bit scales - 32
-        n, shift, hl = j // 128, (j % 128) // 32, j % 32
-        s = 8 * n + 2 * shift + hl // 16
-        low = (_u8(bp + 96 + s % 8, mask) >> (4 * (s // 8))) & 15
-        high = (_u8(bp + 104 + s % 4, mask) >> (2 * (s // 4))) & 3
-        q = (_u8(bp + 32 + 32 * n + hl, mask) >> (2 * shift)) & 3
-        h = (_u8(bp + hl, mask) >> (4 * n + shift)) & 1
-        v = _f16(bp + 108, mask) * ((low | (high << 4)) - 32).to(tl.float32) * (q - 4 + 4 * h).to(tl.float32)
+        q = tl.load(R + 2 + j, mask=m, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        a, b = _f16(bp, nm), zero
+    elif QTYPE == 2 or QTYPE == 3:  # Q4_0: d | qs[16] (q - 8);  Q4_1: d | m | qs[16] (d q + m)
+        byte = _u8(R + (2 if QTYPE == 2 else 4) + j % 16, m)
+        q = tl.where(j < 16, byte & 15, byte >> 4).to(tl.float32)
+        a = _f16(bp, nm)
+        b = -8.0 * a if QTYPE == 2 else _f16(bp + 2, nm)
+    elif QTYPE == 6 or QTYPE == 7:  # Q5_0: d | qh u32 | qs[16] (q - 16);  Q5_1: d | m | qh u32 | qs[16]
+        qh = R + (2 if QTYPE == 6 else 4)
+        byte = _u8(qh + 4 + j % 16, m)
+        high = (_u8(qh + j // 8, m) >> (j % 8)) & 1
+        q = (tl.where(j < 16, byte & 15, byte >> 4) | (high << 4)).to(tl.float32)
+        a = _f16(bp, nm)
+        b = -16.0 * a if QTYPE == 6 else _f16(bp + 2, nm)
+    elif QTYPE == 10:  # Q2_K: scales[16] | qs[64] | d | dmin; group sb = 128 n + 32 shift + 16 half, scale sb
+        q = ((_u8(R + 16 + 32 * (sb // 8) + 16 * (sb % 2) + j, m) >> (2 * ((sb % 8) // 2))) & 3).to(tl.float32)
+        sc = _u8(bp + sb, nm)
+        a = _f16(bp + 80, nm) * (sc & 15).to(tl.float32)
+        b = -_f16(bp + 82, nm) * (sc >> 4).to(tl.float32)
+    elif QTYPE == 11:  # Q3_K: hmask[32] | qs[64] | scales[12] | d; q - 4 where the hmask bit is clear
+        n, shift, half = sb // 8, (sb % 8) // 2, sb % 2
+        q = (_u8(R + 32 + 32 * n + 16 * half + j, m) >> (2 * shift)) & 3
+        h = (_u8(R + 16 * half + j, m) >> (4 * n + shift)) & 1
+        q = (q - 4 + 4 * h).to(tl.float32)
+        low = (_u8(bp + 96 + sb % 8, nm) >> (4 * (sb // 8))) & 15
+        high = (_u8(bp + 104 + sb % 4, nm) >> (2 * (sb // 4))) & 3
+        a, b = _f16(bp + 108, nm) * ((low | (high << 4)) - 32).to(tl.float32), zero
     elif QTYPE == 12 or QTYPE == 13:  # Q4_K: d | dmin | scales[12] | qs[128];  Q5_K: ... | qh[32] | qs[128]
-        c, hi, l = j // 64, (j % 64) // 32, j % 32
-        sc, mn = _scale_min_k4(bp + 4, 2 * c + hi, mask)
-        byte = _u8(bp + (16 if QTYPE == 12 else 48) + 32 * c + l, mask)
-        q = tl.where(hi == 0, byte & 15, byte >> 4)
+        byte = _u8(R + (16 if QTYPE == 12 else 48) + 32 * (sb // 2) + j, m)  # sub-blocks 2c, 2c+1 share bytes
+        q = (byte >> (4 * (sb % 2))) & 15
         if QTYPE == 13:
-            q = q | (((_u8(bp + 16 + l, mask) >> (2 * c + hi)) & 1) << 4)
-        v = _f16(bp, mask) * sc * q.to(tl.float32) - _f16(bp + 2, mask) * mn
-    else:  # 14, Q6_K: ql[128] | qh[64] | scales[16] int8 | d; j = 128 n + 32 g + l
-        n, g, l = j // 128, (j % 128) // 32, j % 32
-        lb = _u8(bp + 64 * n + l + 32 * (g % 2), mask)
-        low = tl.where(g < 2, lb & 15, lb >> 4)
-        high = (_u8(bp + 128 + 32 * n + l, mask) >> (2 * g)) & 3
-        sc = tl.load(bp + 192 + 8 * n + l // 16 + 2 * g, mask=mask, other=0).to(tl.int8, bitcast=True)
-        v = _f16(bp + 208, mask) * sc.to(tl.float32) * ((low | (high << 4)) - 32).to(tl.float32)
-    return v
+            q = q | (((_u8(R + 16 + j, m) >> sb) & 1) << 4)
+        q = q.to(tl.float32)
+        sc, mn = _scale_min_k4(bp + 4, sb, nm)
+        a, b = _f16(bp, nm) * sc, -_f16(bp + 2, nm) * mn
+    else:  # 14, Q6_K: ql[128] | qh[64] | scales[16] int8 | d; group sb = 128 n + 32 g + 16 half, q - 32
+        n, g, half = sb // 8, (sb % 8) // 2, sb % 2
+        l = 16 * half + j
+        low = (_u8(R + 64 * n + l + 32 * (g % 2), m) >> (4 * (g // 2))) & 15
+        high = (_u8(R + 128 + 32 * n + l, m) >> (2 * g)) & 3
+        q = (low | (high << 4)).to(tl.float32)
+        sc = tl.load(bp + 192 + 8 * n + half + 2 * g, mask=nm, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        a = _f16(bp + 208, nm) * sc
+        b = -32.0 * a
+    return q, a, b
 
 
 @triton.jit
 def _grouped_matmul(
     x_ptr, arena_ptr, w_off_ptr, seg_ptr, out_ptr, N, stride_x, stride_out,
-    K: tl.constexpr, QTYPE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr,
+    K: tl.constexpr, QTYPE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr, G: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program (n tile, expert, row tile): out[rows, n] = x[rows] @ W_e[n].T for expert e's rows."""
+    """Program (n tile, expert, row tile): out[rows, n] = x[rows] @ W_e[n].T for expert e's rows.
+
+    Per G-value group: acc += (x_g @ q_g) * a + sum(x_g) * b, the group's scale a and offset b per row.
+    """
     e = tl.program_id(1)
     end = tl.load(seg_ptr + e + 1)
     m0 = tl.load(seg_ptr + e) + tl.program_id(2) * BLOCK_T
@@ -132,16 +143,17 @@ def _grouped_matmul(
         rmask, nmask = rows < end, n < N
         row_bytes = (K // QK) * BB
         w_rows = arena_ptr + tl.load(w_off_ptr + e) + n.to(tl.int64) * row_bytes  # (BLOCK_N,)
+        x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_x  # (BLOCK_T, 1)
+        j = tl.arange(0, G)
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < K
-            xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + k[None, :],
-                         mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            bp = w_rows[None, :] + ((k // QK) * BB)[:, None]  # (BLOCK_K, BLOCK_N) block starts; a tile may
-            # cover part of a 256-value super-block or several 32-value blocks: indexing is per element
-            w = _dequant(bp, (k % QK)[:, None], kmask[:, None] & nmask[None, :], QTYPE)
-            acc += tl.dot(xt, w)
+            for i in tl.static_range(BLOCK_K // G):
+                kg = k0 + i * G
+                kmask = kg + j < K
+                xt = tl.load(x_rows + (kg + j)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                bp = w_rows + (kg // QK) * BB
+                q, a, b = _group(bp, (kg % QK) // G, j[:, None], kmask[:, None] & nmask[None, :], nmask & (kg < K), QTYPE)
+                acc += tl.dot(xt, q) * a[None, :] + tl.sum(xt, axis=1)[:, None] * b[None, :]
         out = out_ptr + rows[:, None].to(tl.int64) * stride_out + n[None, :]
         tl.store(out, acc, mask=rmask[:, None] & nmask[None, :])
 
@@ -158,7 +170,7 @@ def matrix_bytes(qtype: Q, n_rows: int, n_cols: int) -> int:
 
 def moe_matmul(
     x: torch.Tensor, arena: torch.Tensor, w_offsets: torch.Tensor, seg: torch.Tensor, max_rows: int,
-    qtype: Q, n_rows: int, n_cols: int,
+    qtype: Q, n_rows: int, n_cols: int, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """Grouped x @ W_e.T: rows seg[e]:seg[e+1] of x (M, K) use the matrix at arena[w_offsets[e]:]; (M, N) float32.
 
@@ -178,10 +190,11 @@ def moe_matmul(
     out = torch.empty((x.shape[0], n_rows), dtype=torch.float32, device=x.device)
     n_experts = w_offsets.numel()
     if x.shape[0] and n_rows and n_experts and max_rows:
-        grid = (triton.cdiv(n_rows, BLOCK_N), n_experts, triton.cdiv(max_rows, BLOCK_T))
+        grid = (triton.cdiv(n_rows, block_n), n_experts, triton.cdiv(max_rows, BLOCK_T))
         _grouped_matmul[grid](
             x, arena, w_offsets, seg, out, n_rows, x.stride(0), out.stride(0),
-            K=n_cols, QTYPE=int(qtype), QK=qk, BB=bb, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            K=n_cols, QTYPE=int(qtype), QK=qk, BB=bb, G=GROUP_VALUES.get(qtype, 32),
+            BLOCK_T=BLOCK_T, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=num_warps,
         )
     return out
 
