@@ -10,11 +10,13 @@ Usage: python -m bench.gpu_decode [--vram 12GiB,24GiB] [--tokens 32] [--prompt 6
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.report import update_section
 from moe_tier.engine import Engine
@@ -46,10 +48,15 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int) -> dict:
     pcie = moved.get("warm->gpu", 0) + moved.get("disk->gpu", 0)
     disk = moved.get("disk->gpu", 0) + moved.get("disk->cpu", 0)
     floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s)
-    return dict(vram=vram, slots=sum(g.n_slots for g in eng.plan.gpus), open_s=open_s,
+    result = dict(vram=vram, slots=sum(g.n_slots for g in eng.plan.gpus), open_s=open_s,
                 prefill_tps=n_prompt / prefill_s, decode_tps=n_tokens / decode_s, moved=moved,
                 rates={k: round(v, 3) for k, v in s.hit_rates().items()}, floor_tps=1 / floor_s if floor_s else float("inf"),
                 speeds=speeds)
+    eng.tiers.close()  # the next budget measures free memory: this engine's arena must be gone by then
+    del eng, model, ops, cache
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
 
 
 def main() -> None:
