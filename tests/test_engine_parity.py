@@ -14,12 +14,11 @@ PROMPT = ("The quick brown fox jumps over the lazy dog. def main(): return 42 # 
 
 # Max |ours - llama.cpp| relative to the spread (std) of llama.cpp's logits, per weight type. Measured on
 # these models: F32 2e-4 (float summation order, amplified where llama.cpp rounds q and the softmax to f16
-# for its f16 KV cache); Q6_K 1e-6 on two archs (bit-for-bit: our kernels follow ggml-cpu's vec_dot exactly,
-# see tests/test_kernels_cpu.py). The other quantized types differ by up to ~0.06 at some positions: for a
-# 48-token batch llama.cpp takes other matmul paths (tinyBLAS GEMM for Q8_0/Q4_0, repacked K-quant GEMMs)
-# that sum the same block products in another float order, and where that 1e-7 difference lands on a rounding
-# boundary of the next 8-bit activation quantization one int8 value moves a step; the change then travels
-# through the remaining layers (and can flip a near-tied expert).
+# for its f16 KV cache); Q6_K 1e-6 on two archs (bit-for-bit). Each quantized matmul agrees with ggml's to
+# ~1e-7 (bench/cpu_kernels.py: the same integer block dots, summed across blocks in another float order), but
+# llama.cpp quantizes every activation row to 8 bits (Q8_0 / Q8_1 / Q8_K) before its integer dots, and where a
+# 1e-7 difference lands on a rounding boundary one int8 value moves a step; that change then travels through
+# the remaining layers: up to ~0.06 here, more at a position where it flips a near-tied expert.
 TOLERANCE = {"F32": 2e-3, "Q8_0": 0.15, "Q4_K": 0.15, "Q6_K": 0.15}
 ENGINE_ARCHS = ["llama", "qwen2moe", "qwen3moe", "olmoe"]
 
