@@ -60,3 +60,11 @@ def summary(eng: Engine, console: Console) -> None:
         f"dense {format_bytes(s.dense_bytes_per_token)} + experts {format_bytes(expert_per_token)}; "
         f"expert tiers: {rates}[/]"
     )
+    tiers = getattr(eng, "tiers", None)  # the GPU engine: measured links and what crossed them
+    if tiers is not None:
+        sp = tiers.speeds
+        moved = ", ".join(f"{link} {format_bytes(c.bytes / max(s.generated_tokens + s.prompt_tokens, 1))}"
+                          for link, c in s.links.items()) or "nothing"
+        console.print(f"[dim]links measured: host->GPU {sp.h2d_bytes_per_s / 1e9:.1f} GB/s, disk "
+                      f"{sp.disk_bytes_per_s / 1e9:.2f} GB/s, CPU experts {sp.cpu_bytes_per_s / 1e9:.1f} GB/s; "
+                      f"moved per token: {moved}[/]")
