@@ -29,8 +29,10 @@ SUPPORTED: frozenset[Q] = frozenset(
 )
 # tl.dot needs every tile side >= 16. Static counts for sm_90 (cuobjdump of the loop over 64 K values), Q4_K,
 # in warp instructions per weight value: 1.19 at BLOCK_N 32 / 4 warps (150 registers), 0.97 at 64 / 4 (242),
-# 0.56 at 128 / 4 (224); dequantizing every value with its scales instead cost 2.66. Not yet timed: bench/gpu_tiers.py
-# sweeps block_n and num_warps.
+# 0.56 at 128 / 4 (224); dequantizing every value with its scales instead cost 2.66. Timed on an H100
+# (bench/gpu_tiers.py, Mixtral-shaped Q4_K, T=1, 2 experts): about 180 GB/s at 32 / 4, 12% of the copy read rate
+# and 2.4x slower than the instruction count predicts, so latency, not issue, bounds it: the next step is more
+# bytes in flight (wide loads of the quant bytes, pipelining, split-K for short N). 32 / 4 is the best all-round.
 BLOCK_T, BLOCK_N, BLOCK_K, NUM_WARPS = 16, 32, 64, 4
 GROUP_VALUES = {Q.Q2_K: 16, Q.Q3_K: 16, Q.Q6_K: 16}  # values sharing one scale; 32 for the rest
 
