@@ -59,6 +59,7 @@ def report(desc: ModelDesc, plan: TierPlan) -> dict:
             "warm": [list(e) for e in plan.warm],
             "cold": [list(e) for e in plan.cold],
             "hot_gpu": [plan.hot[e] for e in plan.hot],
+            "pinned_hot": [list(e) for e in plan.pinned_hot],
             "ctx": plan.ctx,
             "ranked_by": plan.ranked_by,
             "ram_budget_bytes": plan.ram_budget_bytes,
@@ -125,8 +126,9 @@ def render_plan(desc: ModelDesc, plan: TierPlan, console: Console) -> None:
     tiers = Table(title="Routed experts by tier")
     for col in ("tier", "experts", "bytes", "where"):
         tiers.add_column(col, justify="right" if col != "where" else "left")
-    tiers.add_row("hot", str(len(plan.hot)), format_bytes(sum(size[e] for e in plan.hot)), "GPU slots")
-    tiers.add_row("warm", str(len(plan.warm)), format_bytes(plan.warm_bytes),
+    also = f" ({len(plan.pinned_hot)} also pinned in RAM)" if plan.pinned_hot else ""
+    tiers.add_row("hot", str(len(plan.hot)), format_bytes(sum(size[e] for e in plan.hot)), "GPU slots" + also)
+    tiers.add_row("warm", str(len(plan.warm)), format_bytes(sum(size[e] for e in plan.warm)),
                   f"pinned RAM (budget {format_bytes(plan.ram_budget_bytes)})")
     tiers.add_row("cold", str(len(plan.cold)), format_bytes(sum(size[e] for e in plan.cold)), str(desc.path))
     console.print(tiers)

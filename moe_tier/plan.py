@@ -3,7 +3,8 @@
 Per GPU:  budget = runtime context (measured) + dense layers placed there + KV cache + scratch
                    + n_slots * slot_bytes
 Routed experts are ranked (by a routing profile when one is given, else evenly across layers)
-and take GPU slots (hot), then pinned RAM (warm), then stay in the file (cold).
+and take GPU slots (hot), then pinned RAM (warm), then stay in the file (cold). RAM left over holds
+pinned copies of hot experts too, so that a slot can be given up without a later read from disk.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ class TierPlan:
     ctx: int
     ranked_by: str  # "profile" or "uniform"
     notes: tuple[str, ...] = field(default=())
+    pinned_hot: tuple[ExpertId, ...] = ()  # hot experts that also keep a pinned copy: evicting them costs no read
+
+    @property
+    def pinned(self) -> tuple[ExpertId, ...]:
+        """Every expert with a copy in pinned RAM (the warm tier's arena)."""
+        return self.warm + self.pinned_hot
 
     def tier_of(self, eid: ExpertId) -> str:
         return "hot" if eid in self.hot else "warm" if eid in set(self.warm) else "cold"
@@ -107,8 +114,16 @@ def plan_tiers(
         warm.append(eid)
         warm_bytes += size
     cold = tuple(rest[len(warm):])
+    pinned_hot = []
+    if not cold:  # RAM left after the warm tier: pinned copies of hot experts, hottest first
+        for eid in (e for e in ranked if e in hot):
+            size = desc.experts[eid].n_bytes
+            if warm_bytes + size > ram:
+                break
+            pinned_hot.append(eid)
+            warm_bytes += size
     return TierPlan(tuple(plans), hot, tuple(warm), cold, ram, warm_bytes, budget.ctx,
-                    "profile" if expert_freq is not None else "uniform", tuple(notes))
+                    "profile" if expert_freq is not None else "uniform", tuple(notes), tuple(pinned_hot))
 
 
 def _gpus_for(machine: Machine, budget: Budget) -> list[GpuInfo]:

@@ -97,3 +97,16 @@ def test_remembered_fit_caps_the_slots(synth_model, tmp_path):
     assert "remembered" in capped.notes[0]
     other_runtime = Machine(machine.gpus, machine.ram_available_bytes, "rt2")
     assert plan_tiers(desc, other_runtime, Budget(ctx=256), fits=store).gpus[0].n_slots == free.gpus[0].n_slots
+
+
+def test_spare_ram_pins_hot_experts_too(synth_model):
+    """With RAM for everything, a hot expert keeps a pinned copy: giving up its slot never means a disk read."""
+    desc = open_model(synth_model("qwen3moe", qtype="Q8_0"))
+    expert = max(e.n_bytes for e in desc.experts.values())
+    fixed = plan_tiers(desc, NO_GPU, Budget(vram_bytes=(600 * MiB,), ctx=256)).gpus[0].fixed_bytes
+    vram = (fixed + 5 * expert,)
+    roomy = plan_tiers(desc, NO_GPU, Budget(vram_bytes=vram, ram_bytes=len(desc.experts) * expert, ctx=256))
+    assert not roomy.cold and set(roomy.pinned) == set(desc.experts) and set(roomy.pinned_hot) == set(roomy.hot)
+    tight = plan_tiers(desc, NO_GPU, Budget(vram_bytes=vram, ram_bytes=4 * expert, ctx=256))
+    assert tight.pinned_hot == () and tight.pinned == tight.warm
+    check_partition(desc, roomy)

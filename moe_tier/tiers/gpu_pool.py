@@ -72,7 +72,7 @@ class GpuTiers:
             raise MoeTierError(desc.path, "the GPU tiers need CUDA (torch.cuda.is_available() is False)")
         self.desc, self.stats, self.config = desc, stats, config
         self.reader = ColdReader(desc.path, config.reader_threads)
-        self.warm = PinnedArena(desc, plan.warm, self.reader)
+        self.warm = PinnedArena(desc, plan.pinned, self.reader)
         self.slot_bytes = align_up(max((g.slot_bytes for g in plan.gpus), default=1))
         self.layer_gpu = {layer: g.index for g in plan.gpus for layer in g.layers}
         self.arena: dict[int, torch.Tensor] = {}
@@ -82,7 +82,7 @@ class GpuTiers:
             if n < g.n_slots and fits is not None:
                 runtime = (machine or probe()).runtime
                 fits.remember(desc.fingerprint, g.name, runtime, {"n_slots": n, "slot_bytes": self.slot_bytes})
-        self.table = SlotTable(desc.experts, {g: a.numel() // self.slot_bytes for g, a in self.arena.items()}, plan.warm)
+        self.table = SlotTable(desc.experts, {g: a.numel() // self.slot_bytes for g, a in self.arena.items()}, plan.pinned)
         self.policy = POLICIES[config.policy]()
         self.copy_stream = {g: torch.cuda.Stream(torch.device("cuda", g)) for g in self.arena}
         staging_bytes = max(ColdReader.staging_bytes([(p.offset, p.n_bytes) for p in r.parts]) for r in desc.experts.values())
