@@ -3,14 +3,19 @@
 The file (26 GB) is written with the fast synthetic writer; random weights route almost uniformly, so this is
 the hard case for any cache. Per budget: prefill of a prompt, then greedy decode; tokens/s, expert bytes moved
 per token over each link, hit rates, and the floor (bytes that must cross each link per token / its measured
-rate). The peer, llama.cpp's CUDA build with its best -ncmoe, is not in this run yet.
+rate). The peer, in the same run: llama.cpp's CUDA llama-bench (--llama-bench BIN) with -ngl 99 and the
+-ncmoe that keeps as many layers' experts on the GPU as the same budget holds (estimated from the plan's fixed
+part and the experts' bytes per layer; llama-bench reports no memory use).
 Usage: python -m bench.gpu_decode [--vram 12GiB,24GiB] [--tokens 32] [--prompt 64] [--out /tmp/mixtral.gguf]
+       [--llama-bench /path/to/llama-bench]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +54,8 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int) -> dict:
     disk = moved.get("disk->gpu", 0) + moved.get("disk->cpu", 0)
     floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s)
     result = dict(vram=vram, slots=sum(g.n_slots for g in eng.plan.gpus), open_s=open_s,
+                fixed_bytes=eng.plan.gpus[0].fixed_bytes, n_layer=eng.desc.config.n_layer,
+                layer_expert_bytes=sum(e.n_bytes for e in eng.desc.experts.values()) // eng.desc.config.n_layer,
                 prefill_tps=n_prompt / prefill_s, decode_tps=n_tokens / decode_s, moved=moved,
                 rates={k: round(v, 3) for k, v in s.hit_rates().items()}, floor_tps=1 / floor_s if floor_s else float("inf"),
                 speeds=speeds)
@@ -59,12 +66,25 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int) -> dict:
     return result
 
 
+def llama_cpp_peer(binary: str, path: Path, fixed_bytes: int, budget_bytes: int, layer_expert_bytes: int,
+                   n_layer: int, n_prompt: int, n_tokens: int) -> dict:
+    """llama-bench with every layer on the GPU and the first ncmoe layers' experts on the CPU."""
+    on_gpu = max(0, min(n_layer, (budget_bytes - fixed_bytes) // layer_expert_bytes))
+    ncmoe = n_layer - on_gpu
+    out = subprocess.run([binary, "-m", str(path), "-ngl", "99", "-ncmoe", str(ncmoe), "-p", str(n_prompt),
+                          "-n", str(n_tokens), "-r", "2", "-o", "jsonl"], capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    tps = {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in rows}
+    return dict(ncmoe=ncmoe, prefill_tps=tps.get("pp", 0.0), decode_tps=tps.get("tg", 0.0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vram", default="12GiB,24GiB")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick check")
+    ap.add_argument("--llama-bench", help="llama.cpp's llama-bench built with CUDA: the peer, in the same run")
     ap.add_argument("--out", default="/tmp/moe-tier-mixtral-8x7b-q4k.gguf")
     args = ap.parse_args()
     path = Path(args.out)
@@ -76,21 +96,28 @@ def main() -> None:
     for vram in args.vram.split(","):
         parse_bytes(vram)
         r = run(path, vram, args.prompt, args.tokens)
+        if args.llama_bench:
+            r["peer"] = llama_cpp_peer(args.llama_bench, path, r["fixed_bytes"], parse_bytes(vram),
+                                       r["layer_expert_bytes"], r["n_layer"], args.prompt, args.tokens)
         print(r, flush=True)
         rows.append(r)
     sp = rows[0]["speeds"]
     body = (f"Mixtral-8x7B shape ({args.layers} layers), Q4_K (synthetic, random weights: near-uniform routing), {args.prompt}-token prompt, "
             f"{args.tokens} greedy tokens. Measured links: host->GPU {sp.h2d_bytes_per_s / 1e9:.1f} GB/s, disk "
             f"{sp.disk_bytes_per_s / 1e9:.2f} GB/s, CPU experts {sp.cpu_bytes_per_s / 1e9:.1f} GB/s.\n\n"
-            "| VRAM | slots | open s | prefill tok/s | decode tok/s | floor tok/s | moved per token | hit rates |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |\n")
+            "| VRAM | slots | open s | prefill tok/s | decode tok/s | floor tok/s | moved per token | hit rates "
+            "| llama.cpp (-ncmoe) prefill / decode tok/s | decode ratio |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |\n")
     for r in rows:
         moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in r["moved"].items()) or "-"
+        peer = r.get("peer")
+        versus = (f"{peer['prefill_tps']:.1f} / {peer['decode_tps']:.2f} ({peer['ncmoe']}) | "
+                  f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else "not run | -")
         body += (f"| {r['vram']} | {r['slots']} | {r['open_s']:.0f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
-                 f"{r['floor_tps']:.1f} | {moved} | {r['rates']} |\n")
+                 f"{r['floor_tps']:.1f} | {moved} | {r['rates']} | {versus} |\n")
     body += ("\nfloor: tokens/s if each link only carried this run's bytes at its measured rate (PCIe and disk in "
              "parallel); the gap to it is compute, synchronisation and Python time.\n")
-    body += "No llama.cpp CUDA run in this benchmark yet (issue 4 asks for it); the decode loop reads routing back to the host every layer.\n"
+    body += "The decode loop reads routing back to the host every layer.\n"
     print(body)
     update_section("GPU decode (Mixtral-8x7B shape, Q4_K)", "python -m bench.gpu_decode " + " ".join(sys.argv[1:]), body)
 
