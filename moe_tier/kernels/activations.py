@@ -41,13 +41,25 @@ def _blocks(x: np.ndarray, size: int) -> np.ndarray:
 def quantize_q8_0(x: np.ndarray) -> QuantizedActivations:
     """quantize_row_q8_0, AVX path: id = 127/amax (not 1/d), round half to even; d stored as fp16."""
     xb = _blocks(x, QK8_0)
-    amax = np.abs(xb).max(axis=-1)
-    d = amax / np.float32(127.0)
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax != 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
-    qs = np.rint(xb * inv[..., None])
-    d16 = d.astype(np.float16).astype(np.float32)
-    return QuantizedActivations(qs.reshape(x.shape).astype(np.int8), d16, np.zeros((x.shape[0], 0), np.float32))
+    qs = np.empty(xb.shape, np.int8)
+    d = np.empty(xb.shape[:2], np.float32)
+    _q8_0(xb, qs, d)
+    d16 = d.astype(np.float16).astype(np.float32)  # numba has no float16
+    return QuantizedActivations(qs.reshape(x.shape), d16, np.zeros((x.shape[0], 0), np.float32))
+
+
+@njit(cache=True)
+def _q8_0(xb, qs, d):
+    """xb (T, B, 32) float32 -> qs (T, B, 32) int8 and the unrounded float32 scales d (T, B)."""
+    for t in range(xb.shape[0]):
+        for b in range(xb.shape[1]):
+            amax = np.float32(0.0)
+            for i in range(xb.shape[2]):
+                amax = max(amax, abs(xb[t, b, i]))
+            d[t, b] = amax / np.float32(127.0)
+            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+            for i in range(xb.shape[2]):
+                qs[t, b, i] = np.int8(np.rint(np.float32(xb[t, b, i] * inv)))
 
 
 def quantize_q8_1(x: np.ndarray) -> QuantizedActivations:
