@@ -20,11 +20,13 @@ from bench.report import update_section
 from moe_tier.config import Gating
 from moe_tier.kernels.gpu import moe_matmul
 from moe_tier.moe import route
+from moe_tier.host_tiers import blob_layout
 from moe_tier.moe_gpu import moe_ffn_gpu
 from moe_tier.plan import GpuPlan, TierPlan
 from moe_tier.reader import open_model
 from moe_tier.stats import EngineStats
 from moe_tier.synth import mixtral_8x7b, write_fast
+from moe_tier.tensors import matrix_dims
 from moe_tier.tiers.gpu_pool import GpuTiers
 
 
@@ -70,9 +72,9 @@ def main() -> None:
     dev = tiers.arena[0].device
     for matrix, n_tokens, n_experts in (("gate", 1, 2), ("down", 1, 2), ("gate", 8, 8), ("gate", 64, 8)):
         part = desc.experts[layer0[0]].part(matrix)
-        n_cols, n_rows = part.shape[0], int(np.prod(part.shape[1:]))
+        n_rows, n_cols = matrix_dims(part.shape)
         used = layer0[:n_experts]
-        at = tiers.part_offsets(used[0])[matrix]
+        at = blob_layout(desc.experts[used[0]])[matrix]
         offsets = torch.tensor([tiers.blob_offset(e)[1] + at for e in used], dtype=torch.int64, device=dev)
         counts = np.full(n_experts, n_tokens * 2 // n_experts or 1)
         seg = torch.tensor(np.concatenate([[0], np.cumsum(counts)]), dtype=torch.int32, device=dev)

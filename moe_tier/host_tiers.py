@@ -7,14 +7,27 @@ from typing import Iterable
 import numpy as np
 
 from moe_tier.moe import ExpertWeights
-from moe_tier.reader import ExpertId, ExpertPart, ModelDesc
+from moe_tier.reader import ExpertId, ExpertRef, ModelDesc
 from moe_tier.stats import EngineStats
 from moe_tier.tensors import QTensor
 
 
-def _qtensor(part: ExpertPart, data: np.ndarray) -> QTensor:
-    n_cols, n_rows = part.shape[0], int(np.prod(part.shape[1:]))
-    return QTensor(part.tensor, data, part.qtype, n_rows, n_cols)
+def blob_layout(ref: ExpertRef) -> dict[str, int]:
+    """Byte offset of each part (by matrix name) in the expert's blob: its parts back to back in ExpertRef order,
+    the layout of a warm blob and of a GPU slot alike, so moving an expert is one copy."""
+    offsets, at = {}, 0
+    for p in ref.parts:
+        offsets[p.matrix] = at
+        at += p.n_bytes
+    return offsets
+
+
+def blob_weights(ref: ExpertRef, blob: np.ndarray) -> ExpertWeights:
+    """The expert's matrices as QTensors over its blob, for the CPU kernels."""
+    layout = blob_layout(ref)
+    parts = {p.matrix: QTensor.over(p.tensor, blob[layout[p.matrix] : layout[p.matrix] + p.n_bytes], p.qtype, p.shape)
+             for p in ref.parts}
+    return ExpertWeights(parts["gate"], parts["up"], parts["down"])
 
 
 class HostExperts:
@@ -27,13 +40,8 @@ class HostExperts:
 
     def _copy(self, eid: ExpertId) -> ExpertWeights:
         ref = self.desc.experts[eid]
-        blob = np.empty(ref.n_bytes, dtype=np.uint8)
-        parts, at = {}, 0
-        for p in ref.parts:
-            blob[at : at + p.n_bytes] = self.desc.data(p.offset, p.n_bytes)
-            parts[p.matrix] = _qtensor(p, blob[at : at + p.n_bytes])
-            at += p.n_bytes
-        return ExpertWeights(parts["gate"], parts["up"], parts["down"])
+        blob = np.concatenate([self.desc.data(p.offset, p.n_bytes) for p in ref.parts])
+        return blob_weights(ref, blob)
 
     def expert(self, eid: ExpertId) -> ExpertWeights:
         ref = self.desc.experts[eid]
@@ -41,5 +49,6 @@ class HostExperts:
             self.stats.served("warm", ref.n_bytes)
             return self.warm[eid]
         self.stats.served("cold", ref.n_bytes)
-        parts = {p.matrix: _qtensor(p, self.desc.data(p.offset, p.n_bytes)) for p in ref.parts}
+        parts = {p.matrix: QTensor.over(p.tensor, self.desc.data(p.offset, p.n_bytes), p.qtype, p.shape)
+                 for p in ref.parts}
         return ExpertWeights(parts["gate"], parts["up"], parts["down"])

@@ -15,7 +15,8 @@ from moe_tier.kernels.gpu import moe_matmul
 from moe_tier.moe import Routing, swiglu_ffn
 from moe_tier.reader import ExpertId
 from moe_tier.tiers.gpu_pool import GpuTiers
-from moe_tier.tiers.warm import blob_layout
+from moe_tier.host_tiers import blob_layout
+from moe_tier.tensors import matrix_dims
 
 
 def moe_ffn_gpu(x: torch.Tensor, routing: Routing, layer: int, tiers: GpuTiers) -> torch.Tensor:
@@ -63,8 +64,7 @@ def _grouped_swiglu(x, routing: Routing, group, arena: torch.Tensor, tiers: GpuT
     def matmul(h: torch.Tensor, matrix: str) -> torch.Tensor:
         part = ref.part(matrix)
         offsets = _dev(np.array([off + layout[matrix] for _, off in group], np.int64), dev)
-        n_cols, n_rows = part.shape[0], int(np.prod(part.shape[1:]))
-        return moe_matmul(h, arena, offsets, seg_t, max_rows, part.qtype, n_rows, n_cols)
+        return moe_matmul(h, arena, offsets, seg_t, max_rows, part.qtype, *matrix_dims(part.shape))
 
     xg = x.to(dev)[_dev(tok, dev)]  # (M, D)
     y = matmul(F.silu(matmul(xg, "gate")) * matmul(xg, "up"), "down")  # (M, D)

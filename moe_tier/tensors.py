@@ -15,6 +15,11 @@ from moe_tier.errors import MoeTierError
 from moe_tier.reader import ModelDesc
 
 
+def matrix_dims(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(n_rows, n_cols) of a GGUF shape (K, N, ...): rows are everything past the first dimension."""
+    return int(np.prod(shape[1:])), shape[0]
+
+
 @dataclass(frozen=True)
 class QTensor:
     """N rows of K elements in GGUF blocks (GGUF shape (K, N))."""
@@ -24,6 +29,10 @@ class QTensor:
     qtype: GGMLQuantizationType
     n_rows: int
     n_cols: int
+
+    @classmethod
+    def over(cls, name: str, data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> QTensor:
+        return cls(name, data, qtype, *matrix_dims(shape))
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:
         """x (T, K) -> (T, N): `W @ x` reads as the math does, with tokens in rows."""
@@ -47,14 +56,10 @@ class Weights:
     def __contains__(self, name: str) -> bool:
         return name in self.desc.tensors
 
-    def get(self, name: str) -> QTensor | None:
-        return self.matrix(name) if name in self.desc.tensors else None
-
     def matrix(self, name: str) -> QTensor:
         if name not in self._matrices:  # views are cheap but not free: build each once
             t = self.desc.tensors[name]
-            n_cols, n_rows = t.shape[0], int(np.prod(t.shape[1:]))
-            self._matrices[name] = QTensor(name, self.desc.data(t.offset, t.n_bytes), t.qtype, n_rows, n_cols)
+            self._matrices[name] = QTensor.over(name, self.desc.data(t.offset, t.n_bytes), t.qtype, t.shape)
         return self._matrices[name]
 
     def vector(self, name: str) -> np.ndarray | None:

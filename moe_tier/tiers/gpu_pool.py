@@ -1,7 +1,7 @@
 """GPU expert tiers: slot arenas on every GPU, the pinned warm arena, the cold reader, and acquire().
 
 Shape key: S slots per GPU of slot_bytes each; arena[g] is (S * slot_bytes,) uint8, slot i = bytes
-[i * slot_bytes, (i + 1) * slot_bytes); an expert's blob (warm.blob_layout) sits at the start of its slot.
+[i * slot_bytes, (i + 1) * slot_bytes); an expert's blob (host_tiers.blob_layout) sits at the start of its slot.
 
 acquire(layer, {expert: tokens}) returns where each chosen expert will be computed: GPU slots (hits and
 fetches) or the CPU (from the warm arena or the file map), per the cost model in links.py. Copies run on one
@@ -27,7 +27,8 @@ from moe_tier.tiers import links
 from moe_tier.tiers.cold import ColdReader
 from moe_tier.tiers.links import LinkSpeeds, Miss
 from moe_tier.tiers.slots import POLICIES, Slot, SlotTable, Tier
-from moe_tier.tiers.warm import PinnedArena, align_up, blob_layout, host_weights
+from moe_tier.host_tiers import blob_weights
+from moe_tier.tiers.warm import PinnedArena, align_up
 
 
 @dataclass(frozen=True)
@@ -187,10 +188,7 @@ class GpuTiers:
         staging = np.empty(self.reader.staging_bytes(ranges), dtype=np.uint8)
         spans = self.reader.read(ranges, staging)
         self.stats.moved("disk->cpu", ref.n_bytes)
-        return host_weights(ref, np.concatenate([staging[s.start : s.start + s.n_bytes] for s in spans]))
-
-    def part_offsets(self, eid: ExpertId) -> dict[str, int]:
-        return blob_layout(self.desc.experts[eid])
+        return blob_weights(ref, np.concatenate([staging[s.start : s.start + s.n_bytes] for s in spans]))
 
     def read_back(self, eid: ExpertId) -> np.ndarray:
         """A hot expert's slot bytes on the host (tests, debugging): waits for that GPU's queued copies."""

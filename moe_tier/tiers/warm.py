@@ -11,9 +11,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from moe_tier.host_tiers import blob_weights
 from moe_tier.moe import ExpertWeights
-from moe_tier.reader import ExpertId, ExpertRef, ModelDesc
-from moe_tier.tensors import QTensor
+from moe_tier.reader import ExpertId, ModelDesc
 from moe_tier.tiers.cold import ColdReader
 
 BLOB_ALIGN_BYTES = 256  # blob starts: cache-line and DMA friendly
@@ -21,26 +21,6 @@ BLOB_ALIGN_BYTES = 256  # blob starts: cache-line and DMA friendly
 
 def align_up(n: int, to: int = BLOB_ALIGN_BYTES) -> int:
     return -(-n // to) * to
-
-
-def blob_layout(ref: ExpertRef) -> dict[str, int]:
-    """Byte offset of each part (by matrix name) inside the expert's blob."""
-    offsets, at = {}, 0
-    for p in ref.parts:
-        offsets[p.matrix] = at
-        at += p.n_bytes
-    return offsets
-
-
-def host_weights(ref: ExpertRef, blob: np.ndarray) -> ExpertWeights:
-    """QTensors over a blob's parts, for the CPU kernels."""
-    layout = blob_layout(ref)
-    parts = {}
-    for p in ref.parts:
-        n_cols, n_rows = p.shape[0], int(np.prod(p.shape[1:]))
-        data = blob[layout[p.matrix] : layout[p.matrix] + p.n_bytes]
-        parts[p.matrix] = QTensor(p.tensor, data, p.qtype, n_rows, n_cols)
-    return ExpertWeights(parts["gate"], parts["up"], parts["down"])
 
 
 class PinnedArena:
@@ -88,4 +68,4 @@ class PinnedArena:
     def weights(self, eid: ExpertId) -> ExpertWeights:
         at = self.offset[eid]
         ref = self.desc.experts[eid]
-        return host_weights(ref, self.host[at : at + ref.n_bytes])
+        return blob_weights(ref, self.host[at : at + ref.n_bytes])
