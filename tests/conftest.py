@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 from moe_tier.synth import SynthSpec, tiny, write_model
+
+
+def _triton_interpreter_without_cuda() -> None:
+    """Triton kernels are compiled or interpreted as they are defined, at import: without CUDA the interpreter
+    must be chosen before any test module imports them, whatever order the modules are collected in."""
+    if importlib.util.find_spec("torch") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_triton_interpreter_without_cuda()
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,10 @@ host tiers, so the backend's dense path is checked everywhere; with CUDA the who
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from moe_tier.engine import Engine  # noqa: E402

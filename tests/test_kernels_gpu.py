@@ -1,19 +1,15 @@
 """Triton GGUF kernels against gguf's dequantizers (the reference) and the CPU kernels, on random blocks.
 
-Without CUDA they run under Triton's interpreter on CPU tensors (TRITON_INTERPRET must be set before the
+Without CUDA they run under Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET before the
 kernels are defined, hence before the import); with CUDA they run on the GPU and carry the `gpu` mark.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants  # noqa: E402
