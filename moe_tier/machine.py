@@ -29,10 +29,6 @@ class Machine:
     ram_available_bytes: int
     runtime: str  # versions that change memory use: keys the remembered fits
 
-    @property
-    def gpu_names(self) -> str:
-        return ",".join(g.name for g in self.gpus) or "cpu"
-
 
 def probe() -> Machine:
     return Machine(_cuda_gpus(), _ram_available_bytes(), _runtime_versions())

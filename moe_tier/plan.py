@@ -68,9 +68,6 @@ class TierPlan:
         """Every expert with a copy in pinned RAM (the warm tier's arena)."""
         return self.warm + self.pinned_hot
 
-    def tier_of(self, eid: ExpertId) -> str:
-        return "hot" if eid in self.hot else "warm" if eid in set(self.warm) else "cold"
-
 
 def plan_tiers(
     desc: ModelDesc,

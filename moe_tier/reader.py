@@ -124,10 +124,6 @@ class ModelDesc:
         """uint8 view of a byte range of the file (no copy)."""
         return self.reader.data[offset : offset + n_bytes]
 
-    def tensor_data(self, name: str) -> np.ndarray:
-        t = self.tensors[name]
-        return self.data(t.offset, t.n_bytes)
-
     def expert_data(self, eid: ExpertId, matrix: str) -> np.ndarray:
         p = self.experts[eid].part(matrix)
         return self.data(p.offset, p.n_bytes)
