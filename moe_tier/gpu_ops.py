@@ -31,6 +31,7 @@ class GpuOps:
         self.head = "output" if "output.weight" in weights else "token_embd"
         self._blocks: dict[str, tuple[torch.Tensor, QTensor]] = {}
         self._vectors: dict[str, torch.Tensor | None] = {}
+        self._rope: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # the current step's angles
         for t in weights.desc.tensors.values():  # every dense matrix now: a first token must not wait on uploads
             if t.category is not Category.ROUTED and len(t.shape) > 1 and not t.name.startswith("token_embd"):
                 self._upload(t.name)
@@ -82,8 +83,7 @@ class GpuOps:
     def attend(self, layer: int, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """As layers.attention, with the same f16 roundings of q and of the softmax (llama.cpp's f16 cache)."""
         c, start = self.cfg, cache.length
-        cos, sin = (torch.from_numpy(a).to(self.device) for a in
-                    rope_angles(np.arange(start, start + len(q)), c.n_rot, c.rope_freq_base, c.rope_freq_scale))
+        cos, sin = self._angles(start, len(q))
         keys, values = cache.store(layer, start, rope(k, cos, sin, c.rope), v)
         q = rope(q, cos, sin, c.rope)
         T, H, d = q.shape
@@ -96,6 +96,15 @@ class GpuOps:
         probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
         out = probs.half().float() @ values.float().permute(1, 0, 2)  # (Hkv, group*T, dv)
         return out.reshape(Hkv, group, T, dv).permute(2, 0, 1, 3).reshape(T, H * dv)
+
+    def _angles(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's rope angles on the device, uploaded once for all layers."""
+        key = (start, n)
+        if key not in self._rope:
+            c = self.cfg
+            self._rope = {key: tuple(torch.from_numpy(a).to(self.device)
+                                     for a in rope_angles(start, n, c.n_rot, c.rope_freq_base, c.rope_freq_scale))}
+        return self._rope[key]
 
     def route(self, logits: torch.Tensor, bias: torch.Tensor | None) -> Routing:
         """On the host, by the one route(): the slot table needs the ids there anyway (a sync per layer)."""

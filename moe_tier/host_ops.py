@@ -53,7 +53,7 @@ class HostOps:
     def attend(self, layer: int, cache: KVCache, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Rope q (T, H, d) and k (T, Hkv, d) at the cache's next positions, store k and v, attend causally."""
         c, start = self.cfg, cache.length
-        cos, sin = rope_angles(np.arange(start, start + len(q)), c.n_rot, c.rope_freq_base, c.rope_freq_scale)
+        cos, sin = rope_angles(start, len(q), c.n_rot, c.rope_freq_base, c.rope_freq_scale)
         keys, values = cache.store(layer, start, rope(k, cos, sin, c.rope), v)
         return attention(rope(q, cos, sin, c.rope), keys, values, start, 1.0 / np.sqrt(c.head_dim_k))
 

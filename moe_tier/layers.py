@@ -6,6 +6,8 @@ L positions in the KV cache, D embedding width.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from moe_tier.config import RopeStyle
@@ -21,11 +23,13 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def rope_angles(pos: np.ndarray, n_rot: int, base: float, freq_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (T, n_rot/2). theta_i = pos * base^(-2i/n_rot) by repeated float32 products, as ggml."""
+@lru_cache(maxsize=8)
+def rope_angles(start: int, n: int, n_rot: int, base: float, freq_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (T=n, n_rot/2) for positions start..start+n: theta_i = pos * base^(-2i/n_rot) by repeated float32
+    products, as ggml. Cached: every layer of a step asks for the same positions (treat the arrays as read-only)."""
     theta_scale = np.float32(base) ** np.float32(-2.0 / n_rot)
-    steps = np.full((len(pos), n_rot // 2), theta_scale, dtype=np.float32)
-    steps[:, 0] = pos.astype(np.float32)
+    steps = np.full((n, n_rot // 2), theta_scale, dtype=np.float32)
+    steps[:, 0] = np.arange(start, start + n, dtype=np.float32)
     theta = np.cumprod(steps, axis=1, dtype=np.float32) * np.float32(freq_scale)
     return np.cos(theta), np.sin(theta)
 
