@@ -2,7 +2,8 @@
 
 The demo (qwen3moe, 6 MoE layers x 8 experts, top-2) is recorded by moe-tier's engine on prompts of five
 domains (bench/predictor_recall.py); the planner is fitted on half the prompts and replayed on the other
-half, with and without layer l+d's router applied to layer l's hidden state. The demo's experts are tiny,
+half, with and without gate lookahead: layer l+d's router, with its ridge correction fitted on the fitting half
+(router_predict/lookahead.py), applied to layer l's hidden state. The demo's experts are tiny,
 so the cost model prices them as Mixtral-8x7B Q4_K experts on the measured H100 host: this compares the
 policies' choices on real (small-model) routing, not the demo's own speed.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from bench import mixtral_routing as mx
-from bench.predictor_recall import lookahead_probs, record_demo
+from bench.predictor_recall import demo_split, fit_lookaheads, record_demo
 from bench.replay_policies import CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_BYTES_PER_S, H2D_BYTES_PER_S
 from bench.report import update_section
 from router_predict.policies import LFU, Belady, Planner, StaticPinning
@@ -22,21 +23,20 @@ from router_predict.replay import CacheConfig, CostModel, fit_lfru, fit_planner,
 SLOT_SHARES = (0.25, 0.5, 0.75)
 
 
-def lookahead_scores(trace, states, engine) -> np.ndarray:
-    """(N, L, D, E): layer i+d's router on layer i's FFN input, the point that leaves layer i's experts to
-    hide the copy behind."""
+def lookahead_scores(trace, states, engine, fit) -> np.ndarray:
+    """(N, L, D, E): layer i+d's fitted lookahead on layer i's FFN input, the point that leaves layer i's
+    experts to hide the copy behind; fitted on the tokens `fit` only."""
     layers, state = trace.moe_layers.tolist(), states["FFN input"]
     out = np.zeros((trace.n_tokens, len(layers), MAX_DISTANCE, trace.n_expert), np.float32)
-    for i, src in enumerate(layers):
-        for d in range(1, min(MAX_DISTANCE, len(layers) - 1 - i) + 1):
-            out[:, i, d - 1] = lookahead_probs(state[src], engine, layers[i + d])
+    for (i, d), model in fit_lookaheads(trace, state, state, engine, fit).items():
+        out[:, i, d - 1] = model.probs(state[layers[i]])
     return out
 
 
 def main() -> None:
     trace, states, engine = record_demo()
-    scores = lookahead_scores(trace, states, engine)
-    fit_mask = np.isin(trace.sequence, trace.sequences()[::2])
+    fit_mask = demo_split(trace)
+    scores = lookahead_scores(trace, states, engine, fit_mask)
     fit, test = trace.select(fit_mask), trace.select(~fit_mask)
     eb = np.full(trace.n_moe_layers * trace.n_expert, mx.EXPERT_BYTES, np.int64)
     cost = CostModel(H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_BYTES_PER_S, mx.DENSE_LAYER_BYTES)

@@ -114,18 +114,6 @@ class TokenReuse:
         return out
 
 
-def gate_lookahead(router: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-    """(T, E) softmax of layer l+d's router (E, H) applied to the hidden state at layer l (T, H).
-
-    The residual stream changes little across a few layers, so a later router already ranks its experts
-    from an earlier hidden state; the engine runs this on the device and hands the scores to the planner.
-    """
-    logits = hidden.astype(np.float32) @ router.astype(np.float32).T
-    logits -= logits.max(-1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(-1, keepdims=True)
-
-
 @dataclass(frozen=True)
 class Combined:
     """A per-distance linear mixture of the prior, cross-layer and reuse predictions, weights fitted by grid."""

@@ -11,8 +11,8 @@ from cli.main import main
 from moe_tier.errors import MoeTierError
 from router_predict import trace as tr
 from router_predict.jsonl import read_jsonl
-from router_predict.predictors import Combined, CrossLayer, FrequencyPrior, TokenReuse, chosen, evaluate, \
-    gate_lookahead, recall_at
+from router_predict.lookahead import gate_lookahead
+from router_predict.predictors import Combined, CrossLayer, FrequencyPrior, TokenReuse, chosen, evaluate, recall_at
 from router_predict.recorder import TraceRecorder
 from router_predict.stats import layer_stats
 
