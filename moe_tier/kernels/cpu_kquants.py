@@ -10,7 +10,8 @@ Shape key: T tokens, K = n_cols, N = n_rows, B = K / 256 super-blocks per row, M
 
 Each super-block is decoded once into wq[256] = sub-block scale * quant (int16: |scale * quant| <= 4096), then
 dotted with every token in int32 (|sum| < 256 * 4096 * 127 < 2**31), which equals ggml's aux32 sums exactly:
-d_w * d_x * (wq . xq) - dmin_w * d_x * (mins . bsums).
+d_w * d_x * (wq . xq) - dmin_w * d_x * (mins . bsums). Q4_K, the common case, skips wq: its whole block dot is
+ggml's AVX2 code as LLVM vector IR (cpu_simd.py), about twice as fast.
 Block layouts and element order follow ggml-quants.c (dequantize_row_*) and gguf.quants.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from numba import njit, prange
 
-from moe_tier.kernels import activations as act
+from moe_tier.kernels import activations as act, cpu_simd as simd
 from moe_tier.kernels.cpu import F16_TO_F32, ROWS_PER_TASK, f16_at
 
 QK_K, _ = GGML_QUANT_SIZES[Q.Q8_K]  # values per super-block: 256
@@ -31,7 +32,7 @@ IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38
 # Decoders: from one block's bytes blk, fill wq[qk] with sub-block scale * quant and mn with the minimums
 # (per 16 values for Q2_K, per 32 for Q4_K / Q5_K, none otherwise), return (d, dmin). They vectorize (10x)
 # when inlined into the row loop, in int16, one scale per inner loop, blk a per-block slice (indices provably
-# non-negative). Inner trip counts: measured per type, a compile-time 32 (Q4_K, Q5_K) or 16 (IQ4_XS) is up
+# non-negative). Inner trip counts: measured per type, a compile-time 32 (Q5_K) or 16 (IQ4_XS) is up
 # to 2x faster, while Q2_K / Q3_K / Q6_K's paired 16-loops are 2x faster with the count known at run time.
 
 
@@ -73,27 +74,13 @@ def _decode_q3_k(qk, blk, wq, sc, mn, values):
 
 @njit(cache=True, inline="always")
 def _scales_mins_k4(blk, sc, mn):
-    """get_scale_min_k4 (Q4_K, Q5_K): 8 six-bit scales and minimums in blk[4:16]."""
+    """get_scale_min_k4 (Q5_K; cpu_simd has Q4_K's): 8 six-bit scales and minimums in blk[4:16]."""
     for j in range(4):
         sc[j] = blk[4 + j] & 63
         mn[j] = blk[8 + j] & 63
     for j in range(4, 8):
         sc[j] = (blk[8 + j] & 15) | ((blk[j] >> 6) << 4)
         mn[j] = (blk[8 + j] >> 4) | ((blk[4 + j] >> 6) << 4)
-
-
-@njit(cache=True, inline="always")
-def _decode_q4_k(qk, blk, wq, sc, mn, values):
-    """d | dmin | scales[12] | qs[128]; 32 low nibbles then 32 high nibbles per 32 bytes."""
-    n32 = QK_K // 8
-    _scales_mins_k4(blk, sc, mn)
-    for n in range(4):
-        s0, s1 = np.int16(sc[2 * n]), np.int16(sc[2 * n + 1])
-        for l in range(n32):
-            byte = blk[16 + 32 * n + l]
-            wq[64 * n + l] = s0 * np.int16(byte & 15)
-            wq[64 * n + 32 + l] = s1 * np.int16(byte >> 4)
-    return f16_at(F16_TO_F32, blk, 0), f16_at(F16_TO_F32, blk, 2)
 
 
 @njit(cache=True, inline="always")
@@ -191,11 +178,17 @@ def _rows_q3_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
 
 @njit(cache=True, fastmath=True)
 def _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    wq, sc, mn = _scratch(qk, bsums, xd)
+    """No decoder: each super-block and token is one cpu_simd.q4_k_block call, giving ggml's sumi and the
+    minimums' sum; w, xq and bsums are C-contiguous (matmul makes them so), offsets index their flat data."""
+    n_tok, n_blk = xd.shape
+    row_bytes, n_min = w.shape[1], bsums.shape[1] // n_blk
     for r in range(r0, r1):
-        for b in range(xd.shape[1]):
-            d, dmin = _decode_q4_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
-            _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
+        for b in range(n_blk):
+            o = r * row_bytes + b * block_bytes
+            d, dmin = f16_at(F16_TO_F32, w[r], b * block_bytes), f16_at(F16_TO_F32, w[r], b * block_bytes + 2)
+            for t in range(n_tok):
+                s, m = simd.q4_k_block(w, o, xq, (t * n_blk + b) * qk, bsums, (t * n_blk + b) * n_min)
+                out[t, r] += xd[t, b] * (d * np.float32(s) - dmin * np.float32(m))
 
 
 @njit(cache=True, fastmath=True)

@@ -1,0 +1,136 @@
+"""Block dot products written as LLVM vector IR (numba intrinsics), where numba's own loops fall short.
+
+Q4_K: numba's loops decoded each super-block into int16 values and scalar scales, then dotted in 32-bit lanes,
+at half llama.cpp's speed. This is ggml_vec_dot_q4_K_q8_K's AVX2 path (ggml-cpu/arch/x86/quants.c) instead:
+the 6-bit scales and minimums unpacked with 32-bit masks, nibbles unpacked 32 at a time, vpmaddubsw (unsigned
+nibble x signed int8, pairs summed in int16: |2 * 15 * 128| < 2**15, never saturating) then vpmaddwd by the
+sub-block scale (LLVM fuses the int32 accumulation into vpdpwssd where AVX512-VNNI exists). Without AVX2 the
+same sums come from generic vector IR (widen, multiply, add) that LLVM lowers for the target. Integer sums are
+exact either way, so both equal ggml's sumi to the bit.
+
+The x86 intrinsics are chosen by the features numba compiles for (its codegen's magic tuple, which also keys
+numba's cache, so a cached kernel never meets a CPU it was not built for). numba's cache checks only the
+calling function's file, so after editing this one, touch cpu_kquants.py (or clear its __pycache__).
+
+Shape key for one Q4_K super-block (QK_K = 256 values, 144 bytes):
+  w[wo : wo + 144]   uint8   d f16 | dmin f16 | scales[12] | qs[128] (32 low nibbles, then 32 high, per 32 bytes)
+  x[xo : xo + 256]   int8    the token's Q8_K values for this super-block
+  bsum[bo : bo + 8]  int32   sums of those values per 32 (one per block minimum)
+Arrays must be C-contiguous; offsets are elements of the flat data and are not bounds-checked.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.registry import cpu_target
+from numba.extending import intrinsic
+
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+HAS_AVX2 = "+avx2" in cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+
+
+def _vec(elem: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(elem, n)
+
+
+def _splat(builder, value, n: int):
+    one = builder.insert_element(ir.Constant(_vec(value.type, n), None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(_vec(value.type, n), None), ir.Constant(_vec(_I32, n), [0] * n))
+
+
+def _load(builder, base, offset: int, ty: ir.Type, align: int):
+    """A ty loaded from base (an element pointer) + offset elements; align: what the data guarantees."""
+    ptr = builder.gep(base, [ir.Constant(_I64, offset)]) if offset else base
+    return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=align)
+
+
+def _data_at(context, builder, arrty, arr, offset):
+    return builder.gep(context.make_array(arrty)(context, builder, arr).data, [offset])
+
+
+def _intrinsic_fn(builder, name: str, ret: ir.Type, args: list):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _q4_k_scales_mins(builder, w):
+    """get_scale_min_k4 for all 8 sub-blocks at once (ggml's utmp masks): (scales, mins) as <8 x i32>."""
+    u0, u1, u2 = (_load(builder, w, 4 + 4 * i, _I32, 1) for i in range(3))
+
+    def c(v):
+        return ir.Constant(_I32, v)
+
+    low6, low4, low2 = c(0x3F3F3F3F), c(0x0F0F0F0F), c(0x03030303)
+    sc_hi = builder.or_(builder.and_(u2, low4), builder.shl(builder.and_(builder.lshr(u0, c(6)), low2), c(4)))
+    mn_hi = builder.or_(builder.and_(builder.lshr(u2, c(4)), low4),
+                        builder.shl(builder.and_(builder.lshr(u1, c(6)), low2), c(4)))
+    words = ir.Constant(_vec(_I32, 4), None)
+    for i, word in enumerate((builder.and_(u0, low6), sc_hi, builder.and_(u1, low6), mn_hi)):
+        words = builder.insert_element(words, word, ir.Constant(_I32, i))
+    bytes16 = builder.zext(builder.bitcast(words, _vec(_I8, 16)), _vec(_I32, 16))
+    undef = ir.Constant(_vec(_I32, 16), None)
+    scales = builder.shuffle_vector(bytes16, undef, ir.Constant(_vec(_I32, 8), list(range(8))))
+    mins = builder.shuffle_vector(bytes16, undef, ir.Constant(_vec(_I32, 8), list(range(8, 16))))
+    return scales, mins
+
+
+def _q4_k_sumi_avx2(builder, nibbles, xs, scales):
+    """sum_j scale_j * (nibbles_j . xs_j): vpmaddubsw, then vpmaddwd by the scale, in 8 int32 lanes."""
+    acc = ir.Constant(_vec(_I32, 8), None)
+    for j, (q, xv) in enumerate(zip(nibbles, xs)):
+        pairs = _intrinsic_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [q, xv])
+        scale = _splat(builder, builder.trunc(builder.extract_element(scales, ir.Constant(_I32, j)), _I16), 16)
+        acc = builder.add(acc, _intrinsic_fn(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [pairs, scale]))
+    return acc
+
+
+def _q4_k_sumi_generic(builder, nibbles, xs, scales):
+    """The same sums in 32 int32 lanes: int16 products (|15 * 128| fits), widened, times the scale."""
+    acc = ir.Constant(_vec(_I32, 32), None)
+    for j, (q, xv) in enumerate(zip(nibbles, xs)):
+        prod = builder.mul(builder.zext(q, _vec(_I16, 32)), builder.sext(xv, _vec(_I16, 32)))
+        scale = _splat(builder, builder.extract_element(scales, ir.Constant(_I32, j)), 32)
+        acc = builder.add(acc, builder.mul(builder.sext(prod, _vec(_I32, 32)), scale))
+    return acc
+
+
+def _q4_k_block(avx2: bool):
+    """An intrinsic (w, wo, x, xo, bsum, bo) -> (sumi, summ) int32 for one Q4_K super-block and one token:
+    sumi = sum of scale * nibble * x (ggml's sumi), summ = sum of min * bsum (its q8sums . mins)."""
+
+    @intrinsic
+    def q4_k_block(typingctx, w, wo, x, xo, bsum, bo):
+        for arr, dtype, offset in ((w, types.uint8, wo), (x, types.int8, xo), (bsum, types.int32, bo)):
+            if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.layout == "C"
+                    and isinstance(offset, types.Integer)):
+                return None
+        sig = types.UniTuple(types.int32, 2)(w, wo, x, xo, bsum, bo)
+
+        def codegen(context, builder, signature, args):
+            wty, _, xty, _, bty, _ = signature.args
+            wp = _data_at(context, builder, wty, args[0], args[1])
+            xp = _data_at(context, builder, xty, args[2], args[3])
+            bp = _data_at(context, builder, bty, args[4], args[5])
+            scales, mins = _q4_k_scales_mins(builder, wp)
+            low4, four = ir.Constant(_vec(_I8, 32), [15] * 32), ir.Constant(_vec(_I8, 32), [4] * 32)
+            nibbles = []
+            for n in range(4):  # 32 bytes: sub-block 2n in the low nibbles, 2n + 1 in the high ones
+                q = _load(builder, wp, 16 + 32 * n, _vec(_I8, 32), 1)
+                nibbles += [builder.and_(q, low4), builder.lshr(q, four)]
+            xs = [_load(builder, xp, 32 * j, _vec(_I8, 32), 1) for j in range(8)]
+            acc = (_q4_k_sumi_avx2 if avx2 else _q4_k_sumi_generic)(builder, nibbles, xs, scales)
+            mins_acc = builder.mul(mins, _load(builder, bp, 0, _vec(_I32, 8), 4))
+            sumi = _intrinsic_fn(builder, f"llvm.vector.reduce.add.v{acc.type.count}i32", _I32, [acc])
+            summ = _intrinsic_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [mins_acc])
+            return context.make_tuple(builder, signature.return_type, [sumi, summ])
+
+        return sig, codegen
+
+    return q4_k_block
+
+
+q4_k_block_generic = _q4_k_block(avx2=False)
+q4_k_block_avx2 = _q4_k_block(avx2=True)
+q4_k_block = q4_k_block_avx2 if HAS_AVX2 else q4_k_block_generic
