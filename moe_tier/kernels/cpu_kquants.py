@@ -178,17 +178,15 @@ def _rows_q3_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
 
 @njit(cache=True, fastmath=True)
 def _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    """No decoder: each super-block and token is one cpu_simd.q4_k_block call, giving ggml's sumi and the
-    minimums' sum; w, xq and bsums are C-contiguous (matmul makes them so), offsets index their flat data."""
+    """No decoder: each super-block and token is one cpu_simd.q4_k_block call (d * sumi - dmin * summ);
+    w, xq and bsums are C-contiguous (matmul makes them so), offsets index their flat data."""
     n_tok, n_blk = xd.shape
     row_bytes, n_min = w.shape[1], bsums.shape[1] // n_blk
     for r in range(r0, r1):
         for b in range(n_blk):
             o = r * row_bytes + b * block_bytes
-            d, dmin = f16_at(F16_TO_F32, w[r], b * block_bytes), f16_at(F16_TO_F32, w[r], b * block_bytes + 2)
             for t in range(n_tok):
-                s, m = simd.q4_k_block(w, o, xq, (t * n_blk + b) * qk, bsums, (t * n_blk + b) * n_min)
-                out[t, r] += xd[t, b] * (d * np.float32(s) - dmin * np.float32(m))
+                out[t, r] += xd[t, b] * simd.q4_k_block(w, o, xq, (t * n_blk + b) * qk, bsums, (t * n_blk + b) * n_min)
 
 
 @njit(cache=True, fastmath=True)

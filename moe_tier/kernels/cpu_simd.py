@@ -55,6 +55,26 @@ def _intrinsic_fn(builder, name: str, ret: ir.Type, args: list):
     return builder.call(fn, args)
 
 
+def _f16_to_f32(builder, h):
+    """<n x i16> fp16 bits -> <n x float>, exactly (subnormals, inf, NaN too) in integer ops: LLVM's own fpext
+    needs F16C or a compiler-rt call numba's JIT lacks. (F. Giesen's half_to_float: move exponent and mantissa
+    into place, rebias, fix up inf / NaN, renormalise subnormals with one exact float subtraction.)"""
+    n = h.type.count
+    i32, f32 = _vec(_I32, n), _vec(ir.FloatType(), n)
+
+    def c(v):
+        return ir.Constant(i32, [v] * n)
+
+    h = builder.zext(h, i32)
+    o = builder.shl(builder.and_(h, c(0x7FFF)), c(13))
+    exp = builder.and_(o, c(0x0F800000))
+    o = builder.add(o, c(112 << 23))
+    o = builder.select(builder.icmp_unsigned("==", exp, c(0x0F800000)), builder.add(o, c(112 << 23)), o)
+    sub = builder.fsub(builder.bitcast(builder.add(o, c(1 << 23)), f32), builder.bitcast(c(113 << 23), f32))
+    o = builder.select(builder.icmp_unsigned("==", exp, c(0)), builder.bitcast(sub, i32), o)
+    return builder.bitcast(builder.or_(o, builder.shl(builder.and_(h, c(0x8000)), c(16))), f32)
+
+
 def _q4_k_scales_mins(builder, w):
     """get_scale_min_k4 for all 8 sub-blocks at once (ggml's utmp masks): (scales, mins) as <8 x i32>."""
     u0, u1, u2 = (_load(builder, w, 4 + 4 * i, _I32, 1) for i in range(3))
@@ -97,8 +117,9 @@ def _q4_k_sumi_generic(builder, nibbles, xs, scales):
 
 
 def _q4_k_block(avx2: bool):
-    """An intrinsic (w, wo, x, xo, bsum, bo) -> (sumi, summ) int32 for one Q4_K super-block and one token:
-    sumi = sum of scale * nibble * x (ggml's sumi), summ = sum of min * bsum (its q8sums . mins)."""
+    """An intrinsic (w, wo, x, xo, bsum, bo) -> float32 d * sumi - dmin * summ for one Q4_K super-block and
+    one token, before the token's scale: sumi = sum of scale * nibble * x (ggml's sumi), summ = sum of
+    min * bsum (its q8sums . mins), both exact int32, then two roundings to float32 and a float subtraction."""
 
     @intrinsic
     def q4_k_block(typingctx, w, wo, x, xo, bsum, bo):
@@ -106,7 +127,7 @@ def _q4_k_block(avx2: bool):
             if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.layout == "C"
                     and isinstance(offset, types.Integer)):
                 return None
-        sig = types.UniTuple(types.int32, 2)(w, wo, x, xo, bsum, bo)
+        sig = types.float32(w, wo, x, xo, bsum, bo)
 
         def codegen(context, builder, signature, args):
             wty, _, xty, _, bty, _ = signature.args
@@ -124,7 +145,10 @@ def _q4_k_block(avx2: bool):
             mins_acc = builder.mul(mins, _load(builder, bp, 0, _vec(_I32, 8), 4))
             sumi = _intrinsic_fn(builder, f"llvm.vector.reduce.add.v{acc.type.count}i32", _I32, [acc])
             summ = _intrinsic_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [mins_acc])
-            return context.make_tuple(builder, signature.return_type, [sumi, summ])
+            d_dmin = _f16_to_f32(builder, _load(builder, wp, 0, _vec(_I16, 2), 1))
+            d, dmin = (builder.extract_element(d_dmin, ir.Constant(_I32, i)) for i in (0, 1))
+            sumi, summ = (builder.sitofp(v, ir.FloatType()) for v in (sumi, summ))
+            return builder.fsub(builder.fmul(d, sumi), builder.fmul(dmin, summ))
 
         return sig, codegen
 
