@@ -1,5 +1,5 @@
-"""cpu_simd's Q4_K block dot, both lowerings (x86 AVX2 where the host has it, generic vector IR everywhere),
-against integer sums built from gguf's dequantizer.
+"""cpu_simd's Q4_K block dot, both lowerings (x86 AVX2 + F16C where the host has them, generic vector IR
+everywhere), against integer sums built from gguf's dequantizer and numpy's fp16 conversion.
 
 Shape key: B = 6 super-blocks of 256 values (144 bytes), each with its own 256 x values. Blocks 0 and 1 are
 extremes: every nibble 15 and every scale and minimum 63, against x all -128 and all 127 (vpmaddubsw's int16
@@ -24,17 +24,17 @@ def runner(block_fn):
     @njit
     def run(w, x, bsum, out):
         for b in range(out.size):
-            out[b] = block_fn(w, b * 144, x, (b % (x.size // 256)) * 256, bsum, (b % (bsum.size // 8)) * 8)
+            out[b] = block_fn(w, b * 144, x, (b % (x.size // 256)) * 256, bsum, (b % (bsum.size // 16)) * 16)
 
     return run
 
 
-LOWERINGS = {"generic": runner(cpu_simd.q4_k_block_generic), "avx2": runner(cpu_simd.q4_k_block_avx2)}
+LOWERINGS = {"generic": runner(cpu_simd.q4_k_block_generic), "x86": runner(cpu_simd.q4_k_block_x86)}
 
 
 def skip_unless_host_runs(lowering: str) -> None:
-    if lowering == "avx2" and not cpu_simd.HAS_AVX2:
-        pytest.skip("host CPU lacks AVX2")
+    if lowering == "x86" and not cpu_simd.HAS_X86:
+        pytest.skip("host CPU lacks AVX2 or F16C")
 
 
 def blocks_and_x(seed: int):
@@ -66,7 +66,7 @@ def reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 def test_q4_k_block_is_exact(lowering):
     skip_unless_host_runs(lowering)
     w, x = blocks_and_x(seed=3)
-    bsum = x.reshape(B, 8, 32).sum(axis=-1, dtype=np.int32)
+    bsum = x.reshape(B, 16, 16).sum(axis=-1, dtype=np.int32)
     out = np.zeros(B, np.float32)
     LOWERINGS[lowering](w.reshape(-1), x.reshape(-1), bsum.reshape(-1), out)
     np.testing.assert_array_equal(out, reference(w, x))
@@ -84,7 +84,7 @@ def test_q4_k_block_reads_every_fp16_scale(lowering):
     x = np.zeros(QK_K, np.int8)
     x[0] = 1
     out = np.zeros(1 << 16, np.float32)
-    LOWERINGS[lowering](w.reshape(-1), x, np.zeros(8, np.int32), out)
+    LOWERINGS[lowering](w.reshape(-1), x, np.zeros(16, np.int32), out)
     expected = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
     nan = np.isnan(expected)
     assert np.isnan(out[nan]).all()
@@ -93,6 +93,6 @@ def test_q4_k_block_reads_every_fp16_scale(lowering):
 
 def test_q4_k_block_rejects_non_contiguous_arrays():
     w, x = blocks_and_x(seed=4)
-    bsum = x.reshape(B, 8, 32).sum(axis=-1, dtype=np.int32)
+    bsum = x.reshape(B, 16, 16).sum(axis=-1, dtype=np.int32)
     with pytest.raises(Exception, match="q4_k_block"):
         LOWERINGS["generic"](w[:, ::2], x.reshape(-1), bsum.reshape(-1), np.zeros(B, np.float32))

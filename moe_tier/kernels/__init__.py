@@ -69,7 +69,7 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: GGMLQuantizationType, n_rows: in
         raise MoeTierError(None, f"activations of shape {x.shape} do not match a weight of {n_cols} columns")
     out = np.zeros((x.shape[0], n_rows), dtype=np.float32)
     if x.shape[0] and n_rows:
-        if rows.nbytes * x.shape[0] >= PARALLEL_MIN_BYTES:
+        if rows.nbytes * x.shape[0] >= PARALLEL_MIN_BYTES or numba.get_num_threads() == 1:
             _KERNELS[qtype](rows, x, out)
         else:
             threads = numba.get_num_threads()

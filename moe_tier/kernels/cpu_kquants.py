@@ -1,11 +1,11 @@
 """numba matmul kernels for the 256-value super-block quants (Q2_K..Q6_K, IQ4_XS); activations go to Q8_K.
 
 Shape key: T tokens, K = n_cols, N = n_rows, B = K / 256 super-blocks per row, M = block minimums per row
-(K / 16 for Q2_K, K / 32 for Q4_K / Q5_K, 0 for the others).
+(K / 16 for Q2_K and Q4_K, K / 32 for Q5_K, 0 for the others).
   w     (N, B * block_bytes) uint8   raw GGUF blocks
   xq    (T, K) int8                  Q8_K values
   xd    (T, B) float32               Q8_K scales
-  bsums (T, M) int32                 sums of xq over each group sharing a minimum (Q8_K's bsums, regrouped)
+  bsums (T, M) int32                 sums of xq per minimum (Q8_K's bsums; for Q5_K regrouped per 32)
   out   (T, N) float32, zeroed
 
 Each super-block is decoded once into wq[256] = sub-block scale * quant (int16: |scale * quant| <= 4096), then
@@ -181,12 +181,12 @@ def _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
     """No decoder: each super-block and token is one cpu_simd.q4_k_block call (d * sumi - dmin * summ);
     w, xq and bsums are C-contiguous (matmul makes them so), offsets index their flat data."""
     n_tok, n_blk = xd.shape
-    row_bytes, n_min = w.shape[1], bsums.shape[1] // n_blk
+    row_bytes, n_bsum = w.shape[1], bsums.shape[1] // n_blk
     for r in range(r0, r1):
         for b in range(n_blk):
             o = r * row_bytes + b * block_bytes
             for t in range(n_tok):
-                out[t, r] += xd[t, b] * simd.q4_k_block(w, o, xq, (t * n_blk + b) * qk, bsums, (t * n_blk + b) * n_min)
+                out[t, r] += xd[t, b] * simd.q4_k_block(w, o, xq, (t * n_blk + b) * qk, bsums, (t * n_blk + b) * n_bsum)
 
 
 @njit(cache=True, fastmath=True)
@@ -235,16 +235,18 @@ def _kquant_par(kind, w, qk, block_bytes, xq, xd, bsums, values, out):
             _rows_iq4_xs(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1)
 
 
-def _kernel(qtype: Q, kind: int, min_group: int):
-    """kind selects the row function in _kquant_par: the bit width (2..6), 0 for IQ4_XS. min_group: values
-    per block minimum (16, 32), 0 for none; Q8_K's bsums are summed to that grouping."""
+def _kernel(qtype: Q, kind: int, bsum_group: int):
+    """kind selects the row function in _kquant_par: the bit width (2..6), 0 for IQ4_XS. bsum_group: values per
+    bsums entry the row function reads, 0 for none: Q8_K's own bsums (16) or those summed per 32 (Q5_K)."""
     qk, block_bytes = GGML_QUANT_SIZES[qtype]
 
     def run(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         xq = act.quantize_q8_k(x)
         n_tok = x.shape[0]
-        if min_group:
-            bsums = xq.extra.reshape(n_tok, -1, min_group // 16).sum(axis=-1, dtype=np.int32)
+        if bsum_group == 16:
+            bsums = xq.extra
+        elif bsum_group:
+            bsums = xq.extra.reshape(n_tok, -1, bsum_group // 16).sum(axis=-1, dtype=np.int32)
         else:
             bsums = np.zeros((n_tok, 0), np.int32)
         _kquant_par(kind, w, qk, block_bytes, xq.qs, xq.d, bsums, IQ4NL_VALUES, out)
@@ -255,7 +257,7 @@ def _kernel(qtype: Q, kind: int, min_group: int):
 KERNELS = {
     Q.Q2_K: _kernel(Q.Q2_K, 2, 16),
     Q.Q3_K: _kernel(Q.Q3_K, 3, 0),
-    Q.Q4_K: _kernel(Q.Q4_K, 4, 32),
+    Q.Q4_K: _kernel(Q.Q4_K, 4, 16),  # q4_k_block pairs the sums itself, as ggml does
     Q.Q5_K: _kernel(Q.Q5_K, 5, 32),
     Q.Q6_K: _kernel(Q.Q6_K, 6, 0),
     Q.IQ4_XS: _kernel(Q.IQ4_XS, 0, 0),

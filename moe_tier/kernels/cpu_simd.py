@@ -6,16 +6,16 @@ the 6-bit scales and minimums unpacked with 32-bit masks, nibbles unpacked 32 at
 nibble x signed int8, pairs summed in int16: |2 * 15 * 128| < 2**15, never saturating) then vpmaddwd by the
 sub-block scale (LLVM fuses the int32 accumulation into vpdpwssd where AVX512-VNNI exists). Without AVX2 the
 same sums come from generic vector IR (widen, multiply, add) that LLVM lowers for the target. Integer sums are
-exact either way, so both equal ggml's sumi to the bit.
+exact either way, so both equal ggml's sumi to the bit; the fp16 scales are read exactly either way too.
 
-The x86 intrinsics are chosen by the features numba compiles for (its codegen's magic tuple, which also keys
-numba's cache, so a cached kernel never meets a CPU it was not built for). numba's cache checks only the
-calling function's file, so after editing this one, touch cpu_kquants.py (or clear its __pycache__).
+The x86 lowering (AVX2 and F16C) is chosen by the features numba compiles for (its codegen's magic tuple, which
+also keys numba's cache, so a cached kernel never meets a CPU it was not built for). numba's cache hashes only
+the calling function's file: after editing this one, clear cpu_kquants' entries in kernels/__pycache__.
 
 Shape key for one Q4_K super-block (QK_K = 256 values, 144 bytes):
   w[wo : wo + 144]   uint8   d f16 | dmin f16 | scales[12] | qs[128] (32 low nibbles, then 32 high, per 32 bytes)
   x[xo : xo + 256]   int8    the token's Q8_K values for this super-block
-  bsum[bo : bo + 8]  int32   sums of those values per 32 (one per block minimum)
+  bsum[bo : bo + 16] int32   sums of those values per 16 (Q8_K's bsums; pairs share a block minimum)
 Arrays must be C-contiguous; offsets are elements of the flat data and are not bounds-checked.
 """
 
@@ -28,7 +28,8 @@ from numba.core.registry import cpu_target
 from numba.extending import intrinsic
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-HAS_AVX2 = "+avx2" in cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+_TARGET_FEATURES = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+HAS_X86 = "+avx2" in _TARGET_FEATURES and "+f16c" in _TARGET_FEATURES
 
 
 def _vec(elem: ir.Type, n: int) -> ir.VectorType:
@@ -55,12 +56,15 @@ def _intrinsic_fn(builder, name: str, ret: ir.Type, args: list):
     return builder.call(fn, args)
 
 
-def _f16_to_f32(builder, h):
-    """<n x i16> fp16 bits -> <n x float>, exactly (subnormals, inf, NaN too) in integer ops: LLVM's own fpext
-    needs F16C or a compiler-rt call numba's JIT lacks. (F. Giesen's half_to_float: move exponent and mantissa
-    into place, rebias, fix up inf / NaN, renormalise subnormals with one exact float subtraction.)"""
+def _f16_to_f32(builder, h, f16c: bool):
+    """<n x i16> fp16 bits -> <n x float>, exactly (subnormals, inf, NaN too). LLVM's fpext is one vcvtph2ps
+    with F16C, else a compiler-rt call numba's JIT lacks (a crash), so without F16C: integer ops (F. Giesen's
+    half_to_float: move exponent and mantissa into place, rebias, fix up inf / NaN, renormalise subnormals
+    with one exact float subtraction)."""
     n = h.type.count
     i32, f32 = _vec(_I32, n), _vec(ir.FloatType(), n)
+    if f16c:
+        return builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), n)), f32)
 
     def c(v):
         return ir.Constant(i32, [v] * n)
@@ -116,7 +120,7 @@ def _q4_k_sumi_generic(builder, nibbles, xs, scales):
     return acc
 
 
-def _q4_k_block(avx2: bool):
+def _q4_k_block(x86: bool):
     """An intrinsic (w, wo, x, xo, bsum, bo) -> float32 d * sumi - dmin * summ for one Q4_K super-block and
     one token, before the token's scale: sumi = sum of scale * nibble * x (ggml's sumi), summ = sum of
     min * bsum (its q8sums . mins), both exact int32, then two roundings to float32 and a float subtraction."""
@@ -141,11 +145,14 @@ def _q4_k_block(avx2: bool):
                 q = _load(builder, wp, 16 + 32 * n, _vec(_I8, 32), 1)
                 nibbles += [builder.and_(q, low4), builder.lshr(q, four)]
             xs = [_load(builder, xp, 32 * j, _vec(_I8, 32), 1) for j in range(8)]
-            acc = (_q4_k_sumi_avx2 if avx2 else _q4_k_sumi_generic)(builder, nibbles, xs, scales)
-            mins_acc = builder.mul(mins, _load(builder, bp, 0, _vec(_I32, 8), 4))
+            acc = (_q4_k_sumi_avx2 if x86 else _q4_k_sumi_generic)(builder, nibbles, xs, scales)
+            bsum16 = _load(builder, bp, 0, _vec(_I32, 16), 4)
+            even, odd = (ir.Constant(_vec(_I32, 8), list(range(k, 16, 2))) for k in (0, 1))
+            bsum32 = builder.add(*(builder.shuffle_vector(bsum16, bsum16, half) for half in (even, odd)))
+            mins_acc = builder.mul(mins, bsum32)
             sumi = _intrinsic_fn(builder, f"llvm.vector.reduce.add.v{acc.type.count}i32", _I32, [acc])
             summ = _intrinsic_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [mins_acc])
-            d_dmin = _f16_to_f32(builder, _load(builder, wp, 0, _vec(_I16, 2), 1))
+            d_dmin = _f16_to_f32(builder, _load(builder, wp, 0, _vec(_I16, 2), 1), f16c=x86)
             d, dmin = (builder.extract_element(d_dmin, ir.Constant(_I32, i)) for i in (0, 1))
             sumi, summ = (builder.sitofp(v, ir.FloatType()) for v in (sumi, summ))
             return builder.fsub(builder.fmul(d, sumi), builder.fmul(dmin, summ))
@@ -155,6 +162,6 @@ def _q4_k_block(avx2: bool):
     return q4_k_block
 
 
-q4_k_block_generic = _q4_k_block(avx2=False)
-q4_k_block_avx2 = _q4_k_block(avx2=True)
-q4_k_block = q4_k_block_avx2 if HAS_AVX2 else q4_k_block_generic
+q4_k_block_generic = _q4_k_block(x86=False)
+q4_k_block_x86 = _q4_k_block(x86=True)
+q4_k_block = q4_k_block_x86 if HAS_X86 else q4_k_block_generic
