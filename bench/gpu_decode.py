@@ -6,8 +6,11 @@ per token over each link, hit rates, and the floor (bytes that must cross each l
 rate). The peer, in the same run: llama.cpp's CUDA llama-bench (--llama-bench BIN) with -ngl 99 and the
 -ncmoe that keeps as many layers' experts on the GPU as the same budget holds (estimated from the plan's fixed
 part and the experts' bytes per layer; llama-bench reports no memory use).
-Usage: python -m bench.gpu_decode [--vram 12GiB,24GiB] [--tokens 32] [--prompt 64] [--out /tmp/mixtral.gguf]
-       [--llama-bench /path/to/llama-bench]
+--replay NPZ (arrays ids (tokens, layers, k), weights): BENCHMARK ONLY, the router's choice is replaced, token
+after token, by recorded routing (real Mixtral-8x7B routing), labelled as such in the output; llama.cpp cannot
+be given another routing, so its row stays the uniform-routing one.
+Usage: python -m bench.gpu_decode [--vram 12GiB,24GiB] [--tokens 256] [--prompt 512] [--out /tmp/mixtral.gguf]
+       [--policy lfu,lru] [--replay routing.npz] [--llama-bench /path/to/llama-bench]
 """
 
 from __future__ import annotations
@@ -25,35 +28,65 @@ import torch
 
 from bench.report import update_section
 from moe_tier.engine import Engine
-from moe_tier.models import Segment
+from moe_tier.moe import Routing
 from moe_tier.stats import EngineStats
 from moe_tier.synth import mixtral_8x7b, write_fast
 from moe_tier.units import format_bytes, parse_bytes
 
 
-def run(path: Path, vram: str, n_prompt: int, n_tokens: int) -> dict:
+class ReplayedRouter:
+    """BENCHMARK ONLY: ops.route replaced by recorded routing, tokens taken in order (wrapping around)."""
+
+    def __init__(self, ops, ids: np.ndarray, weights: np.ndarray, n_layer: int):
+        self.ops, self.ids, self.weights, self.n_layer = ops, ids, weights, n_layer
+        self.calls = self.token = 0
+
+    def __call__(self, logits, bias):
+        layer, T = self.calls % self.n_layer, logits.shape[0]
+        rows = (self.token + np.arange(T)) % len(self.ids)
+        ids, weights = self.ids[rows, layer].astype(np.int32), self.weights[rows, layer].astype(np.float32)
+        self.calls += 1
+        if self.calls % self.n_layer == 0:
+            self.token += T
+        if self.ops.device_routing:
+            return Routing(torch.from_numpy(ids).to(logits.device), torch.from_numpy(weights).to(logits.device))
+        return Routing(ids, weights)
+
+
+def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay: Path | None) -> dict:
     t0 = time.perf_counter()
-    eng = Engine.open(path, vram=vram, ctx=n_prompt + n_tokens + 8)
+    eng = Engine.open(path, vram=vram, ctx=n_prompt + n_tokens + 8, policy=policy)
     open_s = time.perf_counter() - t0
     model, ops = eng.model, eng.model.ops
+    if replay is not None:
+        trace = np.load(replay)
+        ops.route = ReplayedRouter(ops, trace["ids"], trace["weights"], eng.desc.config.n_layer)
     cache = model.new_cache(n_prompt + n_tokens + 8)
     prompt = np.random.default_rng(0).integers(3, eng.n_vocab, n_prompt)
     t0 = time.perf_counter()
-    logits = ops.to_host(model.forward(prompt, [Segment(cache, 0, n_prompt)], last_only=True))
+    logits = eng.step(cache, prompt)
     prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    logits = eng.step(cache, np.array([int(np.argmax(logits[-1]))]))  # a first decode step captures its graph
+    first_s = time.perf_counter() - t0
+    if hasattr(ops.moe, "account"):
+        ops.moe.account()
     eng.stats = eng.tiers.stats = EngineStats()  # count decode only
     t0 = time.perf_counter()
     for _ in range(n_tokens):
-        token = int(np.argmax(logits[-1]))
-        logits = ops.to_host(model.forward(np.array([token]), [Segment(cache, 0, 1)], last_only=True))
+        logits = eng.step(cache, np.array([int(np.argmax(logits[-1]))]))
     decode_s = time.perf_counter() - t0
+    if hasattr(ops.moe, "account"):  # no local reference: the arena must be freeable below
+        ops.moe.account()
     s, speeds = eng.tiers.stats, eng.tiers.speeds
     moved = {link: c.bytes / n_tokens for link, c in s.links.items()}
     # Floor for the bytes this run moved: each link busy the whole token, links in parallel.
-    pcie = moved.get("warm->gpu", 0) + moved.get("disk->gpu", 0)
+    pcie = moved.get("warm->gpu", 0) + moved.get("warm->gpu read", 0) + moved.get("disk->gpu", 0)
     disk = moved.get("disk->gpu", 0) + moved.get("disk->cpu", 0)
     floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s)
-    result = dict(vram=vram, slots=sum(g.n_slots for g in eng.plan.gpus), open_s=open_s,
+    result = dict(vram=vram, policy=policy, routing="replayed (benchmark only)" if replay else "model's own",
+                  device_path=type(ops.moe).__name__ == "DeviceMoE", graphs=eng._graphs is not None, first_s=first_s,
+                  slots=sum(g.n_slots for g in eng.plan.gpus), open_s=open_s,
                 fixed_bytes=eng.plan.gpus[0].fixed_bytes, n_layer=eng.desc.config.n_layer,
                 layer_expert_bytes=sum(e.n_bytes for e in eng.desc.experts.values()) // eng.desc.config.n_layer,
                 prefill_tps=n_prompt / prefill_s, decode_tps=n_tokens / decode_s, moved=moved,
@@ -81,8 +114,10 @@ def llama_cpp_peer(binary: str, path: Path, fixed_bytes: int, budget_bytes: int,
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vram", default="12GiB,24GiB")
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--policy", default="lfu", help="slot policies to run, comma-separated (tiers.slots.POLICIES)")
+    ap.add_argument("--replay", type=Path, help="BENCHMARK ONLY: replace the routing by this recorded one")
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick check")
     ap.add_argument("--llama-bench", help="llama.cpp's llama-bench built with CUDA: the peer, in the same run")
     ap.add_argument("--out", default="/tmp/moe-tier-mixtral-8x7b-q4k.gguf")
@@ -92,32 +127,40 @@ def main() -> None:
         t0 = time.perf_counter()
         write_fast(path, mixtral_8x7b(n_layer=args.layers))
         print(f"wrote {path} ({format_bytes(path.stat().st_size)}) in {time.perf_counter() - t0:.0f} s", flush=True)
-    rows = []
+    rows, peers = [], {}
     for vram in args.vram.split(","):
         parse_bytes(vram)
-        r = run(path, vram, args.prompt, args.tokens)
-        if args.llama_bench:
-            r["peer"] = llama_cpp_peer(args.llama_bench, path, r["fixed_bytes"], parse_bytes(vram),
-                                       r["layer_expert_bytes"], r["n_layer"], args.prompt, args.tokens)
-        print(r, flush=True)
-        rows.append(r)
+        for replay in [None] + ([args.replay] if args.replay else []):
+            for policy in args.policy.split(","):
+                r = run(path, vram, args.prompt, args.tokens, policy, replay)
+                if args.llama_bench and vram not in peers:
+                    peers[vram] = llama_cpp_peer(args.llama_bench, path, r["fixed_bytes"], parse_bytes(vram),
+                                                 r["layer_expert_bytes"], r["n_layer"], args.prompt, args.tokens)
+                r["peer"] = peers.get(vram)
+                print(r, flush=True)
+                rows.append(r)
     sp = rows[0]["speeds"]
     body = (f"Mixtral-8x7B shape ({args.layers} layers), Q4_K (synthetic, random weights: near-uniform routing), {args.prompt}-token prompt, "
             f"{args.tokens} greedy tokens. Measured links: host->GPU {sp.h2d_bytes_per_s / 1e9:.1f} GB/s, disk "
             f"{sp.disk_bytes_per_s / 1e9:.2f} GB/s, CPU experts {sp.cpu_bytes_per_s / 1e9:.1f} GB/s.\n\n"
-            "| VRAM | slots | open s | prefill tok/s | decode tok/s | floor tok/s | moved per token | hit rates "
-            "| llama.cpp (-ncmoe) prefill / decode tok/s | decode ratio |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |\n")
+            "| VRAM | routing | policy | slots | open s | prefill tok/s | decode tok/s | floor tok/s | moved per token "
+            "| hit rates | llama.cpp (-ncmoe) prefill / decode tok/s | decode ratio |\n"
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |\n")
     for r in rows:
         moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in r["moved"].items()) or "-"
         peer = r.get("peer")
         versus = (f"{peer['prefill_tps']:.1f} / {peer['decode_tps']:.2f} ({peer['ncmoe']}) | "
                   f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else "not run | -")
-        body += (f"| {r['vram']} | {r['slots']} | {r['open_s']:.0f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
+        body += (f"| {r['vram']} | {r['routing']} | {r['policy']} | {r['slots']} | {r['open_s']:.0f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
                  f"{r['floor_tps']:.1f} | {moved} | {r['rates']} | {versus} |\n")
     body += ("\nfloor: tokens/s if each link only carried this run's bytes at its measured rate (PCIe and disk in "
              "parallel); the gap to it is compute, synchronisation and Python time.\n")
-    body += "The decode loop reads routing back to the host every layer.\n"
+    body += ("Decode keeps routing on the GPU (" + ("yes" if rows[0]["device_path"] else "no") + "), each step one CUDA "
+             "graph replay (" + ("yes" if rows[0]["graphs"] else "no") + f"; its capture, {rows[0]['first_s']:.1f} s, is "
+             "outside the timed steps): warm experts are read "
+             "in place over PCIe ('warm->gpu read'), promotions are copies ('warm->gpu'). Replayed rows: the router's "
+             "choice replaced by real Mixtral-8x7B routing (GSM8K), a benchmark-only override; llama.cpp's ratio there "
+             "is against its uniform-routing run.\n")
     print(body)
     update_section("GPU decode (Mixtral-8x7B shape, Q4_K)", "python -m bench.gpu_decode " + " ".join(sys.argv[1:]), body)
 

@@ -34,8 +34,8 @@ PREFILL_CHUNK = 512  # tokens per prefill step: bounds the activation scratch th
 
 
 class Engine:
-    def __init__(self, desc: ModelDesc, plan: TierPlan, ctx: int):
-        self.desc, self.plan, self.ctx = desc, plan, ctx
+    def __init__(self, desc: ModelDesc, plan: TierPlan, ctx: int, policy: str = "lfu"):
+        self.desc, self.plan, self.ctx, self.policy = desc, plan, ctx, policy
         self.stats = EngineStats()
         self.weights = weights = Weights(desc)
         measured_gpu = bool(plan.gpus) and plan.gpus[0].runtime_measured
@@ -57,28 +57,41 @@ class Engine:
         return HostOps(self.desc.config, weights, experts)
 
     def _gpu_ops(self, weights: Weights):
-        """Dense weights and KV cache on the first GPU, routed experts in the slot pool of every GPU."""
+        """Dense weights and KV cache on the first GPU, routed experts in the slot pool of every GPU. Decode keeps
+        routing on the device when every expert is hot or pinned (moe_decode); else it reads it back per layer."""
         import torch
 
         from moe_tier.gpu_ops import GpuOps
+        from moe_tier.moe_decode import DeviceMoE, device_path_possible
         from moe_tier.moe_gpu import moe_ffn_gpu
-        from moe_tier.tiers.gpu_pool import GpuTiers
+        from moe_tier.tiers.gpu_pool import GpuTiers, TierConfig
 
-        self.tiers = GpuTiers(self.desc, self.plan, self.stats, fits=FitStore())
-        return GpuOps(self.desc.config, weights, lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, self.tiers),
-                      torch.device("cuda", self.plan.gpus[0].index))
+        self.tiers = tiers = GpuTiers(self.desc, self.plan, self.stats, TierConfig(policy=self.policy), fits=FitStore())
+        on_device = device_path_possible(tiers) is None
+        moe = DeviceMoE(tiers) if on_device else (lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, tiers))
+        return GpuOps(self.desc.config, weights, moe, torch.device("cuda", self.plan.gpus[0].index), on_device)
+
+    @cached_property
+    def _graphs(self):
+        """Decode steps as CUDA graphs, where a step has no host round trip and one GPU runs it all."""
+        ops = self.model.ops
+        if getattr(ops, "device_routing", False) and len(self.tiers.arena) == 1:
+            from moe_tier.gpu_graph import DecodeGraphs
+
+            return DecodeGraphs(self.model, ops, ops.moe)
+        return None
 
     @classmethod
     def open(cls, path: str | Path, vram: int | str | None = None, ram: int | str | None = None,
-             ctx: int = 2048, expert_freq: np.ndarray | None = None) -> Engine:
+             ctx: int = 2048, expert_freq: np.ndarray | None = None, policy: str = "lfu") -> Engine:
         """vram/ram: bytes or sizes like "12GiB" (vram may list one per GPU); expert_freq (layer, expert)
-        from a routing profile ranks experts for the tiers."""
+        from a routing profile ranks experts for the tiers; policy (tiers.slots.POLICIES) picks slot victims."""
         desc = open_model(path)
         if ctx <= 0:
             raise MoeTierError(path, f"context length must be positive, got {ctx}")
         budget = Budget(vram_bytes=_sizes(vram), ram_bytes=_sizes(ram)[0] if ram is not None else None, ctx=ctx)
         plan = plan_tiers(desc, probe(), budget, expert_freq=expert_freq, fits=FitStore())
-        return cls(desc, plan, ctx)
+        return cls(desc, plan, ctx, policy)
 
     @property
     def n_vocab(self) -> int:
@@ -102,11 +115,14 @@ class Engine:
         """(len(tokens), n_vocab) float32 for a fresh sequence."""
         ids = self._check(tokens)
         cache = self.model.new_cache(len(ids))
-        out = [self._step(cache, ids[i : i + PREFILL_CHUNK], observer, last_only=False)
+        out = [self.step(cache, ids[i : i + PREFILL_CHUNK], observer, last_only=False)
                for i in range(0, len(ids), PREFILL_CHUNK)]
         return np.concatenate(out).astype(np.float32)
 
-    def _step(self, cache, ids: np.ndarray, observer, last_only: bool) -> np.ndarray:
+    def step(self, cache, ids: np.ndarray, observer: RoutingObserver | None = None, last_only: bool = True) -> np.ndarray:
+        """One forward step of a sequence: ids continue `cache` (from model.new_cache); logits on the host."""
+        if len(ids) == 1 and observer is None and self._graphs is not None:
+            return self.model.ops.to_host(self._graphs.step(cache, int(ids[0])))
         return self.model.ops.to_host(self.model.forward(ids, [Segment(cache, 0, len(ids))], observer, last_only))
 
     def stream(self, prompt: str, max_tokens: int, sampling: SamplingConfig = SamplingConfig(),
@@ -132,7 +148,7 @@ class Engine:
         cache = self.model.new_cache(len(ids) + max_tokens)
         t0 = time.perf_counter()
         for i in range(0, len(ids), PREFILL_CHUNK):
-            logits = self._step(cache, ids[i : i + PREFILL_CHUNK], observer, last_only=True)
+            logits = self.step(cache, ids[i : i + PREFILL_CHUNK], observer, last_only=True)
         self.stats.prompt_tokens += len(ids)
         self.stats.prompt_seconds += time.perf_counter() - t0
         expert_bytes_before = self.stats.expert_bytes()
@@ -144,8 +160,11 @@ class Engine:
             self.stats.generated_tokens += 1
             yield token
             if n + 1 < max_tokens:
-                logits = self._step(cache, np.array([token]), observer, last_only=True)
+                logits = self.step(cache, np.array([token]), observer, last_only=True)
         self.stats.generate_seconds += time.perf_counter() - t0
+        account = getattr(self.model.ops.moe, "account", None)  # the device path counts a step one step late
+        if account is not None:
+            account()
         self.stats.decode_expert_bytes += self.stats.expert_bytes() - expert_bytes_before
 
     def generate(self, prompt: str, max_tokens: int, temperature: float = 0.0, seed: int = 0, **sampling) -> str:

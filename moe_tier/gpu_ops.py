@@ -3,31 +3,47 @@ blocks and multiplied by the Triton kernels, an f16 KV cache on the device, expe
 
 Shape key as in models/base.py. Dense weights, norms, router and shared experts are always hot (the plan
 reserved room for them); routed experts come from `moe`, normally moe_gpu.moe_ffn_gpu over the slot pool.
-Known host round trips, one per MoE layer (the routing is read back to pick slots) and one per token (the
-sampler): the decode loop is not yet free of synchronisation.
+With device_routing (moe_decode.DeviceMoE), the router's top-k stays on the GPU and decode has one host round
+trip per token (the sampler); otherwise the routing is read back at every MoE layer to pick slots.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moe_tier.config import ModelConfig
+from moe_tier.config import Gating, ModelConfig
 from moe_tier.kernels.gpu import matmul
+from moe_tier.kernels.gpu_gemv import gemv
 from moe_tier.layers import KVCache, rope, rope_angles
-from moe_tier.moe import Routing, route
+from moe_tier.moe import MIN_WEIGHT_SUM, Routing, route
 from moe_tier.reader import Category
 from moe_tier.tensors import QTensor, Weights
 
 MoE = Callable[[torch.Tensor, Routing, int], torch.Tensor]
 
 
+@dataclass
+class StaticStep:
+    """A single-token step's inputs at fixed device addresses, refilled before each replay of its graph."""
+
+    x: torch.Tensor  # (1, D) the token's embedding
+    pos: torch.Tensor  # (1,) int64, its position
+    cos: torch.Tensor  # (1, n_rot / 2)
+    sin: torch.Tensor
+    n_keys: int  # cache entries attended (positions at or past pos are masked)
+GEMV_MAX_ROWS = 4  # up to this many tokens a dense matmul runs as matrix-vector products (bandwidth-bound)
+
+
 class GpuOps:
-    def __init__(self, cfg: ModelConfig, weights: Weights, moe: MoE, device: torch.device):
-        self.cfg, self.w, self.moe, self.device = cfg, weights, moe, device
+    def __init__(self, cfg: ModelConfig, weights: Weights, moe: MoE, device: torch.device, device_routing: bool = False):
+        self.cfg, self.w, self.moe, self.device, self.device_routing = cfg, weights, moe, device, device_routing
+        self._zeros = torch.zeros(GEMV_MAX_ROWS, dtype=torch.int64, device=device)  # gemv offsets of a dense matrix
+        self.static: StaticStep | None = None  # set while a decode step is captured into a CUDA graph
         self.head = "output" if "output.weight" in weights else "token_embd"
         self._blocks: dict[str, tuple[torch.Tensor, QTensor]] = {}
         self._vectors: dict[str, torch.Tensor | None] = {}
@@ -64,13 +80,21 @@ class GpuOps:
             self._vectors[name] = None if v is None else torch.from_numpy(v).to(self.device)
         return self._vectors[name]
 
-    def embed(self, tokens: np.ndarray) -> torch.Tensor:
+    def embed_rows(self, tokens: np.ndarray) -> np.ndarray:
         """Only the batch's rows of the embedding move: it stays in host memory, as the plan assumed."""
-        return torch.from_numpy(self.w.matrix("token_embd.weight").rows(tokens)).to(self.device)
+        return self.w.matrix("token_embd.weight").rows(tokens)
+
+    def embed(self, tokens: np.ndarray) -> torch.Tensor:
+        if self.static is not None:
+            return self.static.x
+        return torch.from_numpy(self.embed_rows(tokens)).to(self.device)
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         blocks, q = self._upload(f"{name}.weight")
-        y = matmul(x.contiguous(), blocks, q.qtype, q.n_rows, q.n_cols)
+        if len(x) <= GEMV_MAX_ROWS:
+            y = gemv(x, blocks, self._zeros[: len(x)], q.qtype, q.n_rows, q.n_cols)
+        else:
+            y = matmul(x.contiguous(), blocks, q.qtype, q.n_rows, q.n_cols)
         bias = self.vector(f"{name}.bias")
         return y if bias is None else y + bias
 
@@ -83,6 +107,8 @@ class GpuOps:
     def attend(self, layer: int, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """As layers.attention, with the same f16 roundings of q and of the softmax (llama.cpp's f16 cache)."""
         c, start = self.cfg, cache.length
+        if self.static is not None:
+            return self._attend_static(layer, cache, q, k, v)
         cos, sin = self._angles(start, len(q))
         keys, values = cache.store(layer, start, rope(k, cos, sin, c.rope), v)
         q = rope(q, cos, sin, c.rope)
@@ -97,6 +123,23 @@ class GpuOps:
         out = probs.half().float() @ values.float().permute(1, 0, 2)  # (Hkv, group*T, dv)
         return out.reshape(Hkv, group, T, dv).permute(2, 0, 1, 3).reshape(T, H * dv)
 
+    def _attend_static(self, layer: int, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """attend() for one token whose position is on the device: the same math over the first n_keys cache
+        entries, later ones masked, so one captured graph serves every position below n_keys."""
+        c, st = self.cfg, self.static
+        k = rope(k, st.cos, st.sin, c.rope)
+        cache.k[layer].index_copy_(0, st.pos, k.half())
+        cache.v[layer].index_copy_(0, st.pos, v.half())
+        keys, values = cache.k[layer, : st.n_keys], cache.v[layer, : st.n_keys]
+        q = rope(q, st.cos, st.sin, c.rope)
+        H, d = q.shape[1:]
+        Hkv, dv = values.shape[1:]
+        qg = q.half().float().reshape(Hkv, H // Hkv, d)
+        scores = qg @ keys.float().permute(1, 2, 0) / float(np.sqrt(c.head_dim_k))  # (Hkv, group, n_keys)
+        future = torch.arange(st.n_keys, device=self.device) > st.pos
+        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        return (probs.half().float() @ values.float().permute(1, 0, 2)).reshape(1, H * dv)
+
     def _angles(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's rope angles on the device, uploaded once for all layers."""
         key = (start, n)
@@ -107,7 +150,23 @@ class GpuOps:
         return self._rope[key]
 
     def route(self, logits: torch.Tensor, bias: torch.Tensor | None) -> Routing:
-        """On the host, by the one route(): the slot table needs the ids there anyway (a sync per layer)."""
+        """On the device with device_routing (as moe.route, in torch); else on the host by the one route()."""
         c = self.cfg
-        host_bias = None if bias is None else self.to_host(bias)
-        return route(self.to_host(logits), c.n_expert_used, c.gating, c.weights_norm, c.weights_scale, host_bias)
+        if not self.device_routing:
+            host_bias = None if bias is None else self.to_host(bias)
+            return route(self.to_host(logits), c.n_expert_used, c.gating, c.weights_norm, c.weights_scale, host_bias)
+        if c.gating is Gating.SOFTMAX:
+            probs = torch.softmax(logits, dim=-1)
+        elif c.gating is Gating.SIGMOID:
+            probs = torch.sigmoid(logits)
+        else:
+            probs = logits
+        ids = torch.topk(probs if bias is None else probs + bias, c.n_expert_used, dim=-1).indices
+        weights = probs.gather(1, ids)
+        if c.gating is Gating.SOFTMAX_WEIGHT:
+            weights = torch.softmax(weights, dim=-1)
+        if c.weights_norm:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(MIN_WEIGHT_SUM)
+        if c.weights_scale not in (0.0, 1.0):
+            weights = weights * c.weights_scale
+        return Routing(ids.to(torch.int32), weights)

@@ -20,8 +20,14 @@ MIN_WEIGHT_SUM = 6.103515625e-5  # llama.cpp clamps the renormalising sum to thi
 
 @dataclass(frozen=True)
 class Routing:
-    ids: np.ndarray  # (T, k) int32, best first
+    ids: np.ndarray  # (T, k) int32, best first; a GPU backend's decode keeps both on the device
     weights: np.ndarray  # (T, k) float32
+
+    def host(self) -> Routing:
+        """The same routing as numpy arrays (a device-side routing is read back: a host round trip)."""
+        if isinstance(self.ids, np.ndarray):
+            return self
+        return Routing(self.ids.cpu().numpy().astype(np.int32), self.weights.float().cpu().numpy())
 
 
 def route(

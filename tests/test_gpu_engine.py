@@ -81,3 +81,38 @@ def test_gpu_engine_matches_cpu_engine(synth_model, arch, qtype, hot):
     ref = cpu_model.forward(np.array(tokens), [Segment(cpu_model.new_cache(128), 0, len(tokens))])
     assert_close(eng.logits(tokens), ref, TOL[qtype])
     eng.tiers.check()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("hot", ["all", "half", "none"])
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q4_K"), ("qwen3moe", "Q8_0")])
+def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monkeypatch, arch, qtype, hot):
+    """Token by token, as generation runs: every expert pinned, so the router's choice never leaves the GPU;
+    eagerly and as CUDA graphs (a small bucket, so the step crosses several captured lengths)."""
+    from moe_tier import gpu_graph
+    from moe_tier.models import Segment
+    from moe_tier.moe_decode import DeviceMoE
+    from moe_tier.synth import tiny, write_fast
+
+    monkeypatch.setattr(gpu_graph, "BUCKET_KEYS", 8)
+    path = write_fast(tmp_path / f"{arch}-{qtype}.gguf", tiny(arch, qtype=qtype))
+    desc = open_model(path)
+    cpu_model = family(desc.arch, desc.path)(desc.config, HostOps(desc.config, Weights(desc), HostExperts(desc, [], EngineStats())))
+    g = plan_tiers(desc, probe(), Budget(ctx=64)).gpus[0]
+    n_hot = {"all": len(desc.experts), "half": len(desc.experts) // 2, "none": 0}[hot]
+    eng = Engine.open(path, ctx=64, vram=g.fixed_bytes + n_hot * g.slot_bytes + g.slot_bytes // 2)
+    assert isinstance(eng.model.ops.moe, DeviceMoE) and len(eng.plan.hot) == n_hot
+    tokens = np.random.default_rng(1).integers(3, eng.n_vocab, 24)
+    ref = cpu_model.forward(tokens, [Segment(cpu_model.new_cache(64), 0, len(tokens))])
+    cache = eng.model.new_cache(64)
+    eager = np.concatenate([eng.model.ops.to_host(eng.model.forward(tokens[i : i + 1], [Segment(cache, 0, 1)]))
+                            for i in range(len(tokens))])
+    assert_close(eager, ref, TOL[qtype])
+    cache = eng.model.new_cache(64)
+    graphed = np.concatenate([eng.step(cache, tokens[i : i + 1]) for i in range(len(tokens))])
+    assert len(eng._graphs.graphs) == 3  # 24 positions in buckets of 8
+    np.testing.assert_allclose(graphed, eager, atol=1e-3 * ref.std())
+    eng.model.ops.moe.account()
+    assert sum(c.hits for c in eng.stats.tiers.values()) >= 2 * len(tokens) * len(desc.moe_layers)
+    eng.tiers.check()

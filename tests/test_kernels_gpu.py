@@ -135,3 +135,28 @@ def test_wider_row_tiles(block_n, num_warps):
                          torch.zeros(1, dtype=torch.int64, device=DEVICE), seg, 3, Q.Q4_K, 40, 256,
                          block_n=block_n, num_warps=num_warps)
     assert rel_err(out.cpu().numpy(), reference(x, w, Q.Q4_K, 40, 256)) < TOL
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("split", [1, 3, None])
+def test_gemv_reads_each_rows_own_matrix_and_skips_negative_offsets(qtype, split):
+    """Decode's kernel: row r of x times the matrix at base + offsets[r] + part_offset; SKIP gives zeros."""
+    from moe_tier.kernels.gpu_gemv import SKIP, gemv
+
+    rng = np.random.default_rng(int(qtype) + 7)
+    n_rows, n_cols, pad = 40, 768, 64
+    weights = [random_weight(qtype, n_rows, n_cols, rng) for _ in range(2)]
+    blob = np.concatenate([np.zeros(pad, np.uint8), weights[0].ravel(), weights[1].ravel()])
+    base = torch.from_numpy(blob).to(DEVICE)
+    starts = [0, weights[0].size]  # past the pad, which part_offset skips
+    order = [1, -1, 0, 1]  # -1: SKIP
+    offsets = torch.tensor([starts[i] if i >= 0 else SKIP for i in order], dtype=torch.int64, device=DEVICE)
+    x = rng.standard_normal((len(order), n_cols)).astype(np.float32)
+    got = gemv(torch.from_numpy(x).to(DEVICE), base, offsets, qtype, n_rows, n_cols, part_offset=pad, split=split)
+    got = got.cpu().numpy()
+    for r, i in enumerate(order):
+        if i < 0:
+            assert not got[r].any()
+        else:
+            want = reference(x[r : r + 1], weights[i], qtype, n_rows, n_cols)[0]
+            assert rel_err(got[r], want) < TOL, (r, i)

@@ -85,7 +85,8 @@ class MoEDecoder:
         ops = self.ops
         routing = ops.route(ops.linear(f"blk.{il}.ffn_gate_inp", h), ops.vector(f"blk.{il}.exp_probs_b.bias"))
         if observer is not None:
-            observer.record(il, routing.ids, routing.weights)
+            seen = routing.host()
+            observer.record(il, seen.ids, seen.weights)
         return ops.moe(h, routing, il)
 
     def shared_expert(self, il: int, h):

@@ -26,6 +26,7 @@ from moe_tier.stats import EngineStats
 from moe_tier.tiers import links
 from moe_tier.tiers.cold import ColdReader
 from moe_tier.tiers.links import LinkSpeeds, Miss
+from moe_tier.tiers.locations import ExpertLocations
 from moe_tier.tiers.slots import POLICIES, Slot, SlotTable, Tier
 from moe_tier.host_tiers import blob_weights
 from moe_tier.tiers.warm import PinnedArena, align_up
@@ -89,6 +90,8 @@ class GpuTiers:
         staging_bytes = max(ColdReader.staging_bytes([(p.offset, p.n_bytes) for p in r.parts]) for r in desc.experts.values())
         self.staging = [torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(config.staging_buffers)]
         self.staging_done: list[torch.cuda.Event | None] = [None] * len(self.staging)
+        self.locations = ExpertLocations(desc.config.n_layer, desc.config.n_expert, self.arena, self.warm, self.layer_gpu)
+        self.pending: list[tuple[ExpertId, Slot, torch.cuda.Event]] = []  # promotions whose copies may run
         self.speeds = config.speeds or self._measure()
         for gpu in self.arena:
             placed = [eid for eid, g in plan.hot.items() if g == gpu][: self.table.n_free(gpu)]
@@ -105,10 +108,10 @@ class GpuTiers:
         """Copy experts into slots on gpu (evicting by policy, never a protected one); compute waits on the copies."""
         device = torch.device("cuda", gpu)
         stream = self.copy_stream[gpu]
+        placed = [(eid, self._make_room(eid, gpu, protected | frozenset(eids))) for eid in eids]
         stream.wait_stream(torch.cuda.current_stream(device))  # queued kernels may still read slots we overwrite
         cold = []
-        for eid in eids:
-            slot = self._make_room(eid, gpu, protected | frozenset(eids))
+        for eid, slot in placed:
             if eid in self.warm:
                 with torch.cuda.stream(stream):
                     self._slot_view(slot, self.desc.experts[eid].n_bytes).copy_(self.warm.blob(eid), non_blocking=True)
@@ -118,6 +121,38 @@ class GpuTiers:
         for wave in range(0, len(cold), len(self.staging)):
             self._fetch_cold(cold[wave : wave + len(self.staging)], stream)
         torch.cuda.current_stream(device).wait_stream(stream)
+        for eid, slot in placed:
+            self.locations.hot(eid, gpu, slot.index * self.slot_bytes)
+
+    def promote(self, eid: ExpertId, gpu: int, protected: frozenset[ExpertId]) -> bool:
+        """Start copying a warm expert into a slot, if the policy prefers it to the slot's holder, without making
+        compute wait: kernels read its pinned copy until settle() sees the copy done and points the table at it."""
+        if not self.table.n_free(gpu):
+            victim = self.policy.victim(e for e in self.table.hot_on(gpu) if e not in protected)
+            if victim is None or not self.policy.prefers(eid, victim):
+                return False
+        stream = self.copy_stream[gpu]
+        slot = self._make_room(eid, gpu, protected)
+        stream.wait_stream(torch.cuda.current_stream(torch.device("cuda", gpu)))
+        with torch.cuda.stream(stream):
+            self._slot_view(slot, self.desc.experts[eid].n_bytes).copy_(self.warm.blob(eid), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        self.pending.append((eid, slot, done))
+        self.stats.moved("warm->gpu", self.desc.experts[eid].n_bytes)
+        return True
+
+    def settle(self) -> None:
+        """Point the table at the slots whose copies have finished (a query, never a wait)."""
+        still = []
+        for eid, slot, done in self.pending:
+            if self.table.slot_of.get(eid) != slot:
+                continue  # evicted again before its copy finished
+            if done.query():
+                self.locations.hot(eid, slot.gpu, slot.index * self.slot_bytes)
+            else:
+                still.append((eid, slot, done))
+        self.pending = still
 
     def _fetch_cold(self, batch: list[tuple[ExpertId, Slot]], stream: torch.cuda.Stream) -> None:
         """Disk reads of the whole batch in flight at once; each expert's copy starts as its read completes."""
@@ -144,6 +179,7 @@ class GpuTiers:
             if victim is None:
                 raise MoeTierError(self.desc.path, f"GPU {gpu}: every slot holds an expert this step needs")
             self.table.evict(victim)
+            self.locations.left(victim, gpu)
             self.policy.forget(victim)
         return self.table.place(eid, gpu)
 
@@ -198,6 +234,7 @@ class GpuTiers:
 
     def check(self) -> None:
         self.table.check()
+        self.locations.check(self.table.slot_of, self.slot_bytes)
         for gpu, arena in self.arena.items():
             assert arena.numel() == self.table.n_slots[gpu] * self.slot_bytes, f"GPU {gpu} arena changed size"
 

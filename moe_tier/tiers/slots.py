@@ -93,6 +93,9 @@ class EvictionPolicy(Protocol):
 
     def victim(self, candidates: Iterable[ExpertId]) -> ExpertId | None: ...
 
+    def prefers(self, newcomer: ExpertId, victim: ExpertId) -> bool:
+        """Whether a missed expert should take the victim's slot (decode promotes misses only when this says so)."""
+
 
 class LruPolicy:
     """Least recently used first."""
@@ -113,6 +116,12 @@ class LruPolicy:
         if never_used:
             return min(never_used)
         return next((e for e in self.order if e in allowed), None)
+
+    def prefers(self, newcomer: ExpertId, victim: ExpertId) -> bool:
+        return True  # the miss was just used: always the most recent
+
+
+LFU_MARGIN = 2  # uses
 
 
 class LfuPolicy:
@@ -135,6 +144,10 @@ class LfuPolicy:
             return None
         rank = {e: i for i, e in enumerate(self.lru.order)}
         return min(allowed, key=lambda e: (self.uses.get(e, 0), rank.get(e, -1)))
+
+    def prefers(self, newcomer: ExpertId, victim: ExpertId) -> bool:
+        """More uses by a margin: near-uniform routing would otherwise swap near-equal experts back and forth."""
+        return self.uses.get(newcomer, 0) > self.uses.get(victim, 0) + LFU_MARGIN
 
 
 POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy}

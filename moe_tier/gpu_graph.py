@@ -1,0 +1,83 @@
+"""Single-token decode steps replayed as CUDA graphs: one launch per token instead of about forty per layer.
+
+At batch 1 the GPU finishes a layer's small kernels faster than Python can queue them, so an eager step costs the
+Python time. With routing on the device (moe_decode.DeviceMoE) a decode step has no host round trip, so it can be
+captured once and replayed: the token's embedding, position and rope angles go into fixed input buffers, the
+step attends over the first n_keys cache entries (captured per bucket of BUCKET_KEYS positions, later entries
+masked), and the expert location table is read at replay time, so slot changes between steps need no new
+capture. Between replays the host counts the previous step's experts and queues promotions (DeviceMoE.account).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moe_tier.gpu_ops import GpuOps, StaticStep
+from moe_tier.layers import KVCache, rope_angles
+from moe_tier.models import Segment
+from moe_tier.models.base import MoEDecoder
+from moe_tier.moe_decode import DeviceMoE
+
+BUCKET_KEYS = 256  # a graph attends over a multiple of this many cache entries
+
+
+class DecodeGraphs:
+    def __init__(self, model: MoEDecoder, ops: GpuOps, moe: DeviceMoE):
+        self.model, self.ops, self.moe = model, ops, moe
+        c = model.cfg
+        dev = ops.device
+        half = c.n_rot // 2
+        self.inputs = StaticStep(torch.zeros((1, c.n_embd), device=dev), torch.zeros(1, dtype=torch.int64, device=dev),
+                                 torch.zeros((1, half), device=dev), torch.zeros((1, half), device=dev), 0)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.cache: KVCache | None = None  # the sequence the graphs write into (they hold its addresses)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, list]] = {}  # n_keys -> graph
+
+    def step(self, cache: KVCache, token: int) -> torch.Tensor:
+        """Logits (1, V) of `token` at position cache.length; advances the cache like model.forward."""
+        c, pos = self.model.cfg, cache.length
+        n_keys = min(cache.ctx, -(-(pos + 1) // BUCKET_KEYS) * BUCKET_KEYS)
+        self.moe.account()  # the previous step's experts: counted, promotions queued before this replay
+        cos, sin = rope_angles(pos, 1, c.n_rot, c.rope_freq_base, c.rope_freq_scale)
+        st = self.inputs
+        st.x.copy_(torch.from_numpy(self.ops.embed_rows(np.array([token]))), non_blocking=True)
+        st.cos.copy_(torch.from_numpy(cos), non_blocking=True)
+        st.sin.copy_(torch.from_numpy(sin), non_blocking=True)
+        st.pos.fill_(pos)
+        if cache is not self.cache:  # a new sequence: its cache lives elsewhere, the old graphs go with the old one
+            self.cache, self.graphs = cache, {}
+        if n_keys not in self.graphs:
+            self.graphs[n_keys] = self._capture(cache, n_keys)
+        graph, logits, routed = self.graphs[n_keys]
+        graph.replay()
+        self.moe.step = list(routed)  # the graph's routing buffers, read by the next account()
+        cache.length = pos + 1
+        return logits
+
+    def _capture(self, cache: KVCache, n_keys: int):
+        """Warm up (Triton compiles) on a side stream, then capture one step; the cache length is restored."""
+        ops, moe = self.ops, self.moe
+        ops.static = StaticStep(self.inputs.x, self.inputs.pos, self.inputs.cos, self.inputs.sin, n_keys)
+        length = cache.length
+        moe.capturing = True
+        try:
+            side = torch.cuda.Stream(ops.device)
+            side.wait_stream(torch.cuda.current_stream(ops.device))
+            with torch.cuda.stream(side):
+                self._forward(cache)
+            torch.cuda.current_stream(ops.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            moe.step = []
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._forward(cache)
+            routed = list(moe.step)
+        finally:
+            ops.static, moe.capturing, cache.length = None, False, length
+        return graph, logits, routed
+
+    def _forward(self, cache: KVCache) -> torch.Tensor:
+        length = cache.length
+        out = self.model.forward(np.zeros(1, dtype=np.int64), [Segment(cache, 0, 1)], last_only=True)
+        cache.length = length
+        return out

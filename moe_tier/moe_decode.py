@@ -1,0 +1,99 @@
+"""The MoE block at decode with no host round trip: routing, expert lookup and the expert kernels stay on the GPU.
+
+Shape key: T tokens (few: decode), k experts per token, R = T * k rows (row t * k + j is token t's j-th expert),
+D embedding width, F expert FFN width.
+Each row's expert is looked up in the location table (tiers/locations.py) with the routing the GPU computed, and
+the matrix-vector kernels read it from its slot or, for a warm expert, from pinned host memory over PCIe. The host
+learns the routing one step late (one small read at the next step's first MoE layer, when the GPU is nearly idle)
+to count hits and let the policy promote misses into slots with copies that never make compute wait.
+Larger batches (prefill) read the routing back and take moe_gpu.moe_ffn_gpu, which streams whole experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_tier.host_tiers import blob_layout
+from moe_tier.kernels.gpu_gemv import gemv
+from moe_tier.moe import Routing
+from moe_tier.moe_gpu import moe_ffn_gpu
+from moe_tier.reader import ExpertId
+from moe_tier.tensors import matrix_dims
+from moe_tier.tiers.gpu_pool import GpuTiers
+
+DECODE_MAX_ROWS = 8  # tokens x experts per token up to which each row reads its own expert's matrices
+
+
+def device_path_possible(tiers: GpuTiers) -> str | None:
+    """None if every expert can be reached from a kernel (hot or pinned) and each layer's experts share one blob
+    layout; else why not (then the engine reads routing back every layer)."""
+    if len(tiers.warm.offset) < len(tiers.desc.experts):
+        return "some experts are cold (not pinned): a kernel cannot read the file"
+    layers: dict[int, set] = {}
+    for eid, ref in tiers.desc.experts.items():
+        layers.setdefault(eid.layer, set()).add(tuple((p.matrix, p.qtype, p.shape) for p in ref.parts))
+    if any(len(kinds) > 1 for kinds in layers.values()):
+        return "a layer's experts differ in quant type or shape"
+    return None
+
+
+class DeviceMoE:
+    """ops.moe for the GPU backend when device_path_possible(): decode on the device, prefill as moe_ffn_gpu."""
+
+    def __init__(self, tiers: GpuTiers):
+        self.tiers = tiers
+        self.first_layer = min(e.layer for e in tiers.desc.experts)
+        self.refs = {}  # layer -> an expert of it: the layer's matrix types, shapes and blob layout
+        for eid, ref in tiers.desc.experts.items():
+            self.refs.setdefault(eid.layer, ref)
+        self.step: list[tuple[int, torch.Tensor]] = []  # this step's (layer, ids (T, k)) on the device
+        self.capturing = False  # inside a CUDA graph capture (gpu_graph.py): no host reads here
+
+    def __call__(self, x: torch.Tensor, routing: Routing, layer: int) -> torch.Tensor:
+        if layer == self.first_layer and not self.capturing:
+            self.account()
+        if routing.ids.numel() > DECODE_MAX_ROWS:
+            return moe_ffn_gpu(x, routing.host(), layer, self.tiers)
+        self.step.append((layer, routing.ids))
+        T, k = routing.ids.shape
+        ref = self.refs[layer]
+        at = blob_layout(ref)
+        gate, up, down = ref.part("gate"), ref.part("up"), ref.part("down")
+        n_ff, n_embd = matrix_dims(gate.shape)
+        index = (routing.ids.reshape(-1) + layer * self.tiers.desc.config.n_expert).to(torch.int64)
+        rows = x.repeat_interleave(k, dim=0)  # (R, D)
+        out = None
+        for gpu, loc in self.tiers.locations.loc.items():  # each expert is computed on one GPU, skipped elsewhere
+            arena = self.tiers.arena[gpu]
+            offsets = loc[index.to(loc.device)]
+            xg = rows.to(arena.device)
+            h = F.silu(gemv(xg, arena, offsets, gate.qtype, n_ff, n_embd, at["gate"])) * \
+                gemv(xg, arena, offsets, up.qtype, n_ff, n_embd, at["up"])  # (R, F)
+            y = gemv(h, arena, offsets, down.qtype, n_embd, n_ff, at["down"]).to(x.device)  # (R, D)
+            out = y if out is None else out + y
+        return (out.view(T, k, -1) * routing.weights[..., None]).sum(dim=1)  # slot order, as llama.cpp
+
+    def account(self) -> None:
+        """Count the last step's hits, tell the policy, promote what it prefers (copies queue; nobody waits).
+        Runs at each step's first MoE layer; the engine calls it once more after the last step."""
+        tiers, stats = self.tiers, self.tiers.stats
+        tiers.settle()
+        if not self.step:
+            return
+        used = torch.stack([ids for _, ids in self.step]).cpu().numpy()  # (layers, T, k): the step's one read
+        for (layer, _), ids in zip(self.step, used):
+            wanted = [ExpertId(layer, int(e)) for e in sorted(set(ids.reshape(-1).tolist()))]
+            for eid in wanted:
+                n_bytes = tiers.desc.experts[eid].n_bytes
+                tiers.policy.touch(eid)
+                if eid in tiers.locations.ready:
+                    stats.served("hot", n_bytes)
+                else:
+                    stats.served("warm", n_bytes)
+                    stats.moved("warm->gpu read", n_bytes)
+            home = tiers.layer_gpu[layer]
+            for eid in wanted:
+                if eid not in tiers.table.slot_of:
+                    tiers.promote(eid, home, frozenset(wanted))
+        self.step = []
