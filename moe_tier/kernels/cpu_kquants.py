@@ -178,15 +178,23 @@ def _rows_q3_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
 
 @njit(cache=True, fastmath=True)
 def _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    """No decoder: each super-block and token is one cpu_simd.q4_k_block call (d * sumi - dmin * summ);
-    w, xq and bsums are C-contiguous (matmul makes them so), offsets index their flat data."""
+    """No decoder: cpu_simd's q4_k_blocks give d * sumi - dmin * summ per super-block, four tokens per call
+    while four remain; w, xq and bsums are C-contiguous (matmul makes them so), offsets index their flat data."""
     n_tok, n_blk = xd.shape
     row_bytes, n_bsum = w.shape[1], bsums.shape[1] // n_blk
+    x_step, bsum_step = xq.shape[1], bsums.shape[1]
     for r in range(r0, r1):
         for b in range(n_blk):
             o = r * row_bytes + b * block_bytes
-            for t in range(n_tok):
-                out[t, r] += xd[t, b] * simd.q4_k_block(w, o, xq, (t * n_blk + b) * qk, bsums, (t * n_blk + b) * n_bsum)
+            for t in range(0, n_tok - 3, 4):
+                tb = t * n_blk + b
+                v = simd.q4_k_blocks4(w, o, xq, tb * qk, x_step, bsums, tb * n_bsum, bsum_step)
+                for i in range(4):
+                    out[t + i, r] += xd[t + i, b] * v[i]
+            for t in range(n_tok - n_tok % 4, n_tok):
+                tb = t * n_blk + b
+                (v1,) = simd.q4_k_blocks1(w, o, xq, tb * qk, x_step, bsums, tb * n_bsum, bsum_step)
+                out[t, r] += xd[t, b] * v1
 
 
 @njit(cache=True, fastmath=True)
@@ -257,7 +265,7 @@ def _kernel(qtype: Q, kind: int, bsum_group: int):
 KERNELS = {
     Q.Q2_K: _kernel(Q.Q2_K, 2, 16),
     Q.Q3_K: _kernel(Q.Q3_K, 3, 0),
-    Q.Q4_K: _kernel(Q.Q4_K, 4, 16),  # q4_k_block pairs the sums itself, as ggml does
+    Q.Q4_K: _kernel(Q.Q4_K, 4, 16),  # q4_k_blocks pair the sums themselves, as ggml does
     Q.Q5_K: _kernel(Q.Q5_K, 5, 32),
     Q.Q6_K: _kernel(Q.Q6_K, 6, 0),
     Q.IQ4_XS: _kernel(Q.IQ4_XS, 0, 0),

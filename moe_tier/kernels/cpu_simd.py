@@ -12,10 +12,11 @@ The x86 lowering (AVX2 and F16C) is chosen by the features numba compiles for (i
 also keys numba's cache, so a cached kernel never meets a CPU it was not built for). numba's cache hashes only
 the calling function's file: after editing this one, clear cpu_kquants' entries in kernels/__pycache__.
 
-Shape key for one Q4_K super-block (QK_K = 256 values, 144 bytes):
-  w[wo : wo + 144]   uint8   d f16 | dmin f16 | scales[12] | qs[128] (32 low nibbles, then 32 high, per 32 bytes)
-  x[xo : xo + 256]   int8    the token's Q8_K values for this super-block
-  bsum[bo : bo + 16] int32   sums of those values per 16 (Q8_K's bsums; pairs share a block minimum)
+Shape key for one Q4_K super-block (QK_K = 256 values, 144 bytes) and a token i:
+  w[wo : wo + 144]                                uint8  d f16 | dmin f16 | scales[12] | qs[128] (32 low
+                                                         nibbles, then 32 high, per 32 bytes)
+  x[xo + i * x_step :][:256]                      int8   the token's Q8_K values for this super-block
+  bsum[bo + i * bsum_step :][:16]                 int32  their sums per 16 (Q8_K's bsums; pairs share a minimum)
 Arrays must be C-contiguous; offsets are elements of the flat data and are not bounds-checked.
 """
 
@@ -120,48 +121,56 @@ def _q4_k_sumi_generic(builder, nibbles, xs, scales):
     return acc
 
 
-def _q4_k_block(x86: bool):
-    """An intrinsic (w, wo, x, xo, bsum, bo) -> float32 d * sumi - dmin * summ for one Q4_K super-block and
-    one token, before the token's scale: sumi = sum of scale * nibble * x (ggml's sumi), summ = sum of
-    min * bsum (its q8sums . mins), both exact int32, then two roundings to float32 and a float subtraction."""
+def _q4_k_blocks(x86: bool, n_tok: int):
+    """An intrinsic (w, wo, x, xo, x_step, bsum, bo, bsum_step) -> n_tok float32 values d * sumi - dmin * summ,
+    one Q4_K super-block against n_tok tokens (token i's values at xo + i * x_step, its bsums at
+    bo + i * bsum_step), before each token's scale: sumi = sum of scale * nibble * x (ggml's sumi), summ = sum
+    of min * bsum (its q8sums . mins), both exact int32, then two roundings to float32 and a subtraction.
+    The weights' nibbles, scales and d / dmin are unpacked once for all n_tok tokens."""
 
     @intrinsic
-    def q4_k_block(typingctx, w, wo, x, xo, bsum, bo):
+    def q4_k_blocks(typingctx, w, wo, x, xo, x_step, bsum, bo, bsum_step):
         for arr, dtype, offset in ((w, types.uint8, wo), (x, types.int8, xo), (bsum, types.int32, bo)):
             if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.layout == "C"
                     and isinstance(offset, types.Integer)):
                 return None
-        sig = types.float32(w, wo, x, xo, bsum, bo)
+        if not (isinstance(x_step, types.Integer) and isinstance(bsum_step, types.Integer)):
+            return None
+        sig = types.UniTuple(types.float32, n_tok)(w, wo, x, xo, x_step, bsum, bo, bsum_step)
 
         def codegen(context, builder, signature, args):
-            wty, _, xty, _, bty, _ = signature.args
-            wp = _data_at(context, builder, wty, args[0], args[1])
-            xp = _data_at(context, builder, xty, args[2], args[3])
-            bp = _data_at(context, builder, bty, args[4], args[5])
+            wty, _, xty, _, _, bty, _, _ = signature.args
+            w_arr, wo, x_arr, xo, x_step, b_arr, bo, b_step = args
+            wp = _data_at(context, builder, wty, w_arr, wo)
             scales, mins = _q4_k_scales_mins(builder, wp)
             low4, four = ir.Constant(_vec(_I8, 32), [15] * 32), ir.Constant(_vec(_I8, 32), [4] * 32)
             nibbles = []
             for n in range(4):  # 32 bytes: sub-block 2n in the low nibbles, 2n + 1 in the high ones
                 q = _load(builder, wp, 16 + 32 * n, _vec(_I8, 32), 1)
                 nibbles += [builder.and_(q, low4), builder.lshr(q, four)]
-            xs = [_load(builder, xp, 32 * j, _vec(_I8, 32), 1) for j in range(8)]
-            acc = (_q4_k_sumi_avx2 if x86 else _q4_k_sumi_generic)(builder, nibbles, xs, scales)
-            bsum16 = _load(builder, bp, 0, _vec(_I32, 16), 4)
-            even, odd = (ir.Constant(_vec(_I32, 8), list(range(k, 16, 2))) for k in (0, 1))
-            bsum32 = builder.add(*(builder.shuffle_vector(bsum16, bsum16, half) for half in (even, odd)))
-            mins_acc = builder.mul(mins, bsum32)
-            sumi = _intrinsic_fn(builder, f"llvm.vector.reduce.add.v{acc.type.count}i32", _I32, [acc])
-            summ = _intrinsic_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [mins_acc])
             d_dmin = _f16_to_f32(builder, _load(builder, wp, 0, _vec(_I16, 2), 1), f16c=x86)
             d, dmin = (builder.extract_element(d_dmin, ir.Constant(_I32, i)) for i in (0, 1))
-            sumi, summ = (builder.sitofp(v, ir.FloatType()) for v in (sumi, summ))
-            return builder.fsub(builder.fmul(d, sumi), builder.fmul(dmin, summ))
+            even, odd = (ir.Constant(_vec(_I32, 8), list(range(k, 16, 2))) for k in (0, 1))
+            values = []
+            for i in range(n_tok):
+                xp = _data_at(context, builder, xty, x_arr, builder.add(xo, builder.mul(x_step, x_step.type(i))))
+                bp = _data_at(context, builder, bty, b_arr, builder.add(bo, builder.mul(b_step, b_step.type(i))))
+                xs = [_load(builder, xp, 32 * j, _vec(_I8, 32), 1) for j in range(8)]
+                acc = (_q4_k_sumi_avx2 if x86 else _q4_k_sumi_generic)(builder, nibbles, xs, scales)
+                bsum16 = _load(builder, bp, 0, _vec(_I32, 16), 4)
+                bsum32 = builder.add(*(builder.shuffle_vector(bsum16, bsum16, half) for half in (even, odd)))
+                sumi = _intrinsic_fn(builder, f"llvm.vector.reduce.add.v{acc.type.count}i32", _I32, [acc])
+                summ = _intrinsic_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [builder.mul(mins, bsum32)])
+                sumi, summ = (builder.sitofp(v, ir.FloatType()) for v in (sumi, summ))
+                values.append(builder.fsub(builder.fmul(d, sumi), builder.fmul(dmin, summ)))
+            return context.make_tuple(builder, signature.return_type, values)
 
         return sig, codegen
 
-    return q4_k_block
+    return q4_k_blocks
 
 
-q4_k_block_generic = _q4_k_block(x86=False)
-q4_k_block_x86 = _q4_k_block(x86=True)
-q4_k_block = q4_k_block_x86 if HAS_X86 else q4_k_block_generic
+# (x86, tokens per call) -> intrinsic; tests run both lowerings. Four tokens per call share the unpacking
+# (1.5x at 64 tokens, prefill), one token per call takes the rest.
+LOWERINGS = {(x86, n_tok): _q4_k_blocks(x86, n_tok) for x86 in (False, True) for n_tok in (1, 4)}
+q4_k_blocks1, q4_k_blocks4 = LOWERINGS[HAS_X86, 1], LOWERINGS[HAS_X86, 4]
