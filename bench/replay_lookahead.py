@@ -16,9 +16,9 @@ from bench import mixtral_routing as mx
 from bench.predictor_recall import demo_split, fit_lookaheads, record_demo
 from bench.replay_policies import CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_BYTES_PER_S, H2D_BYTES_PER_S
 from bench.report import update_section
-from router_predict.policies import LFU, Belady, Planner, StaticPinning
+from router_predict.policies import LFU, LRU, Belady, Planner, StaticPinning
 from router_predict.predictors import MAX_DISTANCE
-from router_predict.replay import CacheConfig, CostModel, fit_lfru, fit_planner, replay
+from router_predict.replay import CacheConfig, CostModel, fit_lfru, fit_planner, replay, tuning_split
 
 SLOT_SHARES = (0.25, 0.5, 0.75)
 
@@ -38,16 +38,21 @@ def main() -> None:
     fit_mask = demo_split(trace)
     scores = lookahead_scores(trace, states, engine, fit_mask)
     fit, test = trace.select(fit_mask), trace.select(~fit_mask)
+    tuning_fit = np.zeros_like(fit_mask)  # settings are tuned on fitting prompts the lookahead was not fitted on
+    tuning_fit[fit_mask] = tuning_split(fit)
+    tuning_scores = lookahead_scores(trace, states, engine, tuning_fit)[fit_mask]
     eb = np.full(trace.n_moe_layers * trace.n_expert, mx.EXPERT_BYTES, np.int64)
     cost = CostModel(H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_BYTES_PER_S, mx.DENSE_LAYER_BYTES)
     body = (f"Demo qwen3moe routing: fitted on {fit.n_tokens} tokens, replayed on {test.n_tokens} held-out tokens "
             f"({int(test.is_prompt.sum())} of them prompt tokens, decoded one per step here); experts priced as "
-            "Mixtral-8x7B Q4_K on the H100 host (bench/replay_policies.py's cost model).\n")
+            "Mixtral-8x7B Q4_K on the H100 host (bench/replay_policies.py's cost model). The planner's settings "
+            "(and how much it trusts gate lookahead) are tuned on the fitting prompts only: predictors and "
+            "lookahead fitted on half of them, settings scored on the other half (replay.fit_planner).\n")
     for share in SLOT_SHARES:
         cache = CacheConfig(1, int(eb.size * share))
-        planner = fit_planner(fit, cost, cache, eb)
-        policies = [LFU(), fit_lfru(fit, cost, cache, eb), StaticPinning(), planner,
-                    Planner(cost, planner.s, lookahead=scores[~fit_mask]), Belady(test, allow_bypass=False),
+        with_lookahead = fit_planner(fit, cost, cache, eb, lookahead=tuning_scores).s
+        policies = [LRU(), LFU(), fit_lfru(fit, cost, cache, eb), StaticPinning(), fit_planner(fit, cost, cache, eb),
+                    Planner(cost, with_lookahead, lookahead=scores[~fit_mask]), Belady(test, allow_bypass=False),
                     Belady(test)]
         results = [replay(p, test, fit, cost, cache, eb) for p in policies]
         belady = results[-1].hit_rate

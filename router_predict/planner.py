@@ -30,7 +30,7 @@ def next_use_steps(x, layer, ahead, recent):
     if dist <= 0:
         dist += L
     q = min(max(recent[m, e], EPS), 1.0)
-    p = min(max(ahead[dist - 1, e], EPS), 1.0) if dist <= D else q
+    p = min(max(ahead[dist - 1, e], EPS), 1.0) if m > layer and dist <= D else q  # ahead: this token only
     return dist + (1.0 - p) * L / q
 
 
@@ -143,8 +143,10 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
     P = prefetch.shape[0]
     best_x = np.empty(P, np.int64)  # the P candidates of smallest E[T], ascending
     best_v = np.full(P, np.inf)
-    for j in range(min(D, L - 1 - layer) * E):
-        x = (layer + 1 + j // E) * E + j % E
+    n_ahead = min(D, L - 1) * E
+    for j in range(n_ahead + needed.shape[0]):  # the next D layers (wrapping to the next token), then the
+        # experts this step ran on the CPU: routing that repeats from token to token wants them next time
+        x = ((layer + 1 + j // E) % L) * E + j % E if j < n_ahead else needed[j - n_ahead]
         if expert_slot[x] >= 0 or on_disk[x]:
             continue
         v = next_use_steps(x, layer, ahead, recent)

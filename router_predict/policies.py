@@ -236,7 +236,8 @@ class Planner:
                  lookahead: np.ndarray | None = None):
         self.cost, self.s, self.lookahead = cost, settings, lookahead
         self.decay = 0.5 ** (1.0 / settings.half_life_tokens)
-        self.name = f"planner{' + gate lookahead' if lookahead is not None else ''} ({settings})"
+        look = f" + gate lookahead {settings.lookahead_weight:g}" if lookahead is not None else ""
+        self.name = f"planner{look} ({settings})"
 
     def start(self, state: CacheState, train: Trace) -> None:
         self.model = Combined.fit(train, self.s.max_distance)

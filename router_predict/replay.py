@@ -9,7 +9,7 @@ prefetches, first issued first. Every bandwidth is an input: the runtime holds n
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -159,15 +159,34 @@ def fit_lfru(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes: np
 
 PLANNER_GRID = [PlannerSettings(recency_weight=r, half_life_tokens=h, keep_weight=k)
                 for r in (0.3, 0.6) for h in (4.0, 16.0) for k in (0.0, 1.0)]
+LOOKAHEAD_WEIGHTS = (0.5, 0.8, 1.0)
 
 
-def fit_planner(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes: np.ndarray) -> Planner:
-    """The planner settings (recency vs frequency, what a cached copy is worth) that give the most tokens
-    per second replaying the fitting traces: which wins depends on the model."""
-    def speed(settings: PlannerSettings) -> float:
-        return replay(Planner(cost, settings), train, train, cost, cache, expert_bytes).tokens_per_s
+def tuning_split(train: Trace) -> np.ndarray:
+    """(N,) mask of the fitting tokens that fit the predictors while settings are tuned on the rest: whole
+    sequences where there are two or more, else the first half of the one sequence."""
+    if len(train.sequences()) >= 2:
+        return np.isin(train.sequence, holdout(train)[0].sequences())
+    return np.arange(train.n_tokens) < train.n_tokens // 2
 
-    return Planner(cost, max(PLANNER_GRID, key=speed))
+
+def fit_planner(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes: np.ndarray,
+                lookahead: np.ndarray | None = None) -> Planner:
+    """The planner settings (recency vs frequency, what a cached copy is worth, how much to trust gate
+    lookahead) with the best hit rate on fitting tokens its predictors were not fitted on (`tuning_split`):
+    which wins depends on the model, and tuning on the predictors' own tokens would favour trusting them.
+    `lookahead` (N, L, D, E): gate lookahead for the fitting tokens, from lookaheads not fitted on them."""
+    inner = tuning_split(train)
+    fit, tune = train.select(inner), train.select(~inner)
+    grid = PLANNER_GRID if lookahead is None else \
+        [replace(s, lookahead_weight=w) for s in PLANNER_GRID for w in LOOKAHEAD_WEIGHTS]
+
+    def score(settings: PlannerSettings) -> tuple[float, float]:
+        planner = Planner(cost, settings, None if lookahead is None else lookahead[~inner])
+        r = replay(planner, tune, fit, cost, cache, expert_bytes)
+        return r.hit_rate, r.tokens_per_s
+
+    return Planner(cost, max(grid, key=score))
 
 
 def compare(train: Trace, test: Trace, cost: CostModel, cache: CacheConfig,

@@ -6,7 +6,7 @@ import numpy as np
 
 from router_predict.planner import CPU, FETCH, HIT, next_use_steps, plan_step
 from router_predict.policies import LRU, CacheState, Planner
-from router_predict.replay import CacheConfig, CostModel, replay
+from router_predict.replay import CacheConfig, CostModel, replay, tuning_split
 from router_predict.trace import Trace
 
 L, E, K, D = 4, 8, 2, 2
@@ -100,3 +100,42 @@ def test_planner_beats_lru_when_layers_predict_each_other():
         planner = replay(Planner(cost), test, train, cost, cache, eb)
         assert planner.hit_rate > lru.hit_rate + 0.3
         assert planner.prefetch_used > 0.4  # more idle link time also buys less likely experts
+
+
+def test_next_token_layers_use_the_visit_prediction_not_this_tokens_lookahead():
+    ahead = np.zeros((D, E), np.float32)  # nothing predicted for this token's later layers
+    recent = np.full((L, E), 0.5, np.float32)
+    # from the last layer, layer 1 of the next token is 2 steps away; this token's lookahead says nothing of it
+    assert next_use_steps(1 * E + 3, L - 1, ahead, recent) == 2 + 0.5 * L / 0.5
+
+
+def test_last_layer_prefetches_for_the_next_token():
+    recent = np.full((L, E), 0.05, np.float32)
+    recent[0, 6] = 0.9  # layer 0 almost always picks expert 6
+    state = setup([3 * E, 3 * E + 1, 1 * E, 1 * E + 1, 2 * E, 2 * E + 1], slots=6)
+    actions, prefetch = call(state, L - 1, [3 * E, 3 * E + 1], recent=recent, gpu_step_s=0.015)
+    assert actions == [HIT, HIT] and prefetch[0] == 0 * E + 6  # 1.5 MiB of idle link after the last layer
+
+
+def test_experts_run_on_the_cpu_are_prefetch_candidates():
+    recent = np.full((L, E), 0.05, np.float32)
+    recent[0, 5] = 0.9  # layer 0 keeps choosing expert 5 (token reuse), which is missing now
+    state = setup([1 * E, 1 * E + 1, 2 * E, 2 * E + 1])
+    actions, prefetch = call(state, 0, [5, 7], recent=recent, h2d=1 * MB, cpu=100 * MB)
+    assert actions == [CPU, CPU]  # a slow link: both run on the CPU, leaving the link idle
+    assert 5 in prefetch and 7 not in prefetch
+
+
+def test_tuning_split_keeps_tuning_tokens_apart_from_fitting_tokens():
+    def trace(sequence):
+        n = len(sequence)
+        ids = np.zeros((n, L, K), np.int16)
+        ids[..., 1] = 1
+        return Trace(fingerprint="f", arch="llama", n_layer=L, n_expert=E, n_expert_used=K,
+                     moe_layers=np.arange(L, dtype=np.int32), expert_ids=ids, weights=np.full(ids.shape, 0.5, np.float32),
+                     is_prompt=np.zeros(n, bool), sequence=np.asarray(sequence, np.int32),
+                     position=np.arange(n, dtype=np.int32), token=np.full(n, -1, np.int32))
+
+    assert tuning_split(trace([0] * 10)).tolist() == [True] * 5 + [False] * 5  # one sequence: its two halves
+    mask = tuning_split(trace([0, 0, 1, 1, 2, 2, 3, 3]))
+    assert mask.tolist() == [True] * 4 + [False] * 4  # whole sequences on each side
