@@ -220,7 +220,8 @@ class PlannerSettings:
     lookahead_weight: float = 0.7  # gate lookahead vs the fitted predictors, where the engine provides it
 
     def __str__(self) -> str:
-        return f"recency {self.recency_weight:g} / {self.half_life_tokens:g} tokens, keep {self.keep_weight:g}"
+        return (f"recency {self.recency_weight:g} / {self.half_life_tokens:g} tokens, frequency "
+                f"{self.online_weight:g}, keep {self.keep_weight:g}")
 
 
 class Planner:

@@ -157,8 +157,8 @@ def fit_lfru(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes: np
     return LFRU(best)
 
 
-PLANNER_GRID = [PlannerSettings(recency_weight=r, half_life_tokens=h, keep_weight=k)
-                for r in (0.3, 0.6) for h in (4.0, 16.0) for k in (0.0, 1.0)]
+PLANNER_GRID = [PlannerSettings(recency_weight=r, half_life_tokens=h, keep_weight=k, online_weight=w)
+                for r in (0.3, 0.6, 0.9) for h in (4.0, 8.0, 32.0) for k in (0.0, 1.0) for w in (0.2, 0.5)]
 LOOKAHEAD_WEIGHTS = (0.5, 0.8, 1.0)
 
 
@@ -178,15 +178,16 @@ def fit_planner(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes:
     `lookahead` (N, L, D, E): gate lookahead for the fitting tokens, from lookaheads not fitted on them."""
     inner = tuning_split(train)
     fit, tune = train.select(inner), train.select(~inner)
-    grid = PLANNER_GRID if lookahead is None else \
-        [replace(s, lookahead_weight=w) for s in PLANNER_GRID for w in LOOKAHEAD_WEIGHTS]
 
     def score(settings: PlannerSettings) -> tuple[float, float]:
         planner = Planner(cost, settings, None if lookahead is None else lookahead[~inner])
         r = replay(planner, tune, fit, cost, cache, expert_bytes)
         return r.hit_rate, r.tokens_per_s
 
-    return Planner(cost, max(grid, key=score))
+    best = max(PLANNER_GRID, key=score)
+    if lookahead is not None:  # then how much to trust it, the rest fixed
+        best = max([replace(best, lookahead_weight=w) for w in LOOKAHEAD_WEIGHTS], key=score)
+    return Planner(cost, best)
 
 
 def compare(train: Trace, test: Trace, cost: CostModel, cache: CacheConfig,
