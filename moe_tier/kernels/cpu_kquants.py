@@ -1,7 +1,7 @@
 """numba matmul kernels for the 256-value super-block quants (Q2_K..Q6_K, IQ4_XS); activations go to Q8_K.
 
 Shape key: T tokens, K = n_cols, N = n_rows, B = K / 256 super-blocks per row, M = block minimums per row
-(K / 16 for Q2_K and Q4_K, K / 32 for Q5_K, 0 for the others).
+(K / 16 for Q2_K, Q4_K and Q6_K, K / 32 for Q5_K, 0 for the others).
   w     (N, B * block_bytes) uint8   raw GGUF blocks
   xq    (T, K) int8                  Q8_K values
   xd    (T, B) float32               Q8_K scales
@@ -10,8 +10,8 @@ Shape key: T tokens, K = n_cols, N = n_rows, B = K / 256 super-blocks per row, M
 
 Each super-block is decoded once into wq[256] = sub-block scale * quant (int16: |scale * quant| <= 4096), then
 dotted with every token in int32 (|sum| < 256 * 4096 * 127 < 2**31), which equals ggml's aux32 sums exactly:
-d_w * d_x * (wq . xq) - dmin_w * d_x * (mins . bsums). Q4_K, the common case, skips wq: its whole block dot is
-ggml's AVX2 code as LLVM vector IR (cpu_simd.py), about twice as fast.
+d_w * d_x * (wq . xq) - dmin_w * d_x * (mins . bsums). Q4_K and Q6_K (the Q4_K_M mix) skip wq: their
+whole block dot is ggml's AVX2 code as LLVM vector IR (cpu_simd.py), 2x (Q4_K) to 5x (Q6_K) faster.
 Block layouts and element order follow ggml-quants.c (dequantize_row_*) and gguf.quants.
 """
 
@@ -33,7 +33,7 @@ IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38
 # (per 16 values for Q2_K, per 32 for Q4_K / Q5_K, none otherwise), return (d, dmin). They vectorize (10x)
 # when inlined into the row loop, in int16, one scale per inner loop, blk a per-block slice (indices provably
 # non-negative). Inner trip counts: measured per type, a compile-time 32 (Q5_K) or 16 (IQ4_XS) is up
-# to 2x faster, while Q2_K / Q3_K / Q6_K's paired 16-loops are 2x faster with the count known at run time.
+# to 2x faster, while Q2_K / Q3_K's paired 16-loops are 2x faster with the count known at run time.
 
 
 @njit(cache=True, inline="always")
@@ -98,23 +98,6 @@ def _decode_q5_k(qk, blk, wq, sc, mn, values):
 
 
 @njit(cache=True, inline="always")
-def _decode_q6_k(qk, blk, wq, sc, mn, values):
-    """ql[128] | qh[64] | scales[16] int8 | d; 4 low + 2 high bits, quant - 32."""
-    n16 = qk // 16
-    for s in range(16):
-        sc[s] = np.int8(blk[192 + s])
-    for n in range(2):
-        for j in range(4):
-            for half in range(2):
-                scale = np.int16(sc[8 * n + 2 * j + half])
-                for l in range(n16):
-                    low = np.int16((blk[64 * n + 32 * (j % 2) + 16 * half + l] >> (4 * (j // 2))) & 15)
-                    high = np.int16((blk[128 + 32 * n + 16 * half + l] >> (2 * j)) & 3)
-                    wq[128 * n + 32 * j + 16 * half + l] = scale * ((low | (high << 4)) - 32)
-    return f16_at(F16_TO_F32, blk, 208), np.float32(0.0)
-
-
-@njit(cache=True, inline="always")
 def _decode_iq4_xs(qk, blk, wq, sc, mn, values):
     """d | scales_h u16 | scales_l[4] | qs[128]; grid values, a 6-bit scale - 32 per 32 values."""
     n16 = QK_K // 16
@@ -176,10 +159,10 @@ def _rows_q3_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
             _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
 
 
-@njit(cache=True, fastmath=True)
-def _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    """No decoder: cpu_simd's q4_k_blocks give d * sumi - dmin * summ per super-block, four tokens per call
-    while four remain; w, xq and bsums are C-contiguous (matmul makes them so), offsets index their flat data."""
+@njit(cache=True, fastmath=True, inline="always")
+def _rows_simd(blocks1, blocks4, w, qk, block_bytes, xq, xd, bsums, out, r0, r1):
+    """Q4_K, Q6_K, no decoder: cpu_simd's block dots, four tokens per call while four remain.
+    w, xq and bsums (Q8_K's own) are C-contiguous (matmul makes them so); offsets index their flat data."""
     n_tok, n_blk = xd.shape
     row_bytes, n_bsum = w.shape[1], bsums.shape[1] // n_blk
     x_step, bsum_step = xq.shape[1], bsums.shape[1]
@@ -188,13 +171,23 @@ def _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
             o = r * row_bytes + b * block_bytes
             for t in range(0, n_tok - 3, 4):
                 tb = t * n_blk + b
-                v = simd.q4_k_blocks4(w, o, xq, tb * qk, x_step, bsums, tb * n_bsum, bsum_step)
+                v = blocks4(w, o, xq, tb * qk, x_step, bsums, tb * n_bsum, bsum_step)
                 for i in range(4):
                     out[t + i, r] += xd[t + i, b] * v[i]
             for t in range(n_tok - n_tok % 4, n_tok):
                 tb = t * n_blk + b
-                (v1,) = simd.q4_k_blocks1(w, o, xq, tb * qk, x_step, bsums, tb * n_bsum, bsum_step)
+                (v1,) = blocks1(w, o, xq, tb * qk, x_step, bsums, tb * n_bsum, bsum_step)
                 out[t, r] += xd[t, b] * v1
+
+
+@njit(cache=True, fastmath=True)
+def _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
+    _rows_simd(simd.q4_k_blocks1, simd.q4_k_blocks4, w, qk, block_bytes, xq, xd, bsums, out, r0, r1)
+
+
+@njit(cache=True, fastmath=True)
+def _rows_q6_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
+    _rows_simd(simd.q6_k_blocks1, simd.q6_k_blocks4, w, qk, block_bytes, xq, xd, bsums, out, r0, r1)
 
 
 @njit(cache=True, fastmath=True)
@@ -203,15 +196,6 @@ def _rows_q5_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
     for r in range(r0, r1):
         for b in range(xd.shape[1]):
             d, dmin = _decode_q5_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
-            _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
-
-
-@njit(cache=True, fastmath=True)
-def _rows_q6_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    wq, sc, mn = _scratch(qk, bsums, xd)
-    for r in range(r0, r1):
-        for b in range(xd.shape[1]):
-            d, dmin = _decode_q6_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
             _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
 
 
@@ -265,9 +249,9 @@ def _kernel(qtype: Q, kind: int, bsum_group: int):
 KERNELS = {
     Q.Q2_K: _kernel(Q.Q2_K, 2, 16),
     Q.Q3_K: _kernel(Q.Q3_K, 3, 0),
-    Q.Q4_K: _kernel(Q.Q4_K, 4, 16),  # q4_k_blocks pair the sums themselves, as ggml does
+    Q.Q4_K: _kernel(Q.Q4_K, 4, 16),  # cpu_simd pairs the sums itself, as ggml does
     Q.Q5_K: _kernel(Q.Q5_K, 5, 32),
-    Q.Q6_K: _kernel(Q.Q6_K, 6, 0),
+    Q.Q6_K: _kernel(Q.Q6_K, 6, 16),
     Q.IQ4_XS: _kernel(Q.IQ4_XS, 0, 0),
 }
 """qtype -> run(w (N, row_bytes) uint8, x (T, K) float32, out (T, N) float32 zeroed)."""

@@ -1,27 +1,27 @@
 """Block dot products written as LLVM vector IR (numba intrinsics), where numba's own loops fall short.
 
-Q4_K: numba's loops decoded each super-block into int16 values and scalar scales, then dotted in 32-bit lanes,
-at half llama.cpp's speed. This is ggml_vec_dot_q4_K_q8_K's AVX2 path (ggml-cpu/arch/x86/quants.c) instead:
-the 6-bit scales and minimums unpacked with 32-bit masks, nibbles unpacked 32 at a time, vpmaddubsw (unsigned
-nibble x signed int8, pairs summed in int16: |2 * 15 * 128| < 2**15, never saturating) then vpmaddwd by the
-sub-block scale (LLVM fuses the int32 accumulation into vpdpwssd where AVX512-VNNI exists). Without AVX2 the
-same sums come from generic vector IR (widen, multiply, add) that LLVM lowers for the target. Integer sums are
-exact either way, so both equal ggml's sumi to the bit; the fp16 scales are read exactly either way too.
+Q4_K and Q6_K: numba's loops decoded each super-block into int16 values and scalar scales, then dotted in
+32-bit lanes, at 0.5x (Q4_K) and 0.15x (Q6_K) llama.cpp's speed. This is ggml_vec_dot_q{4,6}_K_q8_K's AVX2 path
+(ggml-cpu/arch/x86/quants.c) instead: scales unpacked as vectors, 32 quants at a time, vpmaddubsw (unsigned
+quant x signed int8, pairs summed in int16: |2 * 63 * 128| < 2**15, never saturating), then vpmaddwd by the
+scales (LLVM fuses the int32 accumulation into vpdpwssd where AVX512-VNNI exists). Without AVX2 the same sums
+come from generic vector IR (widen, multiply, add) that LLVM lowers for the target. Integer sums are exact
+either way, so both equal ggml's to the bit; the fp16 scales are read exactly either way too.
 
 The x86 lowering (AVX2 and F16C) is chosen by the features numba compiles for (its codegen's magic tuple, which
 also keys numba's cache, so a cached kernel never meets a CPU it was not built for). numba's cache hashes only
 the calling function's file: after editing this one, clear cpu_kquants' entries in kernels/__pycache__.
 
-Shape key for one Q4_K super-block (QK_K = 256 values, 144 bytes) and a token i:
-  w[wo : wo + 144]                                uint8  d f16 | dmin f16 | scales[12] | qs[128] (32 low
-                                                         nibbles, then 32 high, per 32 bytes)
-  x[xo + i * x_step :][:256]                      int8   the token's Q8_K values for this super-block
-  bsum[bo + i * bsum_step :][:16]                 int32  their sums per 16 (Q8_K's bsums; pairs share a minimum)
+Shape key for one super-block (QK_K = 256 values; 144 bytes for Q4_K, 210 for Q6_K) and a token i:
+  w[wo:][:block_bytes]             uint8  the raw block
+  x[xo + i * x_step:][:256]        int8   the token's Q8_K values for this super-block
+  bsum[bo + i * bsum_step:][:16]   int32  their sums per 16 (Q8_K's bsums)
 Arrays must be C-contiguous; offsets are elements of the flat data and are not bounds-checked.
 """
 
 from __future__ import annotations
 
+from gguf import GGMLQuantizationType as Q
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -35,11 +35,6 @@ HAS_X86 = "+avx2" in _TARGET_FEATURES and "+f16c" in _TARGET_FEATURES
 
 def _vec(elem: ir.Type, n: int) -> ir.VectorType:
     return ir.VectorType(elem, n)
-
-
-def _splat(builder, value, n: int):
-    one = builder.insert_element(ir.Constant(_vec(value.type, n), None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, ir.Constant(_vec(value.type, n), None), ir.Constant(_vec(_I32, n), [0] * n))
 
 
 def _load(builder, base, offset: int, ty: ir.Type, align: int):
@@ -101,35 +96,113 @@ def _q4_k_scales_mins(builder, w):
     return scales, mins
 
 
-def _q4_k_sumi_avx2(builder, nibbles, xs, scales):
-    """sum_j scale_j * (nibbles_j . xs_j): vpmaddubsw, then vpmaddwd by the scale, in 8 int32 lanes."""
+def _group_scale(builder, scales, j: int, lanes: int, elem: ir.IntType):
+    """The scale vector (lanes of elem) for group j of 32 values: scales (int32) hold one per 32 values (8,
+    Q4_K: one scale narrowed, then broadcast) or one per 16 (16, Q6_K: each half of the lanes its own)."""
+
+    def narrow(v, ty):
+        return v if elem == _I32 else builder.trunc(v, ty)
+
+    if scales.type.count == 8:
+        scale = narrow(builder.extract_element(scales, ir.Constant(_I32, j)), elem)
+        one, mask = builder.insert_element(ir.Constant(_vec(elem, lanes), None), scale, ir.Constant(_I32, 0)), [0]
+    else:
+        one, mask = narrow(scales, _vec(elem, 16)), [2 * j, 2 * j + 1]
+    lane_mask = [k for k in mask for _ in range(lanes // len(mask))]
+    return builder.shuffle_vector(one, one, ir.Constant(_vec(_I32, lanes), lane_mask))
+
+
+def _sumi_avx2(builder, quants, xs, scales):
+    """sum over groups j of 32 values of scale * (quants_j . xs_j), scales one per 32 or per 16 values (see
+    _group_scale): vpmaddubsw (unsigned quant x signed x, adjacent pairs summed in int16), then vpmaddwd by the
+    group's scales, in 8 int32 lanes."""
     acc = ir.Constant(_vec(_I32, 8), None)
-    for j, (q, xv) in enumerate(zip(nibbles, xs)):
+    for j, (q, xv) in enumerate(zip(quants, xs)):
         pairs = _intrinsic_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [q, xv])
-        scale = _splat(builder, builder.trunc(builder.extract_element(scales, ir.Constant(_I32, j)), _I16), 16)
+        scale = _group_scale(builder, scales, j, 16, _I16)
         acc = builder.add(acc, _intrinsic_fn(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [pairs, scale]))
     return acc
 
 
-def _q4_k_sumi_generic(builder, nibbles, xs, scales):
-    """The same sums in 32 int32 lanes: int16 products (|15 * 128| fits), widened, times the scale."""
+def _sumi_generic(builder, quants, xs, scales):
+    """The same sums in 32 int32 lanes: int16 products (|63 * 128| fits), widened, times the scale."""
     acc = ir.Constant(_vec(_I32, 32), None)
-    for j, (q, xv) in enumerate(zip(nibbles, xs)):
+    for j, (q, xv) in enumerate(zip(quants, xs)):
         prod = builder.mul(builder.zext(q, _vec(_I16, 32)), builder.sext(xv, _vec(_I16, 32)))
-        scale = _splat(builder, builder.extract_element(scales, ir.Constant(_I32, j)), 32)
+        scale = _group_scale(builder, scales, j, 32, _I32)
         acc = builder.add(acc, builder.mul(builder.sext(prod, _vec(_I32, 32)), scale))
     return acc
 
 
-def _q4_k_blocks(x86: bool, n_tok: int):
-    """An intrinsic (w, wo, x, xo, x_step, bsum, bo, bsum_step) -> n_tok float32 values d * sumi - dmin * summ,
-    one Q4_K super-block against n_tok tokens (token i's values at xo + i * x_step, its bsums at
-    bo + i * bsum_step), before each token's scale: sumi = sum of scale * nibble * x (ggml's sumi), summ = sum
-    of min * bsum (its q8sums . mins), both exact int32, then two roundings to float32 and a subtraction.
-    The weights' nibbles, scales and d / dmin are unpacked once for all n_tok tokens."""
+def _reduce(builder, v):
+    return _intrinsic_fn(builder, f"llvm.vector.reduce.add.v{v.type.count}i32", _I32, [v])
 
-    @intrinsic
-    def q4_k_blocks(typingctx, w, wo, x, xo, x_step, bsum, bo, bsum_step):
+
+def _f16_at(builder, w, offset: int, count: int, f16c: bool):
+    """count fp16 values at byte offset of the block, as float32 scalars."""
+    v = _f16_to_f32(builder, _load(builder, w, offset, _vec(_I16, count), 1), f16c)
+    return [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(count)]
+
+
+def _unpack_q4_k(builder, w, f16c: bool):
+    """d | dmin | scales[12] | qs[128]: 8 groups of 32 nibbles (low, then high nibbles of each 32 bytes), a
+    6-bit scale and minimum per group. Result: d * sumi - dmin * (mins . bsums per 32)."""
+    scales, mins = _q4_k_scales_mins(builder, w)
+    low4, four = ir.Constant(_vec(_I8, 32), [15] * 32), ir.Constant(_vec(_I8, 32), [4] * 32)
+    quants = []
+    for n in range(4):
+        q = _load(builder, w, 16 + 32 * n, _vec(_I8, 32), 1)
+        quants += [builder.and_(q, low4), builder.lshr(q, four)]
+    d, dmin = _f16_at(builder, w, 0, 2, f16c)
+    even, odd = (ir.Constant(_vec(_I32, 8), list(range(k, 16, 2))) for k in (0, 1))
+
+    def combine(builder, sumi, bsum16):
+        bsum32 = builder.add(*(builder.shuffle_vector(bsum16, bsum16, half) for half in (even, odd)))
+        summ = _reduce(builder, builder.mul(mins, bsum32))
+        sumi, summ = (builder.sitofp(v, ir.FloatType()) for v in (sumi, summ))
+        return builder.fsub(builder.fmul(d, sumi), builder.fmul(dmin, summ))
+
+    return quants, scales, combine
+
+
+def _unpack_q6_k(builder, w, f16c: bool):
+    """ql[128] | qh[64] | scales[16] int8 | d: per 128 values, groups of 32 take 4 bits from ql (low nibbles of
+    bytes 0-31, of 32-63, then their high nibbles) and 2 from qh (bit pairs 0-1, 2-3, 4-5, 6-7 of 32 bytes);
+    value = quant - 32, one int8 scale per 16. Result: d * (sumi - 32 * (scales . bsums)), all in int32 (as
+    ggml's q8sclsub; |sum| < 2**29) before the one rounding."""
+    scales16 = builder.sext(_load(builder, w, 192, _vec(_I8, 16), 1), _vec(_I32, 16))
+
+    def c(v):
+        return ir.Constant(_vec(_I8, 32), [v] * 32)
+
+    quants = []
+    for n in range(2):
+        ql1, ql2 = (_load(builder, w, 64 * n + 32 * k, _vec(_I8, 32), 1) for k in (0, 1))
+        qh = _load(builder, w, 128 + 32 * n, _vec(_I8, 32), 1)
+        for j, low in enumerate((builder.and_(ql1, c(15)), builder.and_(ql2, c(15)),
+                                 builder.lshr(ql1, c(4)), builder.lshr(ql2, c(4)))):
+            high = builder.and_(builder.lshr(qh, c(2 * j)), c(3)) if j else builder.and_(qh, c(3))
+            quants.append(builder.or_(low, builder.shl(high, c(4))))
+    (d,) = _f16_at(builder, w, 208, 1, f16c)
+    thirty_two = ir.Constant(_I32, 32)
+
+    def combine(builder, sumi, bsum16):
+        offset = builder.mul(_reduce(builder, builder.mul(scales16, bsum16)), thirty_two)
+        return builder.fmul(d, builder.sitofp(builder.sub(sumi, offset), ir.FloatType()))
+
+    return quants, scales16, combine
+
+
+_UNPACK = {Q.Q4_K: _unpack_q4_k, Q.Q6_K: _unpack_q6_k}
+
+
+def _blocks(qtype: Q, x86: bool, n_tok: int):
+    """An intrinsic (w, wo, x, xo, x_step, bsum, bo, bsum_step) -> n_tok float32 block dots of one super-block
+    of qtype against n_tok tokens (token i's values at xo + i * x_step, its bsums at bo + i * bsum_step), before
+    each token's scale. The integer sums are exact; the weights are unpacked once for all n_tok tokens."""
+    unpack = _UNPACK[qtype]
+
+    def typer(typingctx, w, wo, x, xo, x_step, bsum, bo, bsum_step):
         for arr, dtype, offset in ((w, types.uint8, wo), (x, types.int8, xo), (bsum, types.int32, bo)):
             if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.layout == "C"
                     and isinstance(offset, types.Integer)):
@@ -141,36 +214,24 @@ def _q4_k_blocks(x86: bool, n_tok: int):
         def codegen(context, builder, signature, args):
             wty, _, xty, _, _, bty, _, _ = signature.args
             w_arr, wo, x_arr, xo, x_step, b_arr, bo, b_step = args
-            wp = _data_at(context, builder, wty, w_arr, wo)
-            scales, mins = _q4_k_scales_mins(builder, wp)
-            low4, four = ir.Constant(_vec(_I8, 32), [15] * 32), ir.Constant(_vec(_I8, 32), [4] * 32)
-            nibbles = []
-            for n in range(4):  # 32 bytes: sub-block 2n in the low nibbles, 2n + 1 in the high ones
-                q = _load(builder, wp, 16 + 32 * n, _vec(_I8, 32), 1)
-                nibbles += [builder.and_(q, low4), builder.lshr(q, four)]
-            d_dmin = _f16_to_f32(builder, _load(builder, wp, 0, _vec(_I16, 2), 1), f16c=x86)
-            d, dmin = (builder.extract_element(d_dmin, ir.Constant(_I32, i)) for i in (0, 1))
-            even, odd = (ir.Constant(_vec(_I32, 8), list(range(k, 16, 2))) for k in (0, 1))
+            quants, scales, combine = unpack(builder, _data_at(context, builder, wty, w_arr, wo), f16c=x86)
             values = []
             for i in range(n_tok):
                 xp = _data_at(context, builder, xty, x_arr, builder.add(xo, builder.mul(x_step, x_step.type(i))))
                 bp = _data_at(context, builder, bty, b_arr, builder.add(bo, builder.mul(b_step, b_step.type(i))))
                 xs = [_load(builder, xp, 32 * j, _vec(_I8, 32), 1) for j in range(8)]
-                acc = (_q4_k_sumi_avx2 if x86 else _q4_k_sumi_generic)(builder, nibbles, xs, scales)
-                bsum16 = _load(builder, bp, 0, _vec(_I32, 16), 4)
-                bsum32 = builder.add(*(builder.shuffle_vector(bsum16, bsum16, half) for half in (even, odd)))
-                sumi = _intrinsic_fn(builder, f"llvm.vector.reduce.add.v{acc.type.count}i32", _I32, [acc])
-                summ = _intrinsic_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [builder.mul(mins, bsum32)])
-                sumi, summ = (builder.sitofp(v, ir.FloatType()) for v in (sumi, summ))
-                values.append(builder.fsub(builder.fmul(d, sumi), builder.fmul(dmin, summ)))
+                sumi = _reduce(builder, (_sumi_avx2 if x86 else _sumi_generic)(builder, quants, xs, scales))
+                values.append(combine(builder, sumi, _load(builder, bp, 0, _vec(_I32, 16), 4)))
             return context.make_tuple(builder, signature.return_type, values)
 
         return sig, codegen
 
-    return q4_k_blocks
+    typer.__name__ = f"{qtype.name.lower()}_blocks{n_tok}"
+    return intrinsic(typer)
 
 
-# (x86, tokens per call) -> intrinsic; tests run both lowerings. Four tokens per call share the unpacking
-# (1.5x at 64 tokens, prefill), one token per call takes the rest.
-LOWERINGS = {(x86, n_tok): _q4_k_blocks(x86, n_tok) for x86 in (False, True) for n_tok in (1, 4)}
-q4_k_blocks1, q4_k_blocks4 = LOWERINGS[HAS_X86, 1], LOWERINGS[HAS_X86, 4]
+# (qtype, x86, tokens per call) -> intrinsic; tests run every lowering. Four tokens per call share the
+# unpacking (Q4_K: 1.5x at 64 tokens, prefill); one token per call takes the rest.
+LOWERINGS = {(q, x86, n): _blocks(q, x86, n) for q in _UNPACK for x86 in (False, True) for n in (1, 4)}
+q4_k_blocks1, q4_k_blocks4 = LOWERINGS[Q.Q4_K, HAS_X86, 1], LOWERINGS[Q.Q4_K, HAS_X86, 4]
+q6_k_blocks1, q6_k_blocks4 = LOWERINGS[Q.Q6_K, HAS_X86, 1], LOWERINGS[Q.Q6_K, HAS_X86, 4]
