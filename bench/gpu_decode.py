@@ -99,9 +99,17 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
     return result
 
 
+PEER_BUILD_WAIT_S = 420
+
+
 def llama_cpp_peer(binary: str, path: Path, fixed_bytes: int, budget_bytes: int, layer_expert_bytes: int,
                    n_layer: int, n_prompt: int, n_tokens: int) -> dict:
-    """llama-bench with every layer on the GPU and the first ncmoe layers' experts on the CPU."""
+    """llama-bench with every layer on the GPU and the first ncmoe layers' experts on the CPU. The binary may
+    still be building when our runs start (the device session builds it alongside): wait for it."""
+    for _ in range(PEER_BUILD_WAIT_S):
+        if Path(binary).exists():
+            break
+        time.sleep(1)
     on_gpu = max(0, min(n_layer, (budget_bytes - fixed_bytes) // layer_expert_bytes))
     ncmoe = n_layer - on_gpu
     out = subprocess.run([binary, "-m", str(path), "-ngl", "99", "-ncmoe", str(ncmoe), "-p", str(n_prompt),
@@ -132,13 +140,14 @@ def main() -> None:
         parse_bytes(vram)
         for replay in [None] + ([args.replay] if args.replay else []):
             for policy in args.policy.split(","):
-                r = run(path, vram, args.prompt, args.tokens, policy, replay)
-                if args.llama_bench and vram not in peers:
-                    peers[vram] = llama_cpp_peer(args.llama_bench, path, r["fixed_bytes"], parse_bytes(vram),
-                                                 r["layer_expert_bytes"], r["n_layer"], args.prompt, args.tokens)
-                r["peer"] = peers.get(vram)
-                print(r, flush=True)
-                rows.append(r)
+                rows.append(run(path, vram, args.prompt, args.tokens, policy, replay))
+                print(rows[-1], flush=True)
+    for r in rows:  # the peer after ours: nothing of ours is lost if it fails
+        if args.llama_bench and r["vram"] not in peers:
+            peers[r["vram"]] = llama_cpp_peer(args.llama_bench, path, r["fixed_bytes"], parse_bytes(r["vram"]),
+                                              r["layer_expert_bytes"], r["n_layer"], args.prompt, args.tokens)
+            print("llama.cpp", r["vram"], peers[r["vram"]], flush=True)
+        r["peer"] = peers.get(r["vram"])
     sp = rows[0]["speeds"]
     body = (f"Mixtral-8x7B shape ({args.layers} layers), Q4_K (synthetic, random weights: near-uniform routing), {args.prompt}-token prompt, "
             f"{args.tokens} greedy tokens. Measured links: host->GPU {sp.h2d_bytes_per_s / 1e9:.1f} GB/s, disk "

@@ -60,7 +60,7 @@ class MoEDecoder:
             x = x + self.ffn(il, h, observer)
         for s in segments:
             s.cache.length += s.length
-        if last_only:
+        if last_only and any(s.length != 1 for s in segments):  # one-token segments: x already is their last rows
             x = x[[s.row + s.length - 1 for s in segments]]
         return ops.linear(ops.head, ops.rms_norm(x, ops.vector("output_norm.weight"), c.norm_eps))
 
