@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from router_predict.next_visit import HALF_LIVES_TOKENS, NextVisit, features, forget
 from router_predict.planner import CPU, FETCH, HIT, plan_step
 from router_predict.predictors import MAX_DISTANCE, Combined, chosen
 from router_predict.trace import Trace
@@ -218,10 +219,12 @@ class PlannerSettings:
     half_life_tokens: float = 8.0
     keep_weight: float = 0.0  # how much a cached copy counts when a miss could run on the CPU instead
     lookahead_weight: float = 0.7  # gate lookahead vs the fitted predictors, where the engine provides it
+    fitted_visits: bool = False  # next visits from the least-squares NextVisit instead of the three weights above
 
     def __str__(self) -> str:
-        return (f"recency {self.recency_weight:g} / {self.half_life_tokens:g} tokens, frequency "
-                f"{self.online_weight:g}, keep {self.keep_weight:g}")
+        visits = "fitted next visit" if self.fitted_visits else \
+            f"recency {self.recency_weight:g} / {self.half_life_tokens:g} tokens, frequency {self.online_weight:g}"
+        return f"{visits}, keep {self.keep_weight:g}"
 
 
 class Planner:
@@ -229,8 +232,9 @@ class Planner:
 
     `recent` (L, E) predicts each layer's next visit: token reuse from the layer's latest routing and the
     expert frequencies (which keep counting through the replayed tokens), mixed with the uses of the last
-    few tokens (exponential forgetting). `lookahead` (N, L, D, E), when the engine recorded it: gate
-    lookahead probabilities for each replayed token and layer (`predictors.gate_lookahead`).
+    few tokens (exponential forgetting), by the settings' weights or by `NextVisit`'s fitted ones.
+    `lookahead` (N, L, D, E), when the engine recorded it: gate lookahead probabilities for each replayed
+    token and layer (`lookahead.FittedLookahead`).
     """
 
     def __init__(self, cost: "CostModel", settings: PlannerSettings = PlannerSettings(),
@@ -248,11 +252,16 @@ class Planner:
         self.prefetch = np.zeros(self.s.max_prefetch, np.int64)
         self.counts = chosen(train).sum(0) + 1.0  # (L, E) uses so far, the replayed tokens included
         self.decayed = self.model.prior.prob.copy()  # (L, E) uses with exponential forgetting
+        if self.s.fitted_visits:
+            self.visits = NextVisit.fit(train, self.model.prior, self.model.reuse)
+            self.forgetting = np.repeat(self.model.prior.prob[None], len(HALF_LIVES_TOKENS), 0)  # (H, L, E)
         self.token = -1
 
     def step(self, layer, needed, weights, state, fresh):
         if fresh:
             self.recent[:] = self.model.prior.prob
+            if self.s.fitted_visits:
+                self.forgetting[:] = self.model.prior.prob
         self.token += layer == 0
         sel = np.zeros(self.E, np.float32)
         np.add.at(sel, needed % self.E, weights / max(weights.sum(), 1e-12))
@@ -266,9 +275,16 @@ class Planner:
         freq = self.counts[layer] * (needed.shape[0] / self.counts[layer].sum())
         self.decayed[layer] *= self.decay
         self.decayed[layer, needed % self.E] += 1 - self.decay
-        w, r = self.s.online_weight, self.s.recency_weight
-        self.recent[layer] = (1 - r) * (w * freq + (1 - w) * self.model.reuse.predict(sel, layer)) + \
-            r * self.decayed[layer]
+        reuse = self.model.reuse.predict(sel, layer)
+        if self.s.fitted_visits:
+            chose = np.zeros(self.E)
+            chose[needed % self.E] = 1.0
+            forget(self.forgetting[:, layer], chose)
+            self.recent[layer] = self.visits.predict(features(self.model.prior.prob[layer], chose, reuse,
+                                                              self.forgetting[:, layer]))
+        else:
+            w, r = self.s.online_weight, self.s.recency_weight
+            self.recent[layer] = (1 - r) * (w * freq + (1 - w) * reuse) + r * self.decayed[layer]
         actions = np.empty(needed.shape[0], np.int8)
         c = self.cost
         n = plan_step(layer, needed.astype(np.int64), self.ahead, self.recent, state.slot_expert,

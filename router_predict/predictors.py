@@ -132,7 +132,7 @@ class Combined:
         grid = [(a, b, round(1 - a - b, 6)) for a in np.arange(0, 1 + 1e-9, grid_step)
                 for b in np.arange(0, 1 - a + 1e-9, grid_step)]
         mix = np.zeros((max_distance, 3))
-        for d in range(1, max_distance + 1):
+        for d in range(1, min(max_distance, trace.n_moe_layers - 1) + 1):  # no layer lies further ahead
             preds = [p.predict_all(trace, d)[:, d:] for p in parts]
             scores = [recall_at(sum(w * p for w, p in zip(ws, preds)), truth[:, d:], trace.n_expert_used)
                       for ws in grid]

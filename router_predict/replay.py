@@ -158,7 +158,8 @@ def fit_lfru(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes: np
 
 
 PLANNER_GRID = [PlannerSettings(recency_weight=r, half_life_tokens=h, keep_weight=k, online_weight=w)
-                for r in (0.3, 0.6, 0.9) for h in (4.0, 8.0, 32.0) for k in (0.0, 1.0) for w in (0.2, 0.5)]
+                for r in (0.3, 0.6, 0.9) for h in (4.0, 8.0, 32.0) for k in (0.0, 1.0) for w in (0.2, 0.5)] + \
+    [PlannerSettings(fitted_visits=True, keep_weight=k) for k in (0.0, 1.0)]
 LOOKAHEAD_WEIGHTS = (0.5, 0.8, 1.0)
 
 

@@ -1,0 +1,60 @@
+"""Each layer's next visit: the chance that the next token chooses an expert, a least-squares mixture of features.
+
+Shape key: N tokens, L MoE layers, E experts per layer, H half-lives, F features (3 + H + a constant).
+The features of (layer, expert) once a token has been routed at that layer: the frequency prior, whether this
+token chose it, the token-reuse prediction from this token's routing, and its uses with exponential forgetting
+at several half-lives (reset to the prior when a sequence starts). The planner's eviction rank leans on this
+chance; fitted weights replace the hand-set mixture where the fitting traces are long enough to fit them (the
+planner's tuning decides which).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from router_predict.predictors import FrequencyPrior, TokenReuse, chosen, previous_token, selections
+from router_predict.trace import Trace
+
+HALF_LIVES_TOKENS = (1.0, 4.0, 16.0, 64.0)
+DECAY = 0.5 ** (1.0 / np.array(HALF_LIVES_TOKENS))  # (H,) per token
+
+
+def features(prior: np.ndarray, chose: np.ndarray, reuse: np.ndarray, decayed: np.ndarray) -> np.ndarray:
+    """(..., E, F) from the prior (..., E), this token's choice (..., E), the reuse prediction (..., E) and the
+    forgetting counts (H, ..., E)."""
+    return np.stack([prior, chose, reuse, *decayed, np.ones_like(prior)], -1)
+
+
+def forget(decayed: np.ndarray, chose: np.ndarray) -> None:
+    """Fold one token's choice (..., E) into the forgetting counts (H, ..., E), in place."""
+    shape = (-1,) + (1,) * chose.ndim
+    decayed *= DECAY.reshape(shape)
+    decayed += (1.0 - DECAY).reshape(shape) * chose
+
+
+@dataclass(frozen=True)
+class NextVisit:
+    weights: np.ndarray  # (F,)
+
+    @classmethod
+    def fit(cls, trace: Trace, prior: FrequencyPrior, reuse: TokenReuse) -> "NextVisit":
+        """Least squares from every token's features to the next token's choices, within sequences."""
+        use, sel = chosen(trace), selections(trace)  # (N, L, E)
+        decayed = np.repeat(prior.prob[None], len(HALF_LIVES_TOKENS), 0)
+        rows = np.empty((trace.n_tokens, *use.shape[1:], 4 + len(HALF_LIVES_TOKENS)))  # (N, L, E, F)
+        for t in range(trace.n_tokens):
+            if t == 0 or trace.sequence[t] != trace.sequence[t - 1]:
+                decayed[:] = prior.prob
+            forget(decayed, use[t])
+            rows[t] = features(prior.prob, use[t], np.einsum("le,lef->lf", sel[t], reuse.table), decayed)
+        prev, has = previous_token(trace)
+        x, y = rows[prev[has]], use[has]  # features of token t-1 -> choices of token t
+        if not len(y):
+            return cls(np.r_[1.0, np.zeros(rows.shape[-1] - 1)])  # no pairs: the prior alone
+        weights = np.linalg.lstsq(x.reshape(-1, x.shape[-1]), y.reshape(-1), rcond=None)[0]
+        return cls(weights)
+
+    def predict(self, feats: np.ndarray) -> np.ndarray:
+        return feats @ self.weights
