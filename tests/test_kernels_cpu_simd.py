@@ -1,10 +1,10 @@
-"""cpu_simd's block dots (Q4_K, Q6_K), every lowering (x86 AVX2 + F16C where the host has them, generic
-vector IR everywhere; one and four tokens per call), against exact integer sums built from gguf's dequantizer
-and numpy's fp16 conversion.
+"""cpu_simd's row dots (Q4_K, Q6_K), every lowering (x86 AVX2 + F16C where the host has them, generic vector
+IR everywhere; one and four tokens per call), against integer sums built from gguf's dequantizer and numpy's
+fp16 conversion.
 
-Shape key: B = 6 super-blocks of 256 values, T = 5 tokens (one call of four, one of one; each token meets
-every block). Blocks 0 and 1 are extremes: every quant at its maximum and every scale at an end of its range;
-tokens 0 and 1 are all -128 and all 127 (vpmaddubsw's int16 pairs must not saturate).
+Shape key: R = 4 weight rows of NB = 3 super-blocks (256 values each), T = 5 tokens (one call of four, one of
+one). Row 0 is extreme: every quant at its maximum and every scale at an end of its range, against tokens 0
+and 1 all -128 and all 127 (vpmaddubsw's int16 pairs must not saturate).
 """
 
 from __future__ import annotations
@@ -17,22 +17,25 @@ from numba import njit
 from moe_tier.kernels import cpu_simd
 
 QK_K = 256
-B, T = 6, 5
+R, NB, T = 4, 3, 5
 D_OFFSET = {Q.Q4_K: 0, Q.Q6_K: 208}  # byte offset of the fp16 d (Q4_K's dmin follows it)
+EPS32 = 2.0**-24
 
 
 def runner(qtype: Q, x86: bool, n_tok: int):
-    """out (B, T) float32: every block against every token, n_tok tokens per call; x (T, 256), bsum (T, 16)."""
-    blocks = cpu_simd.LOWERINGS[qtype, x86, n_tok]
-    block_bytes = GGML_QUANT_SIZES[qtype][1]
+    """run(w (R', NB' * block_bytes), x (T', NB' * 256), xd (T', NB'), bsum (T', NB' * 16), out (R', T')):
+    every row against every token, n_tok tokens per call."""
+    rows = cpu_simd.LOWERINGS[qtype, x86, n_tok]
 
     @njit
-    def run(w, x, bsum, out):
-        for b in range(out.shape[0]):
-            for t in range(0, out.shape[1] - n_tok + 1, n_tok):
-                v = blocks(w, b * block_bytes, x, t * 256, 256, bsum, t * 16, 16)
+    def run(w, x, xd, bsum, out):
+        n_blk = xd.shape[1]
+        for r in range(w.shape[0]):
+            for t in range(0, x.shape[0] - n_tok + 1, n_tok):
+                v = rows(w, r * w.shape[1], n_blk, x, t * x.shape[1], x.shape[1], xd, t * n_blk, n_blk,
+                         bsum, t * bsum.shape[1], bsum.shape[1])
                 for i in range(n_tok):
-                    out[b, t + i] = v[i]
+                    out[r, t + i] = v[i]
 
     return run
 
@@ -46,85 +49,113 @@ def f16_bytes(values) -> np.ndarray:
     return np.asarray(values, np.float16).view(np.uint8)
 
 
-def blocks_and_x(qtype: Q, seed: int):
-    rng = np.random.default_rng(seed)
-    w = rng.integers(0, 256, (B, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+def blocks(qtype: Q, rng: np.random.Generator, scales=None) -> np.ndarray:
+    """(R, NB, block_bytes) random blocks, row 0 extreme; fp16 fields random in +-0.02, or set to scales."""
+    w = rng.integers(0, 256, (R, NB, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+    o = D_OFFSET[qtype]
+    n_f16 = 2 if qtype == Q.Q4_K else 1
     if qtype == Q.Q4_K:
-        w[:2, 4:] = 0xFF  # scales / minimums 63 (all 6-bit fields set), nibbles 15
-        w[:, 0:4] = f16_bytes(rng.uniform(-0.02, 0.02, (B, 2)))
+        w[0, :, 4:] = 0xFF  # scales / minimums 63 (all 6-bit fields set), nibbles 15
     else:
-        w[:2, :192] = 0xFF  # quants 63
-        w[0, 192:208], w[1, 192:208] = 0x80, 0x7F  # scales -128, 127
-        w[:, 208:210] = f16_bytes(rng.uniform(-0.02, 0.02, (B, 1)))
-    x = rng.integers(-128, 128, (T, QK_K), dtype=np.int8)
-    x[0], x[1] = -128, 127
-    return w, x
-
-
-def with_f16(w: np.ndarray, offset: int, value: float) -> np.ndarray:
-    w = w.copy()
-    w[:, offset:offset + 2] = f16_bytes([value])
+        w[0, :, :192] = 0xFF  # quants 63
+        w[0, 0, 192:208], w[0, 1:, 192:208] = 0x80, 0x7F  # scales -128, 127
+    w[:, :, o:o + 2 * n_f16] = f16_bytes(rng.uniform(-0.02, 0.02, (R, NB, n_f16)) if scales is None
+                                         else np.broadcast_to(scales, (R, NB, n_f16)))
     return w
 
 
-def reference(qtype: Q, w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """(B, T) float32, from gguf.quants.dequantize with d = 1 (and dmin = 0: scale * value, exact integers)
-    and, for Q4_K, d = 0, dmin = 1 (-min): Q4_K d * sumi - dmin * summ, Q6_K d * sum."""
+def integer_parts(qtype: Q, w: np.ndarray, x: np.ndarray):
+    """(sumi, summ) int64 (R, NB, T): sum scale * value * x per block (gguf.quants.dequantize with d = 1, dmin
+    = 0), and for Q4_K sum min * x (d = 0, dmin = 1 gives -min); Q6_K's values include the -32."""
     o = D_OFFSET[qtype]
-    d = w[:, o:o + 2].copy().view(np.float16).astype(np.float32)
-    scaled = with_f16(w, o, 1.0)
+    unit = w.copy()
+    unit[:, :, o:o + 2] = f16_bytes([1.0])
     if qtype == Q.Q4_K:
-        scaled = with_f16(scaled, 2, 0.0)
-    wq = quants.dequantize(scaled, qtype).reshape(B, QK_K).astype(np.int64)
-    sumi = (wq @ x.T.astype(np.int64)).astype(np.float32)
+        unit[:, :, 2:4] = f16_bytes([0.0])
+    wq = quants.dequantize(unit.reshape(R * NB, -1), qtype).reshape(R, NB, QK_K).astype(np.int64)
+    xb = x.reshape(T, NB, QK_K).astype(np.int64)
+    sumi = np.einsum("rbk,tbk->rbt", wq, xb)
     if qtype == Q.Q6_K:
-        return d * sumi
-    mins = with_f16(with_f16(w, 0, 0.0), 2, 1.0)
-    mn = -quants.dequantize(mins, Q.Q4_K).reshape(B, 8, 32)[:, :, 0].astype(np.int64)
-    summ = (mn @ x.reshape(T, 8, 32).astype(np.int64).sum(axis=-1).T).astype(np.float32)
-    dmin = w[:, 2:4].copy().view(np.float16).astype(np.float32)
-    return d * sumi - dmin * summ
+        return sumi, np.zeros_like(sumi)
+    mins = w.copy()
+    mins[:, :, 0:4] = f16_bytes([0.0, 1.0])
+    mn = -quants.dequantize(mins.reshape(R * NB, -1), qtype).reshape(R, NB, 8, 32)[..., 0].astype(np.int64)
+    return sumi, np.einsum("rbg,tbg->rbt", mn, xb.reshape(T, NB, 8, 32).sum(axis=-1))
+
+
+def run_rows(qtype, x86, n_tok, w, x, xd):
+    bsum = x.reshape(T, -1, 16).sum(axis=-1, dtype=np.int32)
+    out = np.full((R, T), np.nan, np.float32)
+    runner(qtype, x86, n_tok)(w.reshape(R, -1), x, xd, bsum, out)
+    return out[:, :T - T % n_tok]  # the tokens whole calls reach
 
 
 @pytest.mark.parametrize("qtype, x86, n_tok", sorted(cpu_simd.LOWERINGS))
-def test_blocks_are_exact(qtype, x86, n_tok):
+def test_rows_are_exact_on_small_integers(qtype, x86, n_tok):
+    """d = dmin = d_x = 1 and |x| <= 8: every partial sum is an integer below 2**24, so float32 holds it
+    exactly and the row dot must equal the integer one."""
     skip_unless_host_runs(x86)
-    w, x = blocks_and_x(qtype, seed=3)
-    bsum = x.reshape(T, 16, 16).sum(axis=-1, dtype=np.int32)
-    out = np.full((B, T), np.nan, np.float32)
-    runner(qtype, x86, n_tok)(w.reshape(-1), x.reshape(-1), bsum.reshape(-1), out)
-    covered = T - T % n_tok  # the tokens whole calls reach
-    np.testing.assert_array_equal(out[:, :covered], reference(qtype, w, x)[:, :covered])
+    rng = np.random.default_rng(5)
+    w = blocks(qtype, rng, scales=1.0)
+    x = rng.integers(-8, 9, (T, NB * QK_K), dtype=np.int8)
+    sumi, summ = integer_parts(qtype, w, x)
+    expected = (sumi - summ).sum(axis=1).astype(np.float32)
+    np.testing.assert_array_equal(run_rows(qtype, x86, n_tok, w, x, np.ones((T, NB), np.float32)),
+                                  expected[:, :T - T % n_tok])
+
+
+@pytest.mark.parametrize("qtype, x86, n_tok", sorted(cpu_simd.LOWERINGS))
+def test_rows_match_the_exact_dot(qtype, x86, n_tok):
+    """Random scales, extreme blocks and tokens: within float32 rounding of the exact (float64) dot."""
+    skip_unless_host_runs(x86)
+    rng = np.random.default_rng(3)
+    w = blocks(qtype, rng)
+    x = rng.integers(-128, 128, (T, NB * QK_K), dtype=np.int8)
+    x[0], x[1] = -128, 127
+    xd = rng.uniform(0.001, 0.01, (T, NB)).astype(np.float32)
+    sumi, summ = integer_parts(qtype, w, x)
+    o = D_OFFSET[qtype]
+    d = w[:, :, o:o + 2].copy().view(np.float16)[..., 0].astype(np.float64)[..., None]
+    dmin = w[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)[..., None] if qtype == Q.Q4_K else 0.0
+    terms = xd.T.astype(np.float64)[None] * (d * sumi - dmin * summ)
+    magnitude = (xd.T[None] * (np.abs(d * sumi) + np.abs(dmin * summ))).sum(axis=1)
+    got = run_rows(qtype, x86, n_tok, w, x, xd)
+    covered = got.shape[1]
+    error = np.abs(got - terms.sum(axis=1)[:, :covered])
+    assert (error <= 16 * EPS32 * magnitude[:, :covered]).all(), error / magnitude[:, :covered]
 
 
 @pytest.mark.parametrize("qtype", sorted(D_OFFSET))
 @pytest.mark.parametrize("x86", [False, True])
-def test_blocks_read_every_fp16_scale(qtype, x86):
-    """All 65536 fp16 patterns as d, against a block whose integer sum is 1 (and Q4_K's minimum sum 0): the
-    result is d itself (numpy's float16 conversion), subnormals, infinities and NaNs included."""
+def test_rows_read_every_fp16_scale(qtype, x86):
+    """All 65536 fp16 patterns as d, one block per row whose integer sum is 1 (and Q4_K's minimum sum 0),
+    d_x = 1: a finite d comes back exactly (subnormals included); an infinite or NaN one gives no finite
+    result (its zero lanes make NaN, as ggml's do)."""
     skip_unless_host_runs(x86)
     n = 1 << 16
     w = np.zeros((n, GGML_QUANT_SIZES[qtype][1]), np.uint8)
     o = D_OFFSET[qtype]
     w[:, o:o + 2] = np.arange(n, dtype=np.uint16).view(np.uint8).reshape(-1, 2)
-    x = np.zeros(QK_K, np.int8)
-    x[0] = 1
-    bsum = np.zeros(16, np.int32)
+    x = np.zeros((1, QK_K), np.int8)
+    x[0, 0] = 1
+    bsum = np.zeros((1, 16), np.int32)
     if qtype == Q.Q4_K:
         w[:, 4], w[:, 16] = 1, 1  # sub-block 0's scale, first nibble; minimums 0
     else:
         w[:, 0], w[:, 128], w[:, 192] = 1, 2, 1  # first quant 1 | 2 << 4 = 33, scale 1: (33 - 32) * 1
-        bsum[0] = 1
+        bsum[0, 0] = 1
     out = np.zeros((n, 1), np.float32)
-    runner(qtype, x86, 1)(w.reshape(-1), x, bsum, out)
+    runner(qtype, x86, 1)(w, x, np.ones((1, 1), np.float32), bsum, out)
     expected = np.arange(n, dtype=np.uint16).view(np.float16).astype(np.float32)
-    nan = np.isnan(expected)
-    assert np.isnan(out[nan, 0]).all()
-    np.testing.assert_array_equal(out[~nan, 0].view(np.uint32), expected[~nan].view(np.uint32))
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(out[finite, 0], expected[finite])
+    assert not np.isfinite(out[~finite, 0]).any()
 
 
-def test_blocks_reject_non_contiguous_arrays():
-    w, x = blocks_and_x(Q.Q4_K, seed=4)
-    bsum = x.reshape(T, 16, 16).sum(axis=-1, dtype=np.int32)
-    with pytest.raises(Exception, match="q4_k_blocks1"):
-        runner(Q.Q4_K, False, 1)(w[:, ::2], x.reshape(-1), bsum.reshape(-1), np.zeros((B, T), np.float32))
+def test_rows_reject_non_contiguous_arrays():
+    rng = np.random.default_rng(4)
+    w = blocks(Q.Q4_K, rng).reshape(R, -1)
+    x = rng.integers(-128, 128, (T, NB * QK_K), dtype=np.int8)
+    bsum = x.reshape(T, -1, 16).sum(axis=-1, dtype=np.int32)
+    with pytest.raises(Exception, match="q4_k_rows1"):
+        runner(Q.Q4_K, False, 1)(w[:, ::2], x, np.ones((T, NB), np.float32), bsum, np.zeros((R, T), np.float32))

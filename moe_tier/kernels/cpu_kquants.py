@@ -10,8 +10,8 @@ Shape key: T tokens, K = n_cols, N = n_rows, B = K / 256 super-blocks per row, M
 
 Each super-block is decoded once into wq[256] = sub-block scale * quant (int16: |scale * quant| <= 4096), then
 dotted with every token in int32 (|sum| < 256 * 4096 * 127 < 2**31), which equals ggml's aux32 sums exactly:
-d_w * d_x * (wq . xq) - dmin_w * d_x * (mins . bsums). Q4_K and Q6_K (the Q4_K_M mix) skip wq: their
-whole block dot is ggml's AVX2 code as LLVM vector IR (cpu_simd.py), 2x (Q4_K) to 5x (Q6_K) faster.
+d_w * d_x * (wq . xq) - dmin_w * d_x * (mins . bsums). Q4_K and Q6_K (the Q4_K_M mix) skip wq: a whole
+row's dot is ggml's AVX2 code as LLVM vector IR (cpu_simd.py), 2.5x (Q4_K) to 7x (Q6_K) faster.
 Block layouts and element order follow ggml-quants.c (dequantize_row_*) and gguf.quants.
 """
 
@@ -160,34 +160,29 @@ def _rows_q3_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _rows_simd(blocks1, blocks4, w, qk, block_bytes, xq, xd, bsums, out, r0, r1):
-    """Q4_K, Q6_K, no decoder: cpu_simd's block dots, four tokens per call while four remain.
-    w, xq and bsums (Q8_K's own) are C-contiguous (matmul makes them so); offsets index their flat data."""
+def _rows_simd(rows1, rows4, w, xq, xd, bsums, out, r0, r1):
+    """Q4_K, Q6_K, no decoder: each row's whole dot is one cpu_simd call, four tokens per call while four
+    remain. w, xq, xd and bsums (Q8_K's own) are C-contiguous (matmul makes them so)."""
     n_tok, n_blk = xd.shape
-    row_bytes, n_bsum = w.shape[1], bsums.shape[1] // n_blk
     x_step, bsum_step = xq.shape[1], bsums.shape[1]
     for r in range(r0, r1):
-        for b in range(n_blk):
-            o = r * row_bytes + b * block_bytes
-            for t in range(0, n_tok - 3, 4):
-                tb = t * n_blk + b
-                v = blocks4(w, o, xq, tb * qk, x_step, bsums, tb * n_bsum, bsum_step)
-                for i in range(4):
-                    out[t + i, r] += xd[t + i, b] * v[i]
-            for t in range(n_tok - n_tok % 4, n_tok):
-                tb = t * n_blk + b
-                (v1,) = blocks1(w, o, xq, tb * qk, x_step, bsums, tb * n_bsum, bsum_step)
-                out[t, r] += xd[t, b] * v1
+        wo = r * w.shape[1]
+        for t in range(0, n_tok - 3, 4):
+            v = rows4(w, wo, n_blk, xq, t * x_step, x_step, xd, t * n_blk, n_blk, bsums, t * bsum_step, bsum_step)
+            for i in range(4):
+                out[t + i, r] = v[i]
+        for t in range(n_tok - n_tok % 4, n_tok):
+            (out[t, r],) = rows1(w, wo, n_blk, xq, t * x_step, x_step, xd, t * n_blk, n_blk, bsums, t * bsum_step, 0)
 
 
 @njit(cache=True, fastmath=True)
 def _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    _rows_simd(simd.q4_k_blocks1, simd.q4_k_blocks4, w, qk, block_bytes, xq, xd, bsums, out, r0, r1)
+    _rows_simd(simd.q4_k_rows1, simd.q4_k_rows4, w, xq, xd, bsums, out, r0, r1)
 
 
 @njit(cache=True, fastmath=True)
 def _rows_q6_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    _rows_simd(simd.q6_k_blocks1, simd.q6_k_blocks4, w, qk, block_bytes, xq, xd, bsums, out, r0, r1)
+    _rows_simd(simd.q6_k_rows1, simd.q6_k_rows4, w, xq, xd, bsums, out, r0, r1)
 
 
 @njit(cache=True, fastmath=True)

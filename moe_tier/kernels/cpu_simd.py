@@ -1,27 +1,31 @@
-"""Block dot products written as LLVM vector IR (numba intrinsics), where numba's own loops fall short.
+"""Row dot products written as LLVM vector IR (numba intrinsics), where numba's own loops fall short.
 
 Q4_K and Q6_K: numba's loops decoded each super-block into int16 values and scalar scales, then dotted in
 32-bit lanes, at 0.5x (Q4_K) and 0.15x (Q6_K) llama.cpp's speed. This is ggml_vec_dot_q{4,6}_K_q8_K's AVX2 path
-(ggml-cpu/arch/x86/quants.c) instead: scales unpacked as vectors, 32 quants at a time, vpmaddubsw (unsigned
-quant x signed int8, pairs summed in int16: |2 * 63 * 128| < 2**15, never saturating), then vpmaddwd by the
-scales (LLVM fuses the int32 accumulation into vpdpwssd where AVX512-VNNI exists). Without AVX2 the same sums
-come from generic vector IR (widen, multiply, add) that LLVM lowers for the target. Integer sums are exact
-either way, so both equal ggml's to the bit; the fp16 scales are read exactly either way too.
+(ggml-cpu/arch/x86/quants.c) instead, a whole row per call: scales unpacked as vectors, 32 quants at a time,
+vpmaddubsw (unsigned quant x signed int8, pairs summed in int16: |2 * 63 * 128| < 2**15, never saturating),
+vpmaddwd by the scales (LLVM fuses the int32 accumulation into vpdpwssd where AVX512-VNNI exists), and, as in
+ggml, 8 int32 lanes per block converted to float and accumulated in 8 float lanes, summed once per row. Without
+AVX2 the same integer sums come from generic vector IR (widen, multiply, add) that LLVM lowers for the target.
+Integer sums are exact either way and fp16 scales are read exactly either way; only float rounding differs
+from llama.cpp's (its lanes hold other partial sums), as with every other kernel here.
 
 The x86 lowering (AVX2 and F16C) is chosen by the features numba compiles for (its codegen's magic tuple, which
 also keys numba's cache, so a cached kernel never meets a CPU it was not built for). numba's cache hashes only
 the calling function's file: after editing this one, clear cpu_kquants' entries in kernels/__pycache__.
 
-Shape key for one super-block (QK_K = 256 values; 144 bytes for Q4_K, 210 for Q6_K) and a token i:
-  w[wo:][:block_bytes]             uint8  the raw block
-  x[xo + i * x_step:][:256]        int8   the token's Q8_K values for this super-block
-  bsum[bo + i * bsum_step:][:16]   int32  their sums per 16 (Q8_K's bsums)
+Shape key for one weight row of NB super-blocks (QK_K = 256 values; 144 bytes each for Q4_K, 210 for Q6_K) and
+a token i:
+  w[wo:][:NB * block_bytes]             uint8    the raw blocks
+  x[xo + i * x_step:][:NB * 256]        int8     the token's Q8_K values
+  xd[xdo + i * xd_step:][:NB]           float32  their scales, one per super-block
+  bsum[bo + i * bsum_step:][:NB * 16]   int32    their sums per 16 (Q8_K's bsums)
 Arrays must be C-contiguous; offsets are elements of the flat data and are not bounds-checked.
 """
 
 from __future__ import annotations
 
-from gguf import GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -29,6 +33,7 @@ from numba.core.registry import cpu_target
 from numba.extending import intrinsic
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+QK_K, _ = GGML_QUANT_SIZES[Q.Q8_K]
 _TARGET_FEATURES = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
 HAS_X86 = "+avx2" in _TARGET_FEATURES and "+f16c" in _TARGET_FEATURES
 
@@ -134,8 +139,9 @@ def _sumi_generic(builder, quants, xs, scales):
     return acc
 
 
-def _reduce(builder, v):
-    return _intrinsic_fn(builder, f"llvm.vector.reduce.add.v{v.type.count}i32", _I32, [v])
+def _broadcast(builder, value, n: int):
+    one = builder.insert_element(ir.Constant(_vec(value.type, n), None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(_vec(_I32, n), [0] * n))
 
 
 def _f16_at(builder, w, offset: int, count: int, f16c: bool):
@@ -146,7 +152,7 @@ def _f16_at(builder, w, offset: int, count: int, f16c: bool):
 
 def _unpack_q4_k(builder, w, f16c: bool):
     """d | dmin | scales[12] | qs[128]: 8 groups of 32 nibbles (low, then high nibbles of each 32 bytes), a
-    6-bit scale and minimum per group. Result: d * sumi - dmin * (mins . bsums per 32)."""
+    6-bit scale and minimum per group. Terms: d * sumi - dmin * (mins . bsums per 32)."""
     scales, mins = _q4_k_scales_mins(builder, w)
     low4, four = ir.Constant(_vec(_I8, 32), [15] * 32), ir.Constant(_vec(_I8, 32), [4] * 32)
     quants = []
@@ -156,20 +162,18 @@ def _unpack_q4_k(builder, w, f16c: bool):
     d, dmin = _f16_at(builder, w, 0, 2, f16c)
     even, odd = (ir.Constant(_vec(_I32, 8), list(range(k, 16, 2))) for k in (0, 1))
 
-    def combine(builder, sumi, bsum16):
+    def terms(builder, sumi8, bsum16):
         bsum32 = builder.add(*(builder.shuffle_vector(bsum16, bsum16, half) for half in (even, odd)))
-        summ = _reduce(builder, builder.mul(mins, bsum32))
-        sumi, summ = (builder.sitofp(v, ir.FloatType()) for v in (sumi, summ))
-        return builder.fsub(builder.fmul(d, sumi), builder.fmul(dmin, summ))
+        return [(sumi8, d), (builder.mul(mins, bsum32), builder.fneg(dmin))]
 
-    return quants, scales, combine
+    return quants, scales, terms
 
 
 def _unpack_q6_k(builder, w, f16c: bool):
     """ql[128] | qh[64] | scales[16] int8 | d: per 128 values, groups of 32 take 4 bits from ql (low nibbles of
     bytes 0-31, of 32-63, then their high nibbles) and 2 from qh (bit pairs 0-1, 2-3, 4-5, 6-7 of 32 bytes);
-    value = quant - 32, one int8 scale per 16. Result: d * (sumi - 32 * (scales . bsums)), all in int32 (as
-    ggml's q8sclsub; |sum| < 2**29) before the one rounding."""
+    value = quant - 32, one int8 scale per 16. Term: d * (sumi - 32 * (scales . bsums)), the offset subtracted in
+    int32 lanes as ggml's q8sclsub."""
     scales16 = builder.sext(_load(builder, w, 192, _vec(_I8, 16), 1), _vec(_I32, 16))
 
     def c(v):
@@ -184,54 +188,90 @@ def _unpack_q6_k(builder, w, f16c: bool):
             high = builder.and_(builder.lshr(qh, c(2 * j)), c(3)) if j else builder.and_(qh, c(3))
             quants.append(builder.or_(low, builder.shl(high, c(4))))
     (d,) = _f16_at(builder, w, 208, 1, f16c)
-    thirty_two = ir.Constant(_I32, 32)
+    even, odd = (ir.Constant(_vec(_I32, 8), list(range(k, 16, 2))) for k in (0, 1))
 
-    def combine(builder, sumi, bsum16):
-        offset = builder.mul(_reduce(builder, builder.mul(scales16, bsum16)), thirty_two)
-        return builder.fmul(d, builder.sitofp(builder.sub(sumi, offset), ir.FloatType()))
+    def terms(builder, sumi8, bsum16):
+        prod = builder.mul(scales16, bsum16)
+        offset = builder.add(*(builder.shuffle_vector(prod, prod, half) for half in (even, odd)))
+        return [(builder.sub(sumi8, builder.shl(offset, ir.Constant(_vec(_I32, 8), [5] * 8))), d)]
 
-    return quants, scales16, combine
+    return quants, scales16, terms
 
 
 _UNPACK = {Q.Q4_K: _unpack_q4_k, Q.Q6_K: _unpack_q6_k}
 
 
-def _blocks(qtype: Q, x86: bool, n_tok: int):
-    """An intrinsic (w, wo, x, xo, x_step, bsum, bo, bsum_step) -> n_tok float32 block dots of one super-block
-    of qtype against n_tok tokens (token i's values at xo + i * x_step, its bsums at bo + i * bsum_step), before
-    each token's scale. The integer sums are exact; the weights are unpacked once for all n_tok tokens."""
-    unpack = _UNPACK[qtype]
+def _element(builder, ptr, start, step, i: int, b, per_block: int):
+    """ptr + start + i * step + b * per_block: token i's data for block b."""
+    token_start = builder.add(start, builder.mul(step, _I64(i)))
+    return builder.gep(ptr, [builder.add(token_start, builder.mul(b, _I64(per_block)))])
 
-    def typer(typingctx, w, wo, x, xo, x_step, bsum, bo, bsum_step):
-        for arr, dtype, offset in ((w, types.uint8, wo), (x, types.int8, xo), (bsum, types.int32, bo)):
-            if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.layout == "C"
-                    and isinstance(offset, types.Integer)):
+
+def _fold8(builder, v):
+    """<8k x i32> -> <8 x i32>, slices of 8 added."""
+    parts = [builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 8), list(range(k, k + 8))))
+             for k in range(0, v.type.count, 8)]
+    while len(parts) > 1:
+        parts = [builder.add(parts[k], parts[k + 1]) for k in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _rows(qtype: Q, x86: bool, n_tok: int):
+    """An intrinsic (w, wo, n_blk, x, xo, x_step, xd, xdo, xd_step, bsum, bo, bsum_step) -> n_tok float32 dots of
+    one weight row (n_blk super-blocks of qtype from w[wo]) with n_tok tokens: token i's values at
+    x[xo + i * x_step], its per-block scales at xd[xdo + i * xd_step], its bsums at bsum[bo + i * bsum_step].
+    Per block, the integer sums in 8 int32 lanes (exact), converted to float and accumulated in 8 float lanes
+    times d * d_x (and -dmin * d_x for Q4_K's minimums), summed across lanes once per row. The weights are
+    unpacked once per block for all n_tok tokens."""
+    unpack = _UNPACK[qtype]
+    block_bytes = GGML_QUANT_SIZES[qtype][1]
+    f32x8 = _vec(ir.FloatType(), 8)
+
+    def typer(typingctx, w, wo, n_blk, x, xo, x_step, xd, xdo, xd_step, bsum, bo, bsum_step):
+        for arr, dtype in ((w, types.uint8), (x, types.int8), (xd, types.float32), (bsum, types.int32)):
+            if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.layout == "C"):
                 return None
-        if not (isinstance(x_step, types.Integer) and isinstance(bsum_step, types.Integer)):
+        if not all(isinstance(v, types.Integer) for v in (wo, n_blk, xo, x_step, xdo, xd_step, bo, bsum_step)):
             return None
-        sig = types.UniTuple(types.float32, n_tok)(w, wo, x, xo, x_step, bsum, bo, bsum_step)
+        sig = types.UniTuple(types.float32, n_tok)(w, wo, n_blk, x, xo, x_step, xd, xdo, xd_step, bsum, bo, bsum_step)
 
         def codegen(context, builder, signature, args):
-            wty, _, xty, _, _, bty, _, _ = signature.args
-            w_arr, wo, x_arr, xo, x_step, b_arr, bo, b_step = args
-            quants, scales, combine = unpack(builder, _data_at(context, builder, wty, w_arr, wo), f16c=x86)
-            values = []
-            for i in range(n_tok):
-                xp = _data_at(context, builder, xty, x_arr, builder.add(xo, builder.mul(x_step, x_step.type(i))))
-                bp = _data_at(context, builder, bty, b_arr, builder.add(bo, builder.mul(b_step, b_step.type(i))))
-                xs = [_load(builder, xp, 32 * j, _vec(_I8, 32), 1) for j in range(8)]
-                sumi = _reduce(builder, (_sumi_avx2 if x86 else _sumi_generic)(builder, quants, xs, scales))
-                values.append(combine(builder, sumi, _load(builder, bp, 0, _vec(_I32, 16), 4)))
+            def int64(k):
+                return context.cast(builder, args[k], signature.args[k], types.int64)
+
+            def base(k):
+                return context.make_array(signature.args[k])(context, builder, args[k]).data
+
+            wo, n_blk, xo, x_step, xdo, xd_step, bo, b_step = (int64(k) for k in (1, 2, 4, 5, 7, 8, 10, 11))
+            w, x, xd, bsum = (base(k) for k in (0, 3, 6, 9))
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(f32x8, None)) for _ in range(n_tok)]
+            with cgutils.for_range(builder, n_blk) as loop:
+                b = loop.index
+                wp = builder.gep(w, [builder.add(wo, builder.mul(b, _I64(block_bytes)))])
+                quants, scales, terms = unpack(builder, wp, f16c=x86)
+                for i, acc in enumerate(accs):
+                    xp, bp, xdp = (_element(builder, ptr, start, step, i, b, per_block) for ptr, start, step, per_block
+                                   in ((x, xo, x_step, QK_K), (bsum, bo, b_step, 16), (xd, xdo, xd_step, 1)))
+                    xs = [_load(builder, xp, 32 * j, _vec(_I8, 32), 1) for j in range(8)]
+                    sumi8 = _fold8(builder, (_sumi_avx2 if x86 else _sumi_generic)(builder, quants, xs, scales))
+                    d_x = builder.load(xdp)
+                    total = builder.load(acc)
+                    for lanes, coef in terms(builder, sumi8, _load(builder, bp, 0, _vec(_I32, 16), 4)):
+                        scale = _broadcast(builder, builder.fmul(coef, d_x), 8)
+                        total = builder.fadd(total, builder.fmul(builder.sitofp(lanes, f32x8), scale))
+                    builder.store(total, acc)
+            values = [_intrinsic_fn(builder, "llvm.vector.reduce.fadd.v8f32", ir.FloatType(),
+                                    [ir.Constant(ir.FloatType(), 0.0), builder.load(acc)]) for acc in accs]
             return context.make_tuple(builder, signature.return_type, values)
 
         return sig, codegen
 
-    typer.__name__ = f"{qtype.name.lower()}_blocks{n_tok}"
+    typer.__name__ = f"{qtype.name.lower()}_rows{n_tok}"
     return intrinsic(typer)
 
 
 # (qtype, x86, tokens per call) -> intrinsic; tests run every lowering. Four tokens per call share the
-# unpacking (Q4_K: 1.5x at 64 tokens, prefill); one token per call takes the rest.
-LOWERINGS = {(q, x86, n): _blocks(q, x86, n) for q in _UNPACK for x86 in (False, True) for n in (1, 4)}
-q4_k_blocks1, q4_k_blocks4 = LOWERINGS[Q.Q4_K, HAS_X86, 1], LOWERINGS[Q.Q4_K, HAS_X86, 4]
-q6_k_blocks1, q6_k_blocks4 = LOWERINGS[Q.Q6_K, HAS_X86, 1], LOWERINGS[Q.Q6_K, HAS_X86, 4]
+# unpacking (1.5x at 64 tokens, prefill); one token per call takes the rest.
+LOWERINGS = {(q, x86, n): _rows(q, x86, n) for q in _UNPACK for x86 in (False, True) for n in (1, 4)}
+q4_k_rows1, q4_k_rows4 = LOWERINGS[Q.Q4_K, HAS_X86, 1], LOWERINGS[Q.Q4_K, HAS_X86, 4]
+q6_k_rows1, q6_k_rows4 = LOWERINGS[Q.Q6_K, HAS_X86, 1], LOWERINGS[Q.Q6_K, HAS_X86, 4]
