@@ -35,22 +35,26 @@ from moe_tier.units import format_bytes, parse_bytes
 
 
 class ReplayedRouter:
-    """BENCHMARK ONLY: ops.route replaced by recorded routing, tokens taken in order (wrapping around)."""
+    """BENCHMARK ONLY: ops.route replaced by recorded routing; the token at position p takes trace row p (wrapping
+    around). In a captured decode graph the row comes from the step's device-side position."""
 
     def __init__(self, ops, ids: np.ndarray, weights: np.ndarray, n_layer: int):
-        self.ops, self.ids, self.weights, self.n_layer = ops, ids, weights, n_layer
+        self.ops, self.n_layer = ops, n_layer
+        self.ids = torch.from_numpy(ids.astype(np.int32)).to(ops.device)  # (N, layers, k)
+        self.weights = torch.from_numpy(weights.astype(np.float32)).to(ops.device)
         self.calls = self.token = 0
 
     def __call__(self, logits, bias):
         layer, T = self.calls % self.n_layer, logits.shape[0]
-        rows = (self.token + np.arange(T)) % len(self.ids)
-        ids, weights = self.ids[rows, layer].astype(np.int32), self.weights[rows, layer].astype(np.float32)
         self.calls += 1
-        if self.calls % self.n_layer == 0:
-            self.token += T
-        if self.ops.device_routing:
-            return Routing(torch.from_numpy(ids).to(logits.device), torch.from_numpy(weights).to(logits.device))
-        return Routing(ids, weights)
+        if self.ops.static is not None:
+            rows = self.ops.static.pos % len(self.ids)
+        else:
+            rows = torch.arange(self.token, self.token + T, device=self.ops.device) % len(self.ids)
+            if self.calls % self.n_layer == 0:
+                self.token += T
+        routing = Routing(self.ids[rows, layer], self.weights[rows, layer])
+        return routing if self.ops.device_routing else routing.host()
 
 
 def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay: Path | None) -> dict:
