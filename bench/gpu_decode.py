@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import triton.testing
 
 from bench.report import update_section
 from moe_tier.engine import Engine
@@ -32,6 +34,14 @@ from moe_tier.moe import Routing
 from moe_tier.stats import EngineStats
 from moe_tier.synth import mixtral_8x7b, write_fast
 from moe_tier.units import format_bytes, parse_bytes
+
+
+def hbm_read_bytes_per_s(n_bytes: int = 1 << 30) -> float:
+    """Bytes read + written per second by a large device copy: what HBM moves, read-only kernels included."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+    return 2 * n_bytes / (ms / 1e3)
 
 
 class ReplayedRouter:
@@ -87,7 +97,8 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
     # Floor for the bytes this run moved: each link busy the whole token, links in parallel.
     pcie = moved.get("warm->gpu", 0) + moved.get("warm->gpu read", 0) + moved.get("disk->gpu", 0)
     disk = moved.get("disk->gpu", 0) + moved.get("disk->cpu", 0)
-    floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s)
+    hbm = s.tiers["hot"].bytes / n_tokens + eng.stats.dense_bytes_per_token if "hot" in s.tiers else 0
+    floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s, hbm / hbm_read_bytes_per_s())
     result = dict(vram=vram, policy=policy, routing="replayed (benchmark only)" if replay else "model's own",
                   device_path=type(ops.moe).__name__ == "DeviceMoE", graphs=eng._graphs is not None, first_s=first_s,
                   slots=sum(g.n_slots for g in eng.plan.gpus), open_s=open_s,
@@ -111,7 +122,8 @@ def llama_cpp_peer(binary: str, path: Path, fixed_bytes: int, budget_bytes: int,
     """llama-bench with every layer on the GPU and the first ncmoe layers' experts on the CPU. The binary may
     still be building when our runs start (the device session builds it alongside): wait for it."""
     for _ in range(PEER_BUILD_WAIT_S):
-        if Path(binary).exists():
+        if os.access(binary, os.X_OK):  # the linker sets the mode last
+            time.sleep(2)
             break
         time.sleep(1)
     on_gpu = max(0, min(n_layer, (budget_bytes - fixed_bytes) // layer_expert_bytes))
@@ -166,8 +178,9 @@ def main() -> None:
                   f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else "not run | -")
         body += (f"| {r['vram']} | {r['routing']} | {r['policy']} | {r['slots']} | {r['open_s']:.0f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
                  f"{r['floor_tps']:.1f} | {moved} | {r['rates']} | {versus} |\n")
-    body += ("\nfloor: tokens/s if each link only carried this run's bytes at its measured rate (PCIe and disk in "
-             "parallel); the gap to it is compute, synchronisation and Python time.\n")
+    body += ("\nfloor: tokens/s if each link only carried this run's bytes at its measured rate, links in parallel: "
+             "PCIe (warm reads and copies), disk, and HBM (hot experts and dense weights at the device copy rate); "
+             "the gap to it is kernel efficiency, small kernels and waiting.\n")
     body += ("Decode keeps routing on the GPU (" + ("yes" if rows[0]["device_path"] else "no") + "), each step one CUDA "
              "graph replay (" + ("yes" if rows[0]["graphs"] else "no") + f"; its capture, {rows[0]['first_s']:.1f} s, is "
              "outside the timed steps): warm experts are read "
