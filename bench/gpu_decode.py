@@ -85,6 +85,7 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
     first_s = time.perf_counter() - t0
     if hasattr(ops.moe, "account"):
         ops.moe.account()
+    dense_bytes = eng.stats.dense_bytes_per_token
     eng.stats = eng.tiers.stats = EngineStats()  # count decode only
     t0 = time.perf_counter()
     for _ in range(n_tokens):
@@ -97,7 +98,7 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
     # Floor for the bytes this run moved: each link busy the whole token, links in parallel.
     pcie = moved.get("warm->gpu", 0) + moved.get("warm->gpu read", 0) + moved.get("disk->gpu", 0)
     disk = moved.get("disk->gpu", 0) + moved.get("disk->cpu", 0)
-    hbm = s.tiers["hot"].bytes / n_tokens + eng.stats.dense_bytes_per_token if "hot" in s.tiers else 0
+    hbm = s.tiers["hot"].bytes / n_tokens + dense_bytes if "hot" in s.tiers else 0
     floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s, hbm / hbm_read_bytes_per_s())
     result = dict(vram=vram, policy=policy, routing="replayed (benchmark only)" if replay else "model's own",
                   device_path=type(ops.moe).__name__ == "DeviceMoE", graphs=eng._graphs is not None, first_s=first_s,
