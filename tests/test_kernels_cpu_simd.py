@@ -1,4 +1,4 @@
-"""cpu_simd's row dots (Q4_K, Q6_K), every lowering (x86 AVX2 + F16C where the host has them, generic vector
+"""cpu_simd's row dots (Q4_K, Q5_K, Q6_K), every lowering (x86 AVX2 + F16C where the host has them, generic vector
 IR everywhere; one and four tokens per call), against integer sums built from gguf's dequantizer and numpy's
 fp16 conversion.
 
@@ -18,7 +18,8 @@ from moe_tier.kernels import cpu_simd
 
 QK_K = 256
 R, NB, T = 4, 3, 5
-D_OFFSET = {Q.Q4_K: 0, Q.Q6_K: 208}  # byte offset of the fp16 d (Q4_K's dmin follows it)
+D_OFFSET = {Q.Q4_K: 0, Q.Q5_K: 0, Q.Q6_K: 208}  # byte offset of the fp16 d (dmin follows it where there is one)
+WITH_MIN = {Q.Q4_K, Q.Q5_K}
 EPS32 = 2.0**-24
 
 
@@ -53,9 +54,9 @@ def blocks(qtype: Q, rng: np.random.Generator, scales=None) -> np.ndarray:
     """(R, NB, block_bytes) random blocks, row 0 extreme; fp16 fields random in +-0.02, or set to scales."""
     w = rng.integers(0, 256, (R, NB, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
     o = D_OFFSET[qtype]
-    n_f16 = 2 if qtype == Q.Q4_K else 1
-    if qtype == Q.Q4_K:
-        w[0, :, 4:] = 0xFF  # scales / minimums 63 (all 6-bit fields set), nibbles 15
+    n_f16 = 2 if qtype in WITH_MIN else 1
+    if qtype in WITH_MIN:
+        w[0, :, 4:] = 0xFF  # scales / minimums 63 (all 6-bit fields set), quants 15 (Q4_K) or 31 (Q5_K)
     else:
         w[0, :, :192] = 0xFF  # quants 63
         w[0, 0, 192:208], w[0, 1:, 192:208] = 0x80, 0x7F  # scales -128, 127
@@ -66,16 +67,16 @@ def blocks(qtype: Q, rng: np.random.Generator, scales=None) -> np.ndarray:
 
 def integer_parts(qtype: Q, w: np.ndarray, x: np.ndarray):
     """(sumi, summ) int64 (R, NB, T): sum scale * value * x per block (gguf.quants.dequantize with d = 1, dmin
-    = 0), and for Q4_K sum min * x (d = 0, dmin = 1 gives -min); Q6_K's values include the -32."""
+    = 0), and for Q4_K / Q5_K sum min * x (d = 0, dmin = 1 gives -min); Q6_K's values include the -32."""
     o = D_OFFSET[qtype]
     unit = w.copy()
     unit[:, :, o:o + 2] = f16_bytes([1.0])
-    if qtype == Q.Q4_K:
+    if qtype in WITH_MIN:
         unit[:, :, 2:4] = f16_bytes([0.0])
     wq = quants.dequantize(unit.reshape(R * NB, -1), qtype).reshape(R, NB, QK_K).astype(np.int64)
     xb = x.reshape(T, NB, QK_K).astype(np.int64)
     sumi = np.einsum("rbk,tbk->rbt", wq, xb)
-    if qtype == Q.Q6_K:
+    if qtype not in WITH_MIN:
         return sumi, np.zeros_like(sumi)
     mins = w.copy()
     mins[:, :, 0:4] = f16_bytes([0.0, 1.0])
@@ -116,7 +117,7 @@ def test_rows_match_the_exact_dot(qtype, x86, n_tok):
     sumi, summ = integer_parts(qtype, w, x)
     o = D_OFFSET[qtype]
     d = w[:, :, o:o + 2].copy().view(np.float16)[..., 0].astype(np.float64)[..., None]
-    dmin = w[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)[..., None] if qtype == Q.Q4_K else 0.0
+    dmin = w[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)[..., None] if qtype in WITH_MIN else 0
     terms = xd.T.astype(np.float64)[None] * (d * sumi - dmin * summ)
     magnitude = (xd.T[None] * (np.abs(d * sumi) + np.abs(dmin * summ))).sum(axis=1)
     got = run_rows(qtype, x86, n_tok, w, x, xd)
@@ -128,7 +129,7 @@ def test_rows_match_the_exact_dot(qtype, x86, n_tok):
 @pytest.mark.parametrize("qtype", sorted(D_OFFSET))
 @pytest.mark.parametrize("x86", [False, True])
 def test_rows_read_every_fp16_scale(qtype, x86):
-    """All 65536 fp16 patterns as d, one block per row whose integer sum is 1 (and Q4_K's minimum sum 0),
+    """All 65536 fp16 patterns as d, one block per row whose integer sum is 1 (and the minimums' sum 0),
     d_x = 1: a finite d comes back exactly (subnormals included); an infinite or NaN one gives no finite
     result (its zero lanes make NaN, as ggml's do)."""
     skip_unless_host_runs(x86)
@@ -139,8 +140,8 @@ def test_rows_read_every_fp16_scale(qtype, x86):
     x = np.zeros((1, QK_K), np.int8)
     x[0, 0] = 1
     bsum = np.zeros((1, 16), np.int32)
-    if qtype == Q.Q4_K:
-        w[:, 4], w[:, 16] = 1, 1  # sub-block 0's scale, first nibble; minimums 0
+    if qtype in WITH_MIN:
+        w[:, 4], w[:, 16 if qtype == Q.Q4_K else 48] = 1, 1  # sub-block 0's scale, first nibble; minimums 0
     else:
         w[:, 0], w[:, 128], w[:, 192] = 1, 2, 1  # first quant 1 | 2 << 4 = 33, scale 1: (33 - 32) * 1
         bsum[0, 0] = 1

@@ -1,17 +1,17 @@
 """numba matmul kernels for the 256-value super-block quants (Q2_K..Q6_K, IQ4_XS); activations go to Q8_K.
 
 Shape key: T tokens, K = n_cols, N = n_rows, B = K / 256 super-blocks per row, M = block minimums per row
-(K / 16 for Q2_K, Q4_K and Q6_K, K / 32 for Q5_K, 0 for the others).
+(K / 16 for Q2_K, Q4_K, Q5_K and Q6_K, 0 for the others).
   w     (N, B * block_bytes) uint8   raw GGUF blocks
   xq    (T, K) int8                  Q8_K values
   xd    (T, B) float32               Q8_K scales
-  bsums (T, M) int32                 sums of xq per minimum (Q8_K's bsums; for Q5_K regrouped per 32)
+  bsums (T, M) int32                 Q8_K's bsums, sums of xq per 16
   out   (T, N) float32, zeroed
 
 Each super-block is decoded once into wq[256] = sub-block scale * quant (int16: |scale * quant| <= 4096), then
 dotted with every token in int32 (|sum| < 256 * 4096 * 127 < 2**31), which equals ggml's aux32 sums exactly:
-d_w * d_x * (wq . xq) - dmin_w * d_x * (mins . bsums). Q4_K and Q6_K (the Q4_K_M mix) skip wq: a whole
-row's dot is ggml's AVX2 code as LLVM vector IR (cpu_simd.py), 2.5x (Q4_K) to 7x (Q6_K) faster.
+d_w * d_x * (wq . xq) - dmin_w * d_x * (mins . bsums). Q4_K, Q5_K and Q6_K (the Q4_K_M / Q5_K_M mixes)
+skip wq: a whole row's dot is ggml's AVX2 code as LLVM vector IR (cpu_simd.py), 2.5x (Q4_K) to 7x (Q6_K) faster.
 Block layouts and element order follow ggml-quants.c (dequantize_row_*) and gguf.quants.
 """
 
@@ -30,9 +30,9 @@ QK_K, _ = GGML_QUANT_SIZES[Q.Q8_K]  # values per super-block: 256
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
 
 # Decoders: from one block's bytes blk, fill wq[qk] with sub-block scale * quant and mn with the minimums
-# (per 16 values for Q2_K, per 32 for Q4_K / Q5_K, none otherwise), return (d, dmin). They vectorize (10x)
+# (per 16 values for Q2_K, none otherwise), return (d, dmin). They vectorize (10x)
 # when inlined into the row loop, in int16, one scale per inner loop, blk a per-block slice (indices provably
-# non-negative). Inner trip counts: measured per type, a compile-time 32 (Q5_K) or 16 (IQ4_XS) is up
+# non-negative). Inner trip counts: measured per type, a compile-time 16 (IQ4_XS) is up
 # to 2x faster, while Q2_K / Q3_K's paired 16-loops are 2x faster with the count known at run time.
 
 
@@ -70,31 +70,6 @@ def _decode_q3_k(qk, blk, wq, sc, mn, values):
                     h = np.int16((blk[16 * half + l] >> (4 * n + j)) & 1)
                     wq[128 * n + 32 * j + 16 * half + l] = scale * (q - 4 + 4 * h)
     return f16_at(F16_TO_F32, blk, 108), np.float32(0.0)
-
-
-@njit(cache=True, inline="always")
-def _scales_mins_k4(blk, sc, mn):
-    """get_scale_min_k4 (Q5_K; cpu_simd has Q4_K's): 8 six-bit scales and minimums in blk[4:16]."""
-    for j in range(4):
-        sc[j] = blk[4 + j] & 63
-        mn[j] = blk[8 + j] & 63
-    for j in range(4, 8):
-        sc[j] = (blk[8 + j] & 15) | ((blk[j] >> 6) << 4)
-        mn[j] = (blk[8 + j] >> 4) | ((blk[4 + j] >> 6) << 4)
-
-
-@njit(cache=True, inline="always")
-def _decode_q5_k(qk, blk, wq, sc, mn, values):
-    """d | dmin | scales[12] | qh[32] | qs[128]; as Q4_K plus a fifth bit from qh."""
-    n32 = QK_K // 8
-    _scales_mins_k4(blk, sc, mn)
-    for n in range(4):
-        s0, s1 = np.int16(sc[2 * n]), np.int16(sc[2 * n + 1])
-        for l in range(n32):
-            byte, qh = blk[48 + 32 * n + l], blk[16 + l]
-            wq[64 * n + l] = s0 * np.int16((byte & 15) | (((qh >> (2 * n)) & 1) << 4))
-            wq[64 * n + 32 + l] = s1 * np.int16((byte >> 4) | (((qh >> (2 * n + 1)) & 1) << 4))
-    return f16_at(F16_TO_F32, blk, 0), f16_at(F16_TO_F32, blk, 2)
 
 
 @njit(cache=True, inline="always")
@@ -181,17 +156,13 @@ def _rows_q4_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
 
 
 @njit(cache=True, fastmath=True)
-def _rows_q6_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    _rows_simd(simd.q6_k_rows1, simd.q6_k_rows4, w, xq, xd, bsums, out, r0, r1)
+def _rows_q5_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
+    _rows_simd(simd.q5_k_rows1, simd.q5_k_rows4, w, xq, xd, bsums, out, r0, r1)
 
 
 @njit(cache=True, fastmath=True)
-def _rows_q5_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    wq, sc, mn = _scratch(qk, bsums, xd)
-    for r in range(r0, r1):
-        for b in range(xd.shape[1]):
-            d, dmin = _decode_q5_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
-            _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
+def _rows_q6_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
+    _rows_simd(simd.q6_k_rows1, simd.q6_k_rows4, w, xq, xd, bsums, out, r0, r1)
 
 
 @njit(cache=True, fastmath=True)
@@ -222,31 +193,25 @@ def _kquant_par(kind, w, qk, block_bytes, xq, xd, bsums, values, out):
             _rows_iq4_xs(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1)
 
 
-def _kernel(qtype: Q, kind: int, bsum_group: int):
-    """kind selects the row function in _kquant_par: the bit width (2..6), 0 for IQ4_XS. bsum_group: values per
-    bsums entry the row function reads, 0 for none: Q8_K's own bsums (16) or those summed per 32 (Q5_K)."""
+def _kernel(qtype: Q, kind: int, uses_bsums: bool):
+    """kind selects the row function in _kquant_par: the bit width (2..6), 0 for IQ4_XS. uses_bsums: the row
+    function reads Q8_K's bsums (block minimums, Q6_K's -32 offset), else it gets an empty array."""
     qk, block_bytes = GGML_QUANT_SIZES[qtype]
 
     def run(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         xq = act.quantize_q8_k(x)
-        n_tok = x.shape[0]
-        if bsum_group == 16:
-            bsums = xq.extra
-        elif bsum_group:
-            bsums = xq.extra.reshape(n_tok, -1, bsum_group // 16).sum(axis=-1, dtype=np.int32)
-        else:
-            bsums = np.zeros((n_tok, 0), np.int32)
+        bsums = xq.extra if uses_bsums else np.zeros((x.shape[0], 0), np.int32)
         _kquant_par(kind, w, qk, block_bytes, xq.qs, xq.d, bsums, IQ4NL_VALUES, out)
 
     return run
 
 
 KERNELS = {
-    Q.Q2_K: _kernel(Q.Q2_K, 2, 16),
-    Q.Q3_K: _kernel(Q.Q3_K, 3, 0),
-    Q.Q4_K: _kernel(Q.Q4_K, 4, 16),  # cpu_simd pairs the sums itself, as ggml does
-    Q.Q5_K: _kernel(Q.Q5_K, 5, 32),
-    Q.Q6_K: _kernel(Q.Q6_K, 6, 16),
-    Q.IQ4_XS: _kernel(Q.IQ4_XS, 0, 0),
+    Q.Q2_K: _kernel(Q.Q2_K, 2, uses_bsums=True),
+    Q.Q3_K: _kernel(Q.Q3_K, 3, uses_bsums=False),
+    Q.Q4_K: _kernel(Q.Q4_K, 4, uses_bsums=True),
+    Q.Q5_K: _kernel(Q.Q5_K, 5, uses_bsums=True),
+    Q.Q6_K: _kernel(Q.Q6_K, 6, uses_bsums=True),
+    Q.IQ4_XS: _kernel(Q.IQ4_XS, 0, uses_bsums=False),
 }
 """qtype -> run(w (N, row_bytes) uint8, x (T, K) float32, out (T, N) float32 zeroed)."""

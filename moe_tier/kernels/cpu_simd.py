@@ -1,7 +1,7 @@
 """Row dot products written as LLVM vector IR (numba intrinsics), where numba's own loops fall short.
 
-Q4_K and Q6_K: numba's loops decoded each super-block into int16 values and scalar scales, then dotted in
-32-bit lanes, at 0.5x (Q4_K) and 0.15x (Q6_K) llama.cpp's speed. This is ggml_vec_dot_q{4,6}_K_q8_K's AVX2 path
+Q4_K, Q5_K, Q6_K: numba's loops decoded each super-block into int16 values and scalar scales, then dotted in
+32-bit lanes, at 0.5x, 0.25x and 0.15x llama.cpp's speed. This is ggml_vec_dot_q{4,5,6}_K_q8_K's AVX2 path
 (ggml-cpu/arch/x86/quants.c) instead, a whole row per call: scales unpacked as vectors, 32 quants at a time,
 vpmaddubsw (unsigned quant x signed int8, pairs summed in int16: |2 * 63 * 128| < 2**15, never saturating),
 vpmaddwd by the scales (LLVM fuses the int32 accumulation into vpdpwssd where AVX512-VNNI exists), and, as in
@@ -14,8 +14,8 @@ The x86 lowering (AVX2 and F16C) is chosen by the features numba compiles for (i
 also keys numba's cache, so a cached kernel never meets a CPU it was not built for). numba's cache hashes only
 the calling function's file: after editing this one, clear cpu_kquants' entries in kernels/__pycache__.
 
-Shape key for one weight row of NB super-blocks (QK_K = 256 values; 144 bytes each for Q4_K, 210 for Q6_K) and
-a token i:
+Shape key for one weight row of NB super-blocks (QK_K = 256 values; 144, 176 or 210 bytes each for Q4_K, Q5_K,
+Q6_K) and a token i:
   w[wo:][:NB * block_bytes]             uint8    the raw blocks
   x[xo + i * x_step:][:NB * 256]        int8     the token's Q8_K values
   xd[xdo + i * xd_step:][:NB]           float32  their scales, one per super-block
@@ -150,15 +150,23 @@ def _f16_at(builder, w, offset: int, count: int, f16c: bool):
     return [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(count)]
 
 
-def _unpack_q4_k(builder, w, f16c: bool):
+def _unpack_q4_k(builder, w, f16c: bool, fifth_bit: bool = False):
     """d | dmin | scales[12] | qs[128]: 8 groups of 32 nibbles (low, then high nibbles of each 32 bytes), a
-    6-bit scale and minimum per group. Terms: d * sumi - dmin * (mins . bsums per 32)."""
+    6-bit scale and minimum per group. Terms: d * sumi - dmin * (mins . bsums per 32). With fifth_bit (Q5_K),
+    qh[32] sits before qs and bit j of its byte l is bit 4 of group j's quant l."""
     scales, mins = _q4_k_scales_mins(builder, w)
-    low4, four = ir.Constant(_vec(_I8, 32), [15] * 32), ir.Constant(_vec(_I8, 32), [4] * 32)
+
+    def c(v):
+        return ir.Constant(_vec(_I8, 32), [v] * 32)
+
+    qh = _load(builder, w, 16, _vec(_I8, 32), 1) if fifth_bit else None
     quants = []
     for n in range(4):
-        q = _load(builder, w, 16 + 32 * n, _vec(_I8, 32), 1)
-        quants += [builder.and_(q, low4), builder.lshr(q, four)]
+        q = _load(builder, w, (48 if fifth_bit else 16) + 32 * n, _vec(_I8, 32), 1)
+        for j, nibble in ((2 * n, builder.and_(q, c(15))), (2 * n + 1, builder.lshr(q, c(4)))):
+            if fifth_bit:
+                nibble = builder.or_(nibble, builder.shl(builder.and_(builder.lshr(qh, c(j)), c(1)), c(4)))
+            quants.append(nibble)
     d, dmin = _f16_at(builder, w, 0, 2, f16c)
     even, odd = (ir.Constant(_vec(_I32, 8), list(range(k, 16, 2))) for k in (0, 1))
 
@@ -198,7 +206,12 @@ def _unpack_q6_k(builder, w, f16c: bool):
     return quants, scales16, terms
 
 
-_UNPACK = {Q.Q4_K: _unpack_q4_k, Q.Q6_K: _unpack_q6_k}
+def _unpack_q5_k(builder, w, f16c: bool):
+    """d | dmin | scales[12] | qh[32] | qs[128]: Q4_K plus a fifth bit per quant."""
+    return _unpack_q4_k(builder, w, f16c, fifth_bit=True)
+
+
+_UNPACK = {Q.Q4_K: _unpack_q4_k, Q.Q5_K: _unpack_q5_k, Q.Q6_K: _unpack_q6_k}
 
 
 def _element(builder, ptr, start, step, i: int, b, per_block: int):
@@ -274,4 +287,5 @@ def _rows(qtype: Q, x86: bool, n_tok: int):
 # unpacking (1.5x at 64 tokens, prefill); one token per call takes the rest.
 LOWERINGS = {(q, x86, n): _rows(q, x86, n) for q in _UNPACK for x86 in (False, True) for n in (1, 4)}
 q4_k_rows1, q4_k_rows4 = LOWERINGS[Q.Q4_K, HAS_X86, 1], LOWERINGS[Q.Q4_K, HAS_X86, 4]
+q5_k_rows1, q5_k_rows4 = LOWERINGS[Q.Q5_K, HAS_X86, 1], LOWERINGS[Q.Q5_K, HAS_X86, 4]
 q6_k_rows1, q6_k_rows4 = LOWERINGS[Q.Q6_K, HAS_X86, 1], LOWERINGS[Q.Q6_K, HAS_X86, 4]
