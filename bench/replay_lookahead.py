@@ -14,10 +14,10 @@ import numpy as np
 
 from bench import mixtral_routing as mx
 from bench.predictor_recall import demo_split, fit_lookaheads, record_demo
-from bench.replay_policies import CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_BYTES_PER_S, H2D_BYTES_PER_S
+from bench.replay_policies import CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_BYTES_PER_S, H2D_BYTES_PER_S, oracle_pinning
 from bench.report import update_section
 from router_predict.policies import LFU, LRU, Belady, Planner, StaticPinning
-from router_predict.predictors import MAX_DISTANCE
+from router_predict.predictors import MAX_DISTANCE, chosen
 from router_predict.replay import CacheConfig, CostModel, fit_lfru, fit_planner, replay, tuning_split
 
 SLOT_SHARES = (0.25, 0.5, 0.75)
@@ -30,6 +30,15 @@ def lookahead_scores(trace, states, engine, fit) -> np.ndarray:
     out = np.zeros((trace.n_tokens, len(layers), MAX_DISTANCE, trace.n_expert), np.float32)
     for (i, d), model in fit_lookaheads(trace, state, state, engine, fit).items():
         out[:, i, d - 1] = model.probs(state[layers[i]])
+    return out
+
+
+def perfect_scores(test) -> np.ndarray:
+    """(N, L, D, E) the lookahead of an oracle: layer i+d's actual routing, as probabilities."""
+    truth, L = chosen(test) / test.n_expert_used, test.n_moe_layers
+    out = np.zeros((test.n_tokens, L, MAX_DISTANCE, test.n_expert), np.float32)
+    for d in range(1, MAX_DISTANCE + 1):
+        out[:, : L - d, d - 1] = truth[:, d:]
     return out
 
 
@@ -47,13 +56,20 @@ def main() -> None:
             f"({int(test.is_prompt.sum())} of them prompt tokens, decoded one per step here); experts priced as "
             "Mixtral-8x7B Q4_K on the H100 host (bench/replay_policies.py's cost model). The planner's settings "
             "(and how much it trusts gate lookahead) are tuned on the fitting prompts only: predictors and "
-            "lookahead fitted on half of them, settings scored on the other half (replay.fit_planner).\n")
+            "lookahead fitted on half of them, settings scored on the other half (replay.fit_planner). "
+            "\"Perfect lookahead\" hands the same planner the true routing of the next four layers: an expert copy "
+            f"takes {mx.EXPERT_BYTES / H2D_BYTES_PER_S * 1e3:.1f} ms of link, a layer step whose experts all hit "
+            f"{cost.gpu_s(2 * mx.EXPERT_BYTES) * 1e3:.2f} ms, so a prefetch for this token's next layers lands only "
+            "behind a miss run on the CPU, and better lookahead buys little hit rate here (it buys tokens/s: "
+            "copies in flight shorten the misses).\n")
     for share in SLOT_SHARES:
         cache = CacheConfig(1, int(eb.size * share))
         with_lookahead = fit_planner(fit, cost, cache, eb, lookahead=tuning_scores).s
+        perfect = Planner(cost, with_lookahead, lookahead=perfect_scores(test))
+        perfect.name = "planner + perfect lookahead (oracle; the gate-lookahead planner's settings)"
         policies = [LRU(), LFU(), fit_lfru(fit, cost, cache, eb), StaticPinning(), fit_planner(fit, cost, cache, eb),
-                    Planner(cost, with_lookahead, lookahead=scores[~fit_mask]), Belady(test, allow_bypass=False),
-                    Belady(test)]
+                    Planner(cost, with_lookahead, lookahead=scores[~fit_mask]), perfect,
+                    Belady(test, allow_bypass=False), Belady(test)]
         results = [replay(p, test, fit, cost, cache, eb) for p in policies]
         belady = results[-1].hit_rate
         body += (f"\n### {cache.slots_per_gpu} slots for {eb.size} experts\n\n"
@@ -62,6 +78,8 @@ def main() -> None:
         body += "".join(f"| {r.policy} | {r.hit_rate:.3f} | {r.hit_rate / belady:.0%} | "
                         f"{r.h2d_bytes_per_token / 1e9:.2f} | {r.cpu_share:.0%} | {r.tokens_per_s:.1f} |\n"
                         for r in results)
+        oracle = oracle_pinning(test, cache.slots_per_gpu)
+        body += f"\nOracle pinning (the scored prompts' own most-used experts): hit rate {oracle:.3f}.\n"
     update_section("replay-lookahead", "python -m bench.replay_lookahead", body)
     print(body)
 
