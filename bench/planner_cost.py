@@ -1,9 +1,10 @@
-"""Cost of one planner decision (`plan_step`) per layer step.
+"""Cost of the planner per layer step: its predictions (`online.update`) and its decision (`plan_step`).
 
 Shape: 48 MoE layers x 64 experts (top-8), 1,000 GPU slots, lookahead 4, at most 8 prefetches; routing
-and predictions are random, so every step has misses, evictions and prefetch candidates. Two timings:
-the call from Python, as the engine makes it (numba's argument dispatch included), and the compiled
-decision alone (steps run back to back inside one compiled loop).
+and predictions are random, so every step has misses, evictions and prefetch candidates; the predictions
+take the costlier path (fitted next visits and gate lookahead). Two timings: the two calls from Python, as
+the planner makes them (numba's argument dispatch included), and the compiled work alone (steps run back
+to back inside one compiled loop).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import numpy as np
 from numba import njit
 
 from bench.report import update_section
+from router_predict.next_visit import DECAY
+from router_predict.online import update
 from router_predict.planner import plan_step
 
 L, E, K, D, P = 48, 64, 8, 4, 8
@@ -32,29 +35,53 @@ def setup(n_gpu: int, slots: int, steps: int, rng: np.random.Generator):
     slot_expert.ravel()[:] = first
     expert_slot[first] = np.arange(slots)
     needed = np.stack([(s % L) * E + rng.choice(E, K, replace=False) for s in range(steps)]).astype(np.int64)
-    ahead = (rng.dirichlet(np.ones(E), (steps, D)) * K).astype(np.float32)  # (steps, D, E)
+    gate = rng.dirichlet(np.ones(E), (steps, D)).astype(np.float32)  # (steps, D, E) gate lookahead
     recent = (rng.dirichlet(np.ones(E), L) * K).astype(np.float32)
-    return slot_expert, expert_slot, needed, ahead, recent
+    return slot_expert, expert_slot, needed, gate, recent, predictors(rng)
+
+
+def predictors(rng: np.random.Generator) -> tuple:
+    """Random tables of the shapes `Combined`, `TokenReuse` and `NextVisit` fit."""
+    prior = (rng.dirichlet(np.ones(E), L) * K).astype(np.float32)  # (L, E)
+    cross = (rng.dirichlet(np.ones(E), (D, L, E)) * K).astype(np.float32)  # (D, L, E, E)
+    reuse = (rng.dirichlet(np.ones(E), (L, E)) * K).astype(np.float32)  # (L, E, E)
+    mix = np.tile([0.2, 0.4, 0.4], (D, 1))  # (D, 3)
+    visit_weights = rng.normal(0.0, 0.3, 4 + len(DECAY))  # (F,)
+    forgetting = np.repeat(prior[None], len(DECAY), 0)  # (H, L, E)
+    return prior, cross, mix, reuse, prior + 1.0, prior.copy(), visit_weights, forgetting
 
 
 @njit(cache=True)
-def run_compiled(slot_expert, expert_slot, needed, ahead, recent):
+def predict(layer, needed, gate, recent, ahead, tables):
+    prior, cross, mix, reuse, counts, decayed, visit_weights, forgetting = tables
+    shares = np.full(K, 1.0 / K)
+    update(layer, needed % E, shares, prior, cross, mix, reuse, gate[: min(D, L - 1 - layer)], 0.8, counts,
+           decayed, 0.9, 0.5, 0.3, visit_weights, forgetting, DECAY, recent, ahead)
+
+
+@njit(cache=True)
+def run_compiled(slot_expert, expert_slot, needed, gate, recent, tables):
     X = expert_slot.shape[0]
+    ahead = np.zeros((D, E), np.float32)
     remaining, on_disk = np.zeros(X, np.int64), np.zeros(X, np.bool_)
     expert_bytes = np.full(X, EXPERT_BYTES, np.int64)
     backlog = np.zeros(slot_expert.shape[0])
     actions, prefetch = np.empty(K, np.int8), np.empty(P, np.int64)
     total = 0
     for s in range(needed.shape[0]):
-        total += plan_step(s % L, needed[s], ahead[s], recent, slot_expert, expert_slot, remaining, on_disk,
+        predict(s % L, needed[s], gate[s], recent, ahead, tables)
+        total += plan_step(s % L, needed[s], ahead, recent, slot_expert, expert_slot, remaining, on_disk,
                            expert_bytes, H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_STEP_S, backlog,
                            1.0, 0.0, actions, prefetch)
         remaining[:] = 0  # transfers land before the next step
     return total
 
 
-def run_python(slot_expert, expert_slot, needed, ahead, recent) -> np.ndarray:
+def run_python(slot_expert, expert_slot, needed, gate, recent, tables) -> np.ndarray:
     X = expert_slot.shape[0]
+    ahead = np.zeros((D, E), np.float32)
+    prior, cross, mix, reuse, counts, decayed, visit_weights, forgetting = tables
+    shares = np.full(K, 1.0 / K)
     remaining, on_disk = np.zeros(X, np.int64), np.zeros(X, bool)
     expert_bytes = np.full(X, EXPERT_BYTES, np.int64)
     backlog = np.zeros(slot_expert.shape[0])
@@ -62,7 +89,10 @@ def run_python(slot_expert, expert_slot, needed, ahead, recent) -> np.ndarray:
     times = np.empty(needed.shape[0])
     for s in range(needed.shape[0]):
         t0 = time.perf_counter()
-        plan_step(s % L, needed[s], ahead[s], recent, slot_expert, expert_slot, remaining, on_disk, expert_bytes,
+        layer = s % L
+        update(layer, needed[s] % E, shares, prior, cross, mix, reuse, gate[s, : min(D, L - 1 - layer)], 0.8,
+               counts, decayed, 0.9, 0.5, 0.3, visit_weights, forgetting, DECAY, recent, ahead)
+        plan_step(layer, needed[s], ahead, recent, slot_expert, expert_slot, remaining, on_disk, expert_bytes,
                   H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_STEP_S, backlog, 1.0, 0.0, actions, prefetch)
         times[s] = time.perf_counter() - t0
         remaining[:] = 0
@@ -83,9 +113,10 @@ def main() -> None:
         run_compiled(*args)
         compiled_us = (time.perf_counter() - t0) / steps * 1e6
         rows.append((n_gpu, slots, np.median(us), np.percentile(us, 99), compiled_us))
-    body = ("Planner cost per layer step (48 layers x 64 experts, top-8, lookahead 4, up to 8 prefetches, random "
-            "routing). Target: under 50 us at 64 experts and 1,000 slots.\n\n"
-            "| GPUs | slots | call from Python, median us | p99 us | compiled decision alone, mean us |\n"
+    body = ("Planner cost per layer step, predictions (`online.update`) and decision (`plan_step`) together (48 "
+            "layers x 64 experts, top-8, lookahead 4, up to 8 prefetches, random routing, fitted next visits "
+            "and gate lookahead). Target: under 50 us at 64 experts and 1,000 slots.\n\n"
+            "| GPUs | slots | calls from Python, median us | p99 us | compiled work alone, mean us |\n"
             "|---|---|---|---|---|\n")
     body += "".join(f"| {g} | {s} | {m:.1f} | {p:.1f} | {c:.1f} |\n" for g, s, m, p, c in rows)
     update_section("planner-cost", "python -m bench.planner_cost", body)

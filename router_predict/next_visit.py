@@ -5,7 +5,8 @@ The features of (layer, expert) once a token has been routed at that layer: the 
 token chose it, the token-reuse prediction from this token's routing, and its uses with exponential forgetting
 at several half-lives (reset to the prior when a sequence starts). The planner's eviction rank leans on this
 chance; fitted weights replace the hand-set mixture where the fitting traces are long enough to fit them (the
-planner's tuning decides which).
+planner's tuning decides which). The planner applies the weights online, in `features`' order, in
+`online.update`.
 """
 
 from __future__ import annotations
@@ -56,5 +57,3 @@ class NextVisit:
         weights = np.linalg.lstsq(x.reshape(-1, x.shape[-1]), y.reshape(-1), rcond=None)[0]
         return cls(weights)
 
-    def predict(self, feats: np.ndarray) -> np.ndarray:
-        return feats @ self.weights

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from router_predict.next_visit import HALF_LIVES_TOKENS, NextVisit, features, forget
+from router_predict.next_visit import DECAY, HALF_LIVES_TOKENS, NextVisit
+from router_predict.online import update
 from router_predict.planner import CPU, FETCH, HIT, plan_step
 from router_predict.predictors import MAX_DISTANCE, Combined, chosen
 from router_predict.trace import Trace
@@ -252,39 +253,26 @@ class Planner:
         self.prefetch = np.zeros(self.s.max_prefetch, np.int64)
         self.counts = chosen(train).sum(0) + 1.0  # (L, E) uses so far, the replayed tokens included
         self.decayed = self.model.prior.prob.copy()  # (L, E) uses with exponential forgetting
-        if self.s.fitted_visits:
-            self.visits = NextVisit.fit(train, self.model.prior, self.model.reuse)
-            self.forgetting = np.repeat(self.model.prior.prob[None], len(HALF_LIVES_TOKENS), 0)  # (H, L, E)
+        # (H, L, E) forgetting counts and (F,) weights of the fitted next visit; empty for the mixture
+        self.forgetting = np.repeat(self.model.prior.prob[None], len(HALF_LIVES_TOKENS), 0)
+        self.visit_weights = NextVisit.fit(train, self.model.prior, self.model.reuse).weights \
+            if self.s.fitted_visits else np.zeros(0)
+        self.no_gate = np.zeros((0, self.E), np.float32)
         self.token = -1
 
     def step(self, layer, needed, weights, state, fresh):
         if fresh:
             self.recent[:] = self.model.prior.prob
-            if self.s.fitted_visits:
-                self.forgetting[:] = self.model.prior.prob
+            self.forgetting[:] = self.model.prior.prob
         self.token += layer == 0
-        sel = np.zeros(self.E, np.float32)
-        np.add.at(sel, needed % self.E, weights / max(weights.sum(), 1e-12))
-        self.model.ahead(sel, layer, self.recent, self.ahead)
-        if self.lookahead is not None:  # a softmax share of p is a chance of about K * p to be in the top K
-            n = min(self.s.max_distance, self.recent.shape[0] - 1 - layer)
-            gate = np.minimum(self.lookahead[self.token, layer, :n] * needed.shape[0], 1.0)
-            w = self.s.lookahead_weight
-            self.ahead[:n] = w * gate + (1 - w) * self.ahead[:n]
-        self.counts[layer, needed % self.E] += 1
-        freq = self.counts[layer] * (needed.shape[0] / self.counts[layer].sum())
-        self.decayed[layer] *= self.decay
-        self.decayed[layer, needed % self.E] += 1 - self.decay
-        reuse = self.model.reuse.predict(sel, layer)
-        if self.s.fitted_visits:
-            chose = np.zeros(self.E)
-            chose[needed % self.E] = 1.0
-            forget(self.forgetting[:, layer], chose)
-            self.recent[layer] = self.visits.predict(features(self.model.prior.prob[layer], chose, reuse,
-                                                              self.forgetting[:, layer]))
-        else:
-            w, r = self.s.online_weight, self.s.recency_weight
-            self.recent[layer] = (1 - r) * (w * freq + (1 - w) * reuse) + r * self.decayed[layer]
+        gate = self.no_gate
+        if self.lookahead is not None:
+            gate = self.lookahead[self.token, layer, : min(self.s.max_distance, self.recent.shape[0] - 1 - layer)]
+        m = self.model
+        update(layer, (needed % self.E).astype(np.int64), weights / max(weights.sum(), 1e-12), m.prior.prob,
+               m.cross.table, m.mix, m.reuse.table, gate, self.s.lookahead_weight, self.counts, self.decayed,
+               self.decay, self.s.online_weight, self.s.recency_weight, self.visit_weights, self.forgetting,
+               DECAY, self.recent, self.ahead)
         actions = np.empty(needed.shape[0], np.int8)
         c = self.cost
         n = plan_step(layer, needed.astype(np.int64), self.ahead, self.recent, state.slot_expert,

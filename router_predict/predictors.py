@@ -76,10 +76,6 @@ class CrossLayer:
                 table[d - 1, l] = _conditional(sel[:, l], use[:, l + d], prior.prob[l + d])
         return cls(table)
 
-    def predict(self, source_sel: np.ndarray, layer: int, d: int) -> np.ndarray:
-        """(..., E) prediction for layer+d from (..., E) selections at `layer`."""
-        return source_sel @ self.table[d - 1, layer]
-
     def predict_all(self, trace: Trace, d: int) -> np.ndarray:
         sel = selections(trace)
         out = np.zeros_like(sel)
@@ -101,10 +97,6 @@ class TokenReuse:
         L = trace.n_moe_layers
         table = np.stack([_conditional(sel[prev[has], l], use[has, l], prior.prob[l]) for l in range(L)])
         return cls(table.astype(np.float32), prior.prob)
-
-    def predict(self, last_sel: np.ndarray, layer: int) -> np.ndarray:
-        """(..., E) prediction for `layer`'s next use from its (..., E) most recent selections."""
-        return last_sel @ self.table[layer]
 
     def predict_all(self, trace: Trace, d: int) -> np.ndarray:
         sel = selections(trace)
@@ -138,17 +130,6 @@ class Combined:
                       for ws in grid]
             mix[d - 1] = grid[int(np.argmax(scores))]
         return cls(prior, cross, reuse, mix)
-
-    def ahead(self, sel_now: np.ndarray, layer: int, recent: np.ndarray, out: np.ndarray) -> None:
-        """Fill out (D, E) for layers layer+1..layer+D from this layer's (E,) selections and the (L, E)
-        token-reuse predictions of every layer's next visit; rows past the last layer are left at zero."""
-        L = self.prior.prob.shape[0]
-        out[:] = 0.0
-        for d in range(1, min(out.shape[0], L - 1 - layer) + 1):
-            m = layer + d
-            a, b, c = self.mix[d - 1]
-            out[d - 1] = a * self.prior.prob[m] + b * self.cross.predict(sel_now, layer, d) + \
-                c * recent[m]
 
     def predict_all(self, trace: Trace, d: int) -> np.ndarray:
         a, b, c = self.mix[d - 1]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from router_predict.next_visit import DECAY
+from router_predict.online import update
 from router_predict.planner import CPU, FETCH, HIT, next_use_steps, plan_step
 from router_predict.policies import LRU, CacheState, Planner
 from router_predict.replay import CacheConfig, CostModel, replay, tuning_split
@@ -139,3 +141,41 @@ def test_tuning_split_keeps_tuning_tokens_apart_from_fitting_tokens():
     assert tuning_split(trace([0] * 10)).tolist() == [True] * 5 + [False] * 5  # one sequence: its two halves
     mask = tuning_split(trace([0, 0, 1, 1, 2, 2, 3, 3]))
     assert mask.tolist() == [True] * 4 + [False] * 4  # whole sequences on each side
+
+
+def test_online_update_matches_its_numpy_reference():
+    """The compiled prediction update: ahead from prior, cross-layer and next visits, gate lookahead mixed in,
+    and this layer's next visit from the mixture or the fitted weights."""
+    rng = np.random.default_rng(0)
+    prior = rng.dirichlet(np.ones(E), L).astype(np.float32)
+    cross = rng.dirichlet(np.ones(E), (D, L, E)).astype(np.float32)
+    reuse = rng.dirichlet(np.ones(E), (L, E)).astype(np.float32)
+    mix = np.array([[0.2, 0.5, 0.3], [0.1, 0.3, 0.6]])
+    gate = rng.dirichlet(np.ones(E), 1).astype(np.float32)  # one row: mixed into layer 2 only, not layer 3
+    experts, shares = np.array([3, 5]), np.array([0.75, 0.25])
+    sel = np.zeros(E)
+    sel[experts] = shares
+    layer, decay, w_online, w_recency = 1, 0.8, 0.4, 0.3
+    for visit_weights in (np.zeros(0), rng.normal(0, 1, 4 + len(DECAY))):
+        counts, decayed = prior + 1.0, prior.copy()
+        forgetting = np.repeat(prior[None], len(DECAY), 0)
+        recent, ahead = prior.copy() * 2, np.zeros((D, E), np.float32)
+        want_ahead = np.zeros((D, E))
+        for d in (1, 2):
+            m = layer + d
+            want_ahead[d - 1] = mix[d - 1] @ [prior[m], sel @ cross[d - 1, layer], recent[m]]
+        want_ahead[0] = 0.5 * np.minimum(gate[0] * K, 1) + 0.5 * want_ahead[0]
+        chose = (sel > 0).astype(float)
+        reuse_now = sel @ reuse[layer]
+        if visit_weights.size:
+            f = DECAY[:, None] * forgetting[:, layer] + (1 - DECAY[:, None]) * chose
+            want_recent = visit_weights @ np.stack([prior[layer], chose, reuse_now, *f, np.ones(E)])
+        else:
+            c = counts[layer] + chose
+            d_row = decay * decayed[layer] + (1 - decay) * chose
+            want_recent = (1 - w_recency) * (w_online * c * K / c.sum() + (1 - w_online) * reuse_now) + \
+                w_recency * d_row
+        update(layer, experts, shares, prior, cross, mix, reuse, gate, 0.5, counts, decayed, decay, w_online,
+               w_recency, visit_weights, forgetting, DECAY, recent, ahead)
+        np.testing.assert_allclose(ahead[:2], want_ahead[:2], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(recent[layer], want_recent, rtol=1e-5, atol=1e-6)
