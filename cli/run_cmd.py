@@ -12,6 +12,7 @@ from moe_tier.engine import Engine
 from moe_tier.errors import MoeTierError
 from moe_tier.reader import open_model
 from moe_tier.sampling import SamplingConfig
+from moe_tier.tiers.slots import POLICIES
 from moe_tier.units import format_bytes
 
 
@@ -25,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy", choices=sorted(POLICIES), default="lfu",
+                   help="which hot expert a promoted miss replaces on the GPU (default: lfu)")
     add_budget_options(p)
 
 
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         raise MoeTierError(None, str(err)) from None
     path = args.model or default_model()
     budget, freq = budget_from_args(args, open_model(path) if args.profile else None)
-    eng = Engine.open(path, vram=budget.vram_bytes, ram=budget.ram_bytes, ctx=budget.ctx, expert_freq=freq)
+    eng = Engine.open(path, vram=budget.vram_bytes, ram=budget.ram_bytes, ctx=budget.ctx, expert_freq=freq,
+                      policy=args.policy)
     out = sys.stdout
     out.write(args.prompt if not args.chat else "")
     for piece in eng.stream(args.prompt, args.max_tokens, sampling, chat=args.chat):
