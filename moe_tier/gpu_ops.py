@@ -105,40 +105,32 @@ class GpuOps:
         return KVCache(k, v)
 
     def attend(self, layer: int, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """As layers.attention, with the same f16 roundings of q and of the softmax (llama.cpp's f16 cache)."""
-        c, start = self.cfg, cache.length
-        if self.static is not None:
-            return self._attend_static(layer, cache, q, k, v)
-        cos, sin = self._angles(start, len(q))
-        keys, values = cache.store(layer, start, rope(k, cos, sin, c.rope), v)
-        q = rope(q, cos, sin, c.rope)
+        """As layers.attention, with the same f16 roundings of q and of the softmax (llama.cpp's f16 cache).
+        In a captured decode step (self.static) the position is on the device: the step attends over the first
+        n_keys cache entries, later ones masked, so one graph serves every position below n_keys."""
+        c, st = self.cfg, self.static
+        if st is None:
+            start = cache.length
+            cos, sin = self._angles(start, len(q))
+            keys, values = cache.store(layer, start, rope(k, cos, sin, c.rope), v)
+            positions = torch.arange(start, start + len(q), device=self.device)
+            return self._causal(rope(q, cos, sin, c.rope), keys, values, positions)
+        cache.k[layer].index_copy_(0, st.pos, rope(k, st.cos, st.sin, c.rope).half())
+        cache.v[layer].index_copy_(0, st.pos, v.half())
+        keys, values = cache.k[layer, : st.n_keys], cache.v[layer, : st.n_keys]
+        return self._causal(rope(q, st.cos, st.sin, c.rope), keys, values, st.pos)
+
+    def _causal(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+        """q (T, H, d) at positions qpos (T,) over cached keys (L, Hkv, d) and values (L, Hkv, dv), f16."""
         T, H, d = q.shape
         L, Hkv, dv = values.shape
         group = H // Hkv
         qg = q.half().float().reshape(T, Hkv, group, d).permute(1, 2, 0, 3).reshape(Hkv, group * T, d)
-        scores = qg @ keys.float().permute(1, 2, 0) / float(np.sqrt(c.head_dim_k))  # (Hkv, group*T, L)
-        qpos = torch.arange(start, start + T, device=self.device).repeat(group)
-        future = torch.arange(L, device=self.device)[None, :] > qpos[:, None]
+        scores = qg @ keys.float().permute(1, 2, 0) / float(np.sqrt(self.cfg.head_dim_k))  # (Hkv, group*T, L)
+        future = torch.arange(L, device=self.device)[None, :] > qpos.repeat(group)[:, None]
         probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
         out = probs.half().float() @ values.float().permute(1, 0, 2)  # (Hkv, group*T, dv)
         return out.reshape(Hkv, group, T, dv).permute(2, 0, 1, 3).reshape(T, H * dv)
-
-    def _attend_static(self, layer: int, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """attend() for one token whose position is on the device: the same math over the first n_keys cache
-        entries, later ones masked, so one captured graph serves every position below n_keys."""
-        c, st = self.cfg, self.static
-        k = rope(k, st.cos, st.sin, c.rope)
-        cache.k[layer].index_copy_(0, st.pos, k.half())
-        cache.v[layer].index_copy_(0, st.pos, v.half())
-        keys, values = cache.k[layer, : st.n_keys], cache.v[layer, : st.n_keys]
-        q = rope(q, st.cos, st.sin, c.rope)
-        H, d = q.shape[1:]
-        Hkv, dv = values.shape[1:]
-        qg = q.half().float().reshape(Hkv, H // Hkv, d)
-        scores = qg @ keys.float().permute(1, 2, 0) / float(np.sqrt(c.head_dim_k))  # (Hkv, group, n_keys)
-        future = torch.arange(st.n_keys, device=self.device) > st.pos
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        return (probs.half().float() @ values.float().permute(1, 0, 2)).reshape(1, H * dv)
 
     def _angles(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's rope angles on the device, uploaded once for all layers."""

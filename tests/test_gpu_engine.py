@@ -116,3 +116,27 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
     eng.model.ops.moe.account()
     assert sum(c.hits for c in eng.stats.tiers.values()) >= 2 * len(tokens) * len(desc.moe_layers)
     eng.tiers.check()
+
+
+def test_attention_with_the_position_on_the_device_equals_the_eager_step(synth_model):
+    """A captured decode step attends from a device-side position over a fixed number of cache entries (later
+    ones masked): the same output as the eager step, position after position."""
+    from moe_tier.gpu_ops import StaticStep
+    from moe_tier.layers import rope_angles
+
+    desc = open_model(synth_model("qwen3moe"))
+    c = desc.config
+    device = torch.device("cuda" if CUDA else "cpu")
+    ops = GpuOps(c, Weights(desc), None, device)
+    eager, static = ops.new_cache(16), ops.new_cache(16)
+    gen = torch.Generator().manual_seed(0)
+    for pos in range(6):
+        q, k, v = (torch.randn((1, n, d), generator=gen).to(device)
+                   for n, d in [(c.n_head, c.head_dim_k), (c.n_head_kv, c.head_dim_k), (c.n_head_kv, c.head_dim_v)])
+        want = ops.attend(0, eager, q, k, v)
+        eager.length += 1
+        cos, sin = (torch.from_numpy(a).to(device) for a in rope_angles(pos, 1, c.n_rot, c.rope_freq_base, c.rope_freq_scale))
+        ops.static = StaticStep(torch.zeros((1, c.n_embd), device=device), torch.tensor([pos], device=device), cos, sin, 8)
+        got = ops.attend(0, static, q, k, v)
+        ops.static = None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
