@@ -29,7 +29,7 @@ SKIP = -(2**62)  # an offset no matrix can have (relative offsets to host memory
 QK_K = 256
 Q4_K_BYTES = 144
 BLOCK_N, NUM_WARPS, STAGES = 16, 1, 1  # best of the bench/gpu_gemv.py sweep on an H100 (gate and down)
-TARGET_PROGRAMS = 2048  # split-K up to this many programs: enough programs in flight to cover the latency of HBM (and of PCIe reads)
+TARGET_PROGRAMS = 2048  # split-K up to this many programs: enough in flight to hide HBM (and PCIe) latency
 
 
 @triton.jit
