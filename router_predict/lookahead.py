@@ -4,7 +4,7 @@ Shape key: T tokens, H hidden size, E experts per layer, F ridge strengths tried
 The residual stream changes little across a few layers, so a later router already ranks its experts from an
 earlier hidden state; what it does change is partly linear in that state, so a ridge fit of the missing part
 of layer l+d's logits, folded into the router, predicts better at the same cost: one (E, H) matrix per
-(layer, distance). The engine runs it on the device and hands the probabilities to the planner.
+(layer, distance), cheap enough to run on the device beside the router (the engine does not run it yet).
 """
 
 from __future__ import annotations
