@@ -11,6 +11,8 @@ Larger batches (prefill) read the routing back and take moe_gpu.moe_ffn_gpu, whi
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -81,7 +83,9 @@ class DeviceMoE:
         tiers.settle()
         if not self.step:
             return
+        t0 = time.perf_counter()
         used = torch.stack([ids for _, ids in self.step]).cpu().numpy()  # (layers, T, k): the step's one read
+        stats.waited("routing gpu->host", time.perf_counter() - t0)
         for (layer, _), ids in zip(self.step, used):
             wanted = [ExpertId(layer, int(e)) for e in sorted(set(ids.reshape(-1).tolist()))]
             for eid in wanted:

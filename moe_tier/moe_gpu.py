@@ -7,6 +7,8 @@ Experts the cost model leaves on the CPU run through the numba kernels on their 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,9 @@ def moe_ffn_gpu(x: torch.Tensor, routing: Routing, layer: int, tiers: GpuTiers) 
         for group in _groups(tiers, held):
             _grouped_swiglu(x, routing, group, tiers.arena[gpu], tiers, per_slot)
     if acquired.cpu:
+        t0 = time.perf_counter()
         x_host = host_copy(x)
+        tiers.stats.waited("activations gpu->host", time.perf_counter() - t0)
         for eid, w in acquired.cpu:
             tok, slot = np.nonzero(ids == eid.expert)
             y = swiglu_ffn(x_host[tok], w.gate, w.up, w.down) * weights[tok, slot][:, None]

@@ -15,6 +15,7 @@ class TierCounter:
 class EngineStats:
     tiers: dict[str, TierCounter] = field(default_factory=dict)
     links: dict[str, TierCounter] = field(default_factory=dict)  # expert moves, e.g. "disk->gpu", "warm->gpu"
+    waits: dict[str, float] = field(default_factory=dict)  # seconds the host waited, per link or read-back
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
@@ -31,6 +32,9 @@ class EngineStats:
         c = self.links.setdefault(link, TierCounter())
         c.hits += 1
         c.bytes += n_bytes
+
+    def waited(self, what: str, seconds: float) -> None:
+        self.waits[what] = self.waits.get(what, 0.0) + seconds
 
     def hit_rates(self) -> dict[str, float]:
         total = sum(c.hits for c in self.tiers.values()) or 1

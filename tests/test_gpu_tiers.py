@@ -140,9 +140,10 @@ def test_grouped_moe_layer_from_slots_matches_cpu_moe_ffn(models, qtype, case):
     if case == "all hot":
         assert set(stats.tiers) == {"hot"}
     elif case == "all cold":
-        assert "cold" in stats.tiers and "disk->gpu" in stats.links
+        assert "cold" in stats.tiers and "disk->gpu" in stats.links and stats.waits["disk->gpu"] > 0
     elif case == "cold on cpu":
         assert set(stats.links) == {"disk->cpu"}  # read past the page cache, computed on the CPU
+        assert stats.waits["disk->cpu"] > 0 and stats.waits["activations gpu->host"] > 0
     elif case == "warm on cpu":
         assert not stats.links  # computed in place on the pinned blobs
     tiers.close()
@@ -253,6 +254,7 @@ def test_device_decode_reads_slots_and_pinned_copies_and_promotes_without_waitin
     assert sum(c.hits for c in stats.tiers.values()) == n_used
     assert stats.tiers["warm"].hits == stats.links["warm->gpu read"].hits > 0
     assert stats.links["warm->gpu"].hits > 0  # promotions
+    assert set(stats.waits) == {"routing gpu->host"}  # the one read-back a step, one step late
     assert len(tiers.table.hot_on(0)) == 3
     tiers.close()
 

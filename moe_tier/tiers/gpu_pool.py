@@ -11,6 +11,7 @@ own event before reusing it, never on the whole device.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -157,15 +158,20 @@ class GpuTiers:
     def _fetch_cold(self, batch: list[tuple[ExpertId, Slot]], stream: torch.cuda.Stream) -> None:
         """Disk reads of the whole batch in flight at once; each expert's copy starts as its read completes."""
         reads = []
+        t0 = time.perf_counter()
         for i, (eid, slot) in enumerate(batch):
             if self.staging_done[i] is not None:
                 self.staging_done[i].synchronize()  # that buffer's previous copy, not the device
             ranges = [(p.offset, p.n_bytes) for p in self.desc.experts[eid].parts]
             reads.append(self.reader.submit(ranges, self.staging[i].numpy()))
+        self.stats.waited("disk->gpu", time.perf_counter() - t0)
         for i, ((eid, slot), read) in enumerate(zip(batch, reads)):
             at = slot.index * self.slot_bytes
+            t0 = time.perf_counter()
+            spans = read.wait()
+            self.stats.waited("disk->gpu", time.perf_counter() - t0)
             with torch.cuda.stream(stream):
-                for span in read.wait():
+                for span in spans:
                     self.arena[slot.gpu][at : at + span.n_bytes].copy_(
                         self.staging[i][span.start : span.start + span.n_bytes], non_blocking=True)
                     at += span.n_bytes
@@ -222,7 +228,9 @@ class GpuTiers:
         ref = self.desc.experts[eid]
         ranges = [(p.offset, p.n_bytes) for p in ref.parts]
         staging = np.empty(self.reader.staging_bytes(ranges), dtype=np.uint8)
+        t0 = time.perf_counter()
         spans = self.reader.read(ranges, staging)
+        self.stats.waited("disk->cpu", time.perf_counter() - t0)
         self.stats.moved("disk->cpu", ref.n_bytes)
         return blob_weights(ref, np.concatenate([staging[s.start : s.start + s.n_bytes] for s in spans]))
 
