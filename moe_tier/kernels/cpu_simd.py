@@ -48,10 +48,6 @@ def _load(builder, base, offset: int, ty: ir.Type, align: int):
     return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=align)
 
 
-def _data_at(context, builder, arrty, arr, offset):
-    return builder.gep(context.make_array(arrty)(context, builder, arr).data, [offset])
-
-
 def _intrinsic_fn(builder, name: str, ret: ir.Type, args: list):
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
     return builder.call(fn, args)
