@@ -6,11 +6,12 @@ per token over each link, hit rates, and the floor (bytes that must cross each l
 rate). The peer, in the same run: llama.cpp's CUDA llama-bench (--llama-bench BIN) with -ngl 99 and the
 -ncmoe that keeps as many layers' experts on the GPU as the same budget holds (estimated from the plan's fixed
 part and the experts' bytes per layer; llama-bench reports no memory use).
---replay NPZ (arrays ids (tokens, layers, k), weights): BENCHMARK ONLY, the router's choice is replaced, token
-after token, by recorded routing (real Mixtral-8x7B routing), labelled as such in the output; llama.cpp cannot
-be given another routing, so its row stays the uniform-routing one.
+--replay TRACE (a moe-tier trace, e.g. the real Mixtral-8x7B routing: `moe-tier trace import
+../shared/data/routing/mixtral-8x7b-instruct-gsm8k.jsonl --n-expert 8 --arch llama --out mixtral.npz`): BENCHMARK
+ONLY, the router's choice is replaced, token after token, by the recorded routing, labelled as such in the output;
+llama.cpp cannot be given another routing, so its row stays the uniform-routing one.
 Usage: python -m bench.gpu_decode [--vram 12GiB,24GiB] [--tokens 256] [--prompt 512] [--out /tmp/mixtral.gguf]
-       [--policy lfu,lru] [--replay routing.npz] [--llama-bench /path/to/llama-bench]
+       [--policy lfu,lru] [--replay TRACE] [--llama-bench /path/to/llama-bench]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from moe_tier.moe import Routing
 from moe_tier.stats import EngineStats
 from moe_tier.synth import mixtral_8x7b, write_fast
 from moe_tier.units import format_bytes, parse_bytes
+from router_predict.trace import load as load_trace
 
 
 def hbm_read_bytes_per_s(n_bytes: int = 1 << 30) -> float:
@@ -73,8 +75,8 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
     open_s = time.perf_counter() - t0
     model, ops = eng.model, eng.model.ops
     if replay is not None:
-        trace = np.load(replay)
-        ops.route = ReplayedRouter(ops, trace["ids"], trace["weights"], eng.desc.config.n_layer)
+        trace = load_trace(replay)
+        ops.route = ReplayedRouter(ops, trace.expert_ids, trace.weights, eng.desc.config.n_layer)
     cache = model.new_cache(n_prompt + n_tokens + 8)
     prompt = np.random.default_rng(0).integers(3, eng.n_vocab, n_prompt)
     t0 = time.perf_counter()
