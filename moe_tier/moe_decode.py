@@ -78,26 +78,28 @@ class DeviceMoE:
 
     def account(self) -> None:
         """Count the last step's hits, tell the policy, promote what it prefers (copies queue; nobody waits).
-        Runs at each step's first MoE layer; the engine calls it once more after the last step."""
+        Runs at each step's first MoE layer; the engine calls it once more after the last step. Counting comes
+        before settle(): the last step ran with the table as it was before this call's finished copies."""
         tiers, stats = self.tiers, self.tiers.stats
+        used = []
+        if self.step:
+            t0 = time.perf_counter()
+            ids = torch.stack([ids for _, ids in self.step]).cpu().numpy()  # (layers, T, k): the step's one read
+            stats.waited("routing gpu->host", time.perf_counter() - t0)
+            for (layer, _), layer_ids in zip(self.step, ids):
+                wanted = [ExpertId(layer, int(e)) for e in sorted(set(layer_ids.reshape(-1).tolist()))]
+                for eid in wanted:
+                    n_bytes = tiers.desc.experts[eid].n_bytes
+                    tiers.policy.touch(eid)
+                    if eid in tiers.locations.ready:
+                        stats.served("hot", n_bytes)
+                    else:
+                        stats.served("warm", n_bytes)
+                        stats.moved("warm->gpu read", n_bytes)
+                used.append((layer, wanted))
+        self.step = []
         tiers.settle()
-        if not self.step:
-            return
-        t0 = time.perf_counter()
-        used = torch.stack([ids for _, ids in self.step]).cpu().numpy()  # (layers, T, k): the step's one read
-        stats.waited("routing gpu->host", time.perf_counter() - t0)
-        for (layer, _), ids in zip(self.step, used):
-            wanted = [ExpertId(layer, int(e)) for e in sorted(set(ids.reshape(-1).tolist()))]
-            for eid in wanted:
-                n_bytes = tiers.desc.experts[eid].n_bytes
-                tiers.policy.touch(eid)
-                if eid in tiers.locations.ready:
-                    stats.served("hot", n_bytes)
-                else:
-                    stats.served("warm", n_bytes)
-                    stats.moved("warm->gpu read", n_bytes)
-            home = tiers.layer_gpu[layer]
+        for layer, wanted in used:
             for eid in wanted:
                 if eid not in tiers.table.slot_of:
-                    tiers.promote(eid, home, frozenset(wanted))
-        self.step = []
+                    tiers.promote(eid, tiers.layer_gpu[layer], frozenset(wanted))
