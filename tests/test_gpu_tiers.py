@@ -221,7 +221,7 @@ def test_start_up_measures_every_link(models):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "Q6_K"])
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "planner"])
 def test_device_decode_reads_slots_and_pinned_copies_and_promotes_without_waiting(models, qtype, policy):
     """Decode with routing on the device: hot experts from slots, the rest straight from pinned memory, misses
     promoted by copies the compute never waits for; results exact, tables consistent, every use counted."""

@@ -150,4 +150,6 @@ class LfuPolicy:
         return self.uses.get(newcomer, 0) > self.uses.get(victim, 0) + LFU_MARGIN
 
 
-POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy}
+from moe_tier.tiers.planner_policy import PlannerPolicy  # noqa: E402  (it implements the protocol above)
+
+POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy, "planner": PlannerPolicy}
