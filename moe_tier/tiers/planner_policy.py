@@ -8,15 +8,16 @@ on: the routing arrives a step late, the copy lands during the next step):
     q = chance of use per token: uses counted with a long half-life (a profile's frequency is its start value)
     p = chance at that token: q mixed with uses counted with a short half-life (token reuse)
     E[T] = 1 + (1 - p) / q  tokens until the next use
-as the planner's E[T] = dist + (1 - p) * L / q with every layer one token away. A miss takes a slot only with
-MIN_USES uses behind it and an E[T] MARGIN times smaller than the victim's: a copy costs link time that only
-repeated hits repay, and an estimate from a use or two is noise. Values are memoized per token (within a token
-only a touch changes one), so the victims of one step cost a dictionary look-up per candidate. The constants
-were chosen by replaying the fitting halves of bench/replay_device_policies.py's traces.
+as the planner's E[T] = dist + (1 - p) * L / q with every layer one token away. The victim is the candidate of
+least q (E[T]'s dominant term), kept as a rank that only a touch changes, so a victim costs one dictionary
+look-up per candidate. A miss takes the slot only with MIN_USES uses behind it and an E[T] MARGIN times smaller
+than the victim's: a copy costs link time that only repeated hits repay, and an estimate from a use or two is
+noise. The constants were chosen by replaying the fitting parts of bench/replay_device_policies.py's traces.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping
 
 from moe_tier.reader import ExpertId
@@ -31,7 +32,7 @@ EPS = 1e-4
 
 
 class PlannerPolicy:
-    """Largest E[T] out; a miss in only when prefers() says so. Counts survive eviction."""
+    """Least q (largest E[T]) out; a miss in only when prefers() says so. Counts survive eviction."""
 
     def __init__(self, prior: Mapping[ExpertId, float] | None = None):
         self.prior = dict(prior or {})  # expert -> chance of use per token, from a routing profile
@@ -42,8 +43,7 @@ class PlannerPolicy:
         self.short: dict[ExpertId, float] = {}  # forgetting use counts as of the last use
         self.long: dict[ExpertId, float] = {}
         self.uses: dict[ExpertId, int] = {}
-        self.value: dict[ExpertId, float] = {}  # E[T] memo, valid for self.value_token
-        self.value_token = 0
+        self.rank: dict[ExpertId, float] = {}  # log of the long count referred back to token 0: orders q for good
         self.ds, self.dl = 0.5 ** (1 / SHORT_HALF_LIFE_TOKENS), 0.5 ** (1 / LONG_HALF_LIFE_TOKENS)
 
     def touch(self, eid: ExpertId) -> None:
@@ -57,40 +57,30 @@ class PlannerPolicy:
         self.long[eid] = self.long.get(eid, self.prior.get(eid, 0.0) / (1 - self.dl)) * self.dl ** age + 1.0
         self.uses[eid] = self.uses.get(eid, 0) + 1
         self.last[eid] = self.token
-        self.value.pop(eid, None)
+        self.rank[eid] = math.log(self.long[eid]) - self.token * math.log(self.dl)
 
     def forget(self, eid: ExpertId) -> None:
         pass  # an evicted expert keeps its counts: they rank it when it misses again
 
     def next_use_tokens(self, eid: ExpertId) -> float:
-        """E[T] of eid (memoized until the token changes or eid is touched)."""
-        v = self._memo().get(eid)
-        return self._value(eid) if v is None else v
-
-    def _memo(self) -> dict[ExpertId, float]:
-        if self.value_token != self.token:
-            self.value.clear()
-            self.value_token = self.token
-        return self.value
-
-    def _value(self, eid: ExpertId) -> float:
+        """E[T] of eid, seen AHEAD_TOKENS on."""
         age = self.token + AHEAD_TOKENS - self.last.get(eid, 0)
         q = self.long.get(eid, self.prior.get(eid, 0.0) / (1 - self.dl)) * self.dl ** age * (1 - self.dl)
         p_short = self.short.get(eid, 0.0) * self.ds ** age * (1 - self.ds)
         p = min(SHORT_WEIGHT * p_short + (1 - SHORT_WEIGHT) * q, 1.0)
-        v = self.value[eid] = 1.0 + (1.0 - p) / max(q, EPS)
-        return v
+        return 1.0 + (1.0 - p) / max(q, EPS)
 
     def victim(self, candidates: Iterable[ExpertId]) -> ExpertId | None:
-        """The candidate used furthest ahead (ties: the smaller expert id, so replays are deterministic)."""
-        value, compute = self._memo(), self._value  # inline look-ups: this loop is the policy's hot path
-        best, best_v = None, -1.0
+        """The candidate of least q, E[T]'s dominant term (p weighs little two tokens ahead). q decays at one rate
+        for every expert, so its order only changes at a touch and needs no per-token work: with decisions every
+        step over every slot, this loop is the policy's hot path. Ties: the smaller expert id."""
+        rank, best, best_r = self.rank, None, math.inf
         for e in candidates:
-            v = value.get(e)
-            if v is None:
-                v = compute(e)
-            if v > best_v or (v == best_v and e < best):
-                best, best_v = e, v
+            r = rank.get(e)
+            if r is None:
+                r = rank[e] = math.log(self.prior[e] / (1 - self.dl)) if self.prior.get(e, 0.0) > 0 else -math.inf
+            if r < best_r or (r == best_r and e < best):
+                best, best_r = e, r
         return best
 
     def prefers(self, newcomer: ExpertId, victim: ExpertId) -> bool:
