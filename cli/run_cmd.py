@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--policy", choices=sorted(POLICIES), default="lfu",
-                   help="which hot expert a promoted miss replaces on the GPU (default: lfu)")
+    p.add_argument("--policy", choices=sorted(POLICIES), default="planner",
+                   help="which hot expert a promoted miss replaces on the GPU (default: planner)")
     add_budget_options(p)
 
 

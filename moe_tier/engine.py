@@ -34,7 +34,7 @@ PREFILL_CHUNK = 512  # tokens per prefill step: bounds the activation scratch th
 
 
 class Engine:
-    def __init__(self, desc: ModelDesc, plan: TierPlan, ctx: int, policy: str = "lfu"):
+    def __init__(self, desc: ModelDesc, plan: TierPlan, ctx: int, policy: str = "planner"):
         self.desc, self.plan, self.ctx, self.policy = desc, plan, ctx, policy
         self.stats = EngineStats()
         self.weights = weights = Weights(desc)
@@ -83,7 +83,7 @@ class Engine:
 
     @classmethod
     def open(cls, path: str | Path, vram: int | str | None = None, ram: int | str | None = None,
-             ctx: int = 2048, expert_freq: np.ndarray | None = None, policy: str = "lfu") -> Engine:
+             ctx: int = 2048, expert_freq: np.ndarray | None = None, policy: str = "planner") -> Engine:
         """vram/ram: bytes or sizes like "12GiB" (vram may list one per GPU); expert_freq (layer, expert)
         from a routing profile ranks experts for the tiers; policy (tiers.slots.POLICIES) picks slot victims."""
         desc = open_model(path)
