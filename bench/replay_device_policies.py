@@ -2,10 +2,9 @@
 
 The mechanism replayed is the live one, on the live classes (SlotTable and the policies of tiers.slots.POLICIES):
 each step every chosen expert is read from its slot if its copy is done (hit), else in place from pinned host
-memory over PCIe (miss). Before the next step runs, the host settles copies issued a step earlier, touches the
-step's experts layer by layer and, for each miss of a layer, asks GpuTiers.promote's question: victim = the
-policy's choice among slot holders not used by that layer; copy the miss over it only if policy.prefers(miss,
-victim). So a miss at step t reads from its slot from step t + 2 on, and its victim reads in place from t + 1.
+memory over PCIe (miss). Before the next step runs, the host touches the step's experts, settles copies issued a
+step earlier and, for each miss of each layer, asks GpuTiers.promote's question: victim = the policy's choice
+among slot holders not used by that layer; copy the miss over it only if policy.prefers(miss, victim). So a miss at step t reads from its slot from step t + 2 on, and its victim reads in place from t + 1.
 "static" never promotes (llama.cpp's fixed placement). The initial slots are the plan's (moe_tier/plan.py
 ranking): uniform (rank r of every layer before rank r + 1) or by the fitting part's frequencies (a profile).
 """
@@ -73,9 +72,10 @@ def replay_live(name: str, test: Trace, n_slots: int, initial: list[ExpertId], e
     for t in range(test.n_tokens):
         ready |= pending  # settle(): last account's copies are done by now
         pending = set()
-        for wanted in last_step:  # account() of the previous step, layer by layer
+        for wanted in last_step:  # account() of the previous step: every use touched, then promotions
             for eid in wanted:
                 policy.touch(eid)
+        for wanted in last_step:
             for eid in wanted:
                 if eid in table.slot_of or name == "static":
                     continue

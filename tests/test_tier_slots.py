@@ -95,8 +95,8 @@ def test_planner_policy_prefers_a_frequent_miss_to_a_cold_victim_and_not_the_rev
 
 
 def _live_hit_rate(policy, steps: list[list[list[ExpertId]]], n_slots: int) -> float:
-    """DeviceMoE.account's rule on a SlotTable: use a step, then touch its experts layer by layer and offer each
-    miss the policy's victim among experts the layer did not use."""
+    """DeviceMoE.account's rule on a SlotTable: use a step, touch its experts, then offer each miss the policy's
+    victim among experts its layer did not use."""
     table = SlotTable(EXPERTS, {0: n_slots}, pinned=EXPERTS)
     hits = uses = 0
     for step in steps:
@@ -105,6 +105,7 @@ def _live_hit_rate(policy, steps: list[list[list[ExpertId]]], n_slots: int) -> f
         for wanted in step:
             for eid in wanted:
                 policy.touch(eid)
+        for wanted in step:
             for eid in wanted:
                 if eid in table.slot_of:
                     continue
