@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from moe_tier.config import ModelConfig
+from moe_tier.kernels.activations import Activations
 from moe_tier.layers import KVCache, attention, rms_norm, rope, rope_angles, silu
 from moe_tier.moe import ExpertSource, Routing, moe_ffn, route
 from moe_tier.tensors import Weights
@@ -18,6 +19,7 @@ class HostOps:
     def __init__(self, cfg: ModelConfig, weights: Weights, experts: ExpertSource):
         self.cfg, self.w, self.experts = cfg, weights, experts
         self.head = "output" if "output.weight" in weights else "token_embd"  # tied embeddings
+        self._last: tuple[np.ndarray, Activations] | None = None
 
     rms_norm = staticmethod(rms_norm)
     silu = staticmethod(silu)
@@ -42,9 +44,17 @@ class HostOps:
 
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         """W x (+ b) for the GGUF tensor `name`.weight (and `name`.bias where the file has one)."""
-        y = self.w.matrix(f"{name}.weight") @ x
+        y = self.w.matrix(f"{name}.weight") @ self._activations(x)
         bias = self.w.vector(f"{name}.bias")
         return y if bias is None else y + bias
+
+    def _activations(self, x: np.ndarray) -> Activations:
+        """x with its quantizations, kept for the next call: the decoder passes the same normalised h to q, k and v,
+        which then quantize it once. Keyed by identity (the cached object holds x, so its id is not reused); the
+        decoder never writes into an array it has passed on."""
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, Activations(x))
+        return self._last[1]
 
     def new_cache(self, ctx: int) -> KVCache:
         c = self.cfg

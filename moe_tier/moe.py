@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from moe_tier.config import Gating
+from moe_tier.kernels.activations import Activations
 from moe_tier.layers import silu
 from moe_tier.reader import ExpertId
 from moe_tier.tensors import QTensor
@@ -72,18 +73,27 @@ class ExpertSource(Protocol):
     def expert(self, eid: ExpertId) -> ExpertWeights: ...
 
 
-def swiglu_ffn(x: np.ndarray, gate: QTensor, up: QTensor, down: QTensor) -> np.ndarray:
+def swiglu_ffn(x: np.ndarray | Activations, gate: QTensor, up: QTensor, down: QTensor) -> np.ndarray:
     """down(silu(gate x) * up x): every expert and shared expert, (T, D) -> (T, D)."""
     return down @ (silu(gate @ x) * (up @ x))
 
 
 def moe_ffn(x: np.ndarray, routing: Routing, layer: int, experts: ExpertSource) -> np.ndarray:
-    """Each selected expert runs once on all the tokens that chose it, so its weights are read once."""
+    """Each selected expert runs once on all the tokens that chose it, so its weights are read once; x is
+    quantized once for the gate and up matrices of every expert."""
+    acts = Activations(x)
     T, k = routing.ids.shape
+    if T == 1:  # decode: k distinct experts, no grouping to do
+        out = None
+        for slot, e in enumerate(routing.ids[0].tolist()):
+            w = experts.expert(ExpertId(layer, e))
+            y = swiglu_ffn(acts, w.gate, w.up, w.down) * routing.weights[0, slot]
+            out = y if out is None else out + y  # in slot order, as below
+        return out
     per_slot = np.zeros((k, T, x.shape[1]), dtype=np.float32)
     for e in np.unique(routing.ids):
         tok, slot = np.nonzero(routing.ids == e)
         w = experts.expert(ExpertId(layer, int(e)))
-        y = swiglu_ffn(x[tok], w.gate, w.up, w.down)
+        y = swiglu_ffn(acts.rows(tok), w.gate, w.up, w.down)
         per_slot[slot, tok] = y * routing.weights[tok, slot][:, None]
     return per_slot.sum(axis=0)  # llama.cpp adds the k weighted outputs in slot order

@@ -228,3 +228,34 @@ def test_wrong_sizes_raise():
         kernels.matmul(x[:, :256], w, Q.Q8_0, N, K)
     with pytest.raises(MoeTierError, match="multiple"):
         kernels.matmul(make_x(1, seed=12)[:, :100], w, Q.Q4_K, N, 100)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_converted_activations_give_the_same_products(qtype):
+    """x converted once and shared (by several weights, then by a subset of its tokens) changes no result bit."""
+    w, w2, x = make_weight(qtype, seed=13), make_weight(qtype, seed=14), make_x(5, seed=15)
+    acts = activations.Activations(x)
+    np.testing.assert_array_equal(kernels.matmul(acts, w, qtype, N, K), kernels.matmul(x, w, qtype, N, K))
+    np.testing.assert_array_equal(kernels.matmul(acts, w2, qtype, N, K), kernels.matmul(x, w2, qtype, N, K))
+    tokens = np.array([4, 1])
+    np.testing.assert_array_equal(kernels.matmul(acts.rows(tokens), w, qtype, N, K),
+                                  kernels.matmul(x[tokens], w, qtype, N, K))
+
+
+def test_activations_convert_once_per_activation_type():
+    calls = []
+
+    def prepare(x):
+        calls.append(len(x))
+        return (x * 2,)
+
+    acts = activations.Activations(make_x(3, seed=16))
+    first = acts.converted(prepare)
+    assert acts.converted(prepare) is first and calls == [3]
+    np.testing.assert_array_equal(acts.rows(np.array([2])).converted(prepare)[0], first[0][[2]])
+    assert calls == [3]
+
+
+def test_from_f16_is_exact_for_every_bit_pattern():
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(256, 2, 128)
+    np.testing.assert_array_equal(activations.from_f16(every), every.astype(np.float32))

@@ -20,6 +20,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from moe_tier.errors import MoeTierError
 from moe_tier.kernels import cpu, cpu_kquants
+from moe_tier.kernels.activations import Activations
+from moe_tier.kernels.cpu import Kernel
 
 _KERNELS = {**cpu.KERNELS, **cpu_kquants.KERNELS}
 SUPPORTED: frozenset[GGMLQuantizationType] = frozenset(_KERNELS)
@@ -40,42 +42,48 @@ def row_bytes(qtype: GGMLQuantizationType, n_cols: int) -> int:
     return n_cols // block_values * block_bytes
 
 
-def _check_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
-    qtype = GGMLQuantizationType(qtype)
-    if qtype not in SUPPORTED:
-        raise MoeTierError(None, f"unsupported quant type {qtype.name}")
-    return qtype
+def _kernel(qtype: GGMLQuantizationType) -> Kernel:
+    """The kernel of a supported type (an int works too); a dict lookup, as matmul runs ~100 times per token."""
+    kernel = _KERNELS.get(qtype)
+    if kernel is None:
+        raise MoeTierError(None, f"unsupported quant type {GGMLQuantizationType(qtype).name}")
+    return kernel
 
 
 def _rows(w: np.ndarray, qtype: GGMLQuantizationType, n_rows: int, n_cols: int) -> np.ndarray:
-    """The weight bytes as a contiguous (N, row_bytes) uint8 view, after checking the sizes agree."""
-    block_values, _ = block_shape(qtype)
+    """The weight bytes as a contiguous (N, row_bytes) uint8 view, after checking the sizes agree (qtype supported)."""
+    block_values, block_bytes = GGML_QUANT_SIZES[qtype]
     if n_cols % block_values:
-        raise MoeTierError(None, f"{n_cols} columns is not a multiple of the {qtype.name} block ({block_values})")
-    w = np.ascontiguousarray(w)
-    raw = w.reshape(-1).view(np.uint8)
-    expected = n_rows * row_bytes(qtype, n_cols)
+        name = GGMLQuantizationType(qtype).name
+        raise MoeTierError(None, f"{n_cols} columns is not a multiple of the {name} block ({block_values})")
+    raw = np.ascontiguousarray(w).reshape(-1).view(np.uint8)
+    expected = n_rows * (n_cols // block_values * block_bytes)
     if raw.size != expected:
-        raise MoeTierError(None, f"{qtype.name} weight of {n_rows}x{n_cols} needs {expected} bytes, got {raw.size}")
+        name = GGMLQuantizationType(qtype).name
+        raise MoeTierError(None, f"{name} weight of {n_rows}x{n_cols} needs {expected} bytes, got {raw.size}")
     return raw.reshape(n_rows, -1)
 
 
-def matmul(x: np.ndarray, w: np.ndarray, qtype: GGMLQuantizationType, n_rows: int, n_cols: int) -> np.ndarray:
-    """x (T, K=n_cols) float32 @ W.T for W (N=n_rows, K) stored as raw blocks in w; returns (T, N) float32."""
-    qtype = _check_type(qtype)
+def matmul(x: np.ndarray | Activations, w: np.ndarray, qtype: GGMLQuantizationType, n_rows: int,
+           n_cols: int) -> np.ndarray:
+    """x (T, K=n_cols) float32 @ W.T for W (N=n_rows, K) stored as raw blocks in w; returns (T, N) float32.
+    Pass x as Activations where several weights read it, so that it is converted once."""
+    kernel = _kernel(qtype)
     rows = _rows(w, qtype, n_rows, n_cols)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] != n_cols:
-        raise MoeTierError(None, f"activations of shape {x.shape} do not match a weight of {n_cols} columns")
-    out = np.zeros((x.shape[0], n_rows), dtype=np.float32)
-    if x.shape[0] and n_rows:
-        if rows.nbytes * x.shape[0] >= PARALLEL_MIN_BYTES or numba.get_num_threads() == 1:
-            _KERNELS[qtype](rows, x, out)
+    acts = x if isinstance(x, Activations) else Activations(x)
+    n_tok = len(acts.x)
+    if acts.x.ndim != 2 or acts.x.shape[1] != n_cols:
+        raise MoeTierError(None, f"activations of shape {acts.x.shape} do not match a weight of {n_cols} columns")
+    out = np.zeros((n_tok, n_rows), dtype=np.float32)
+    if n_tok and n_rows:
+        prepared = acts.converted(kernel.prepare)
+        if rows.nbytes * n_tok >= PARALLEL_MIN_BYTES or numba.get_num_threads() == 1:
+            kernel.run(rows, prepared, out)
         else:
             threads = numba.get_num_threads()
             numba.set_num_threads(1)
             try:
-                _KERNELS[qtype](rows, x, out)
+                kernel.run(rows, prepared, out)
             finally:
                 numba.set_num_threads(threads)
     return out
@@ -83,7 +91,7 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: GGMLQuantizationType, n_rows: in
 
 def get_rows(w: np.ndarray, qtype: GGMLQuantizationType, n_cols: int, rows: np.ndarray) -> np.ndarray:
     """Dequantize the selected rows (an embedding lookup): (len(rows), K) float32, exactly as gguf does."""
-    qtype = _check_type(qtype)
+    _kernel(qtype)  # raises for an unsupported type
     raw = np.asarray(w).reshape(-1).view(np.uint8)
     table = _rows(raw, qtype, raw.size // max(row_bytes(qtype, n_cols), 1), n_cols)
     picked = table[np.asarray(rows, dtype=np.int64)]

@@ -11,7 +11,7 @@ products of them with the weights' integer quants, exactly as the C code does.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 from numba import njit
@@ -19,6 +19,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 QK8_0, _ = GGML_QUANT_SIZES[Q.Q8_0]
 QK_K, _ = GGML_QUANT_SIZES[Q.Q8_K]
+# fp16 bit pattern -> float32; a 256 KiB table beats bit-twiddling for the kernels' scattered per-block scales.
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 class QuantizedActivations(NamedTuple):
@@ -31,6 +33,29 @@ class QuantizedActivations(NamedTuple):
     qs: np.ndarray
     d: np.ndarray
     extra: np.ndarray
+
+
+class Activations:
+    """x (T, K) float32 with its conversions for the kernels, each made on first use and kept.
+
+    At one token, quantizing x costs about as much as a small matmul; every matmul that reads the same x (q, k and
+    v; gate and up of every expert of a layer) asks the same object, so x is quantized once for all of them.
+    A conversion is a tuple of arrays with T rows (see cpu.Kernel), so `rows` selects tokens from it as well.
+    """
+
+    def __init__(self, x: np.ndarray, converted: dict | None = None):
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self._converted = {} if converted is None else converted
+
+    def converted(self, prepare: Callable[[np.ndarray], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+        if prepare not in self._converted:
+            self._converted[prepare] = prepare(self.x)
+        return self._converted[prepare]
+
+    def rows(self, tokens: np.ndarray) -> Activations:
+        """The tokens `tokens` (indices into T), conversions included."""
+        converted = {prepare: tuple(a[tokens] for a in arrays) for prepare, arrays in self._converted.items()}
+        return Activations(self.x[tokens], converted)
 
 
 def _blocks(x: np.ndarray, size: int) -> np.ndarray:
@@ -116,3 +141,18 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
     nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
     bits = np.where(nan, (u >> np.uint32(16)) | np.uint32(64), rounded).astype(np.uint32)
     return (bits << np.uint32(16)).view(np.float32)
+
+
+def from_f16(x: np.ndarray) -> np.ndarray:
+    """float16 -> float32 (exact) through F16_TO_F32: numpy's astype has no vector path for it and is ~4x slower,
+    and attention widens a layer's whole f16 KV cache every step."""
+    bits = np.ascontiguousarray(x).view(np.uint16)
+    out = np.empty(x.shape, np.float32)
+    _lookup(bits.reshape(-1), F16_TO_F32, out.reshape(-1))
+    return out
+
+
+@njit(cache=True)
+def _lookup(bits, table, out):
+    for i in range(bits.size):
+        out[i] = table[bits[i]]

@@ -19,16 +19,17 @@ indices are unsigned (np.uint64), so numba's negative-index wraparound check dis
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from numba import njit, prange
 
 from moe_tier.kernels import activations as act
+from moe_tier.kernels.activations import F16_TO_F32
 
 ROWS_PER_TASK = 64  # rows per parallel task: amortises the scratch buffer and the call (Q4_K at 16: a few % slower)
 
-# fp16 bit pattern -> float32; a 256 KiB table beats bit-twiddling for the scattered per-block scales.
-F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 # ggml_e8m0_to_fp32_half (ggml-impl.h): the MXFP4 block exponent, halved because its values are doubled.
 E8M0_HALF_TO_F32 = np.array(
     [(0x00200000 << e) if e < 2 else ((e - 1) << 23) for e in range(256)], dtype=np.uint32
@@ -154,44 +155,75 @@ def _nibble_par(w, qk, layout, xq, xd, xsum, xs, values, scales, f16, out):
         _nibble_rows(w, qk, layout, xq, xd, xsum, xs, values, scales, f16, out, r0, r1)
 
 
-def _float_kernel(kind: int, bits_dtype: type, widen):
-    def run(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-        _float_par(w.view(bits_dtype), kind, widen(x), F16_TO_F32, out)
+class Kernel(NamedTuple):
+    """One weight type's matmul in two steps, so that x is converted once for every weight that reads it.
 
-    return run
+    prepare(x (T, K) float32) -> the arrays run reads, each with T rows (the conversion is per token, so a subset
+    of tokens is a row selection); one function per activation type, shared by the weight types that use it.
+    run(w (N, row_bytes) uint8, prepared, out (T, N) float32 zeroed): out = x W.T, row tasks on numba's threads.
+    """
+
+    prepare: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    run: Callable[[np.ndarray, tuple[np.ndarray, ...], np.ndarray], None]
 
 
-def _q8_0_kernel(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+def _widened(widen):
+    def prepare(x: np.ndarray) -> tuple[np.ndarray]:
+        return (widen(x),)
+
+    return prepare
+
+
+def _float_kernel(kind: int, bits_dtype: type, widen) -> Kernel:
+    def run(w: np.ndarray, prepared: tuple[np.ndarray], out: np.ndarray) -> None:
+        _float_par(w.view(bits_dtype), kind, prepared[0], F16_TO_F32, out)
+
+    return Kernel(_widened(widen), run)
+
+
+def prepare_q8_0(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Q8_0 values, scales, per-block sums of the values (the Q4_0 / Q5_0 / MXFP4 value offsets), and the scales
+    again where Q8_1's sums would go (read only for types with a minimum, which use prepare_q8_1)."""
     xq = act.quantize_q8_0(x)
-    _q8_0_par(w.view(np.int8), act.QK8_0, xq.qs, xq.d, F16_TO_F32, out)
+    return xq.qs, xq.d, _block_sums(xq.qs), xq.d
 
 
-def _nibble_kernel(qtype: Q, value_off: int, min_off: int, qh_off: int, values=(), scales=F16_TO_F32):
+def prepare_q8_1(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    xq = act.quantize_q8_1(x)
+    return xq.qs, xq.d, _block_sums(xq.qs), xq.extra
+
+
+def _block_sums(qs: np.ndarray) -> np.ndarray:
+    return qs.reshape(qs.shape[0], -1, act.QK8_0).sum(axis=-1, dtype=np.int32)
+
+
+def _q8_0_run(w: np.ndarray, prepared: tuple[np.ndarray, ...], out: np.ndarray) -> None:
+    xq, xd = prepared[:2]
+    _q8_0_par(w.view(np.int8), act.QK8_0, xq, xd, F16_TO_F32, out)
+
+
+def _nibble_kernel(qtype: Q, value_off: int, min_off: int, qh_off: int, values=(), scales=F16_TO_F32) -> Kernel:
     """The activation type is Q8_1 iff the block has a minimum (Q4_1, Q5_1), else Q8_0."""
     qk, block_bytes = GGML_QUANT_SIZES[qtype]
     scale_bytes = 2 if scales is F16_TO_F32 else 1
     layout = np.array([block_bytes, scale_bytes, min_off, qh_off, block_bytes - qk // 2, value_off], np.int64)
     values = np.array(values, dtype=np.int16)
-    quantize = act.quantize_q8_1 if min_off >= 0 else act.quantize_q8_0
 
-    def run(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-        xq = quantize(x)
-        xs = xq.extra if min_off >= 0 else xq.d  # xs is only read when there is a minimum
-        xsum = xq.qs.reshape(x.shape[0], -1, qk).sum(axis=-1, dtype=np.int32)
-        _nibble_par(w, qk, layout, xq.qs, xq.d, xsum, xs, values, scales, F16_TO_F32, out)
+    def run(w: np.ndarray, prepared: tuple[np.ndarray, ...], out: np.ndarray) -> None:
+        xq, xd, xsum, xs = prepared
+        _nibble_par(w, qk, layout, xq, xd, xsum, xs, values, scales, F16_TO_F32, out)
 
-    return run
+    return Kernel(prepare_q8_1 if min_off >= 0 else prepare_q8_0, run)
 
 
 KERNELS = {
     Q.F32: _float_kernel(0, np.uint32, lambda x: np.ascontiguousarray(x, dtype=np.float32)),
     Q.F16: _float_kernel(1, np.uint16, act.to_f16),
     Q.BF16: _float_kernel(2, np.uint16, act.to_bf16),
-    Q.Q8_0: _q8_0_kernel,
+    Q.Q8_0: Kernel(prepare_q8_0, _q8_0_run),
     Q.Q4_0: _nibble_kernel(Q.Q4_0, value_off=-8, min_off=-1, qh_off=-1),
     Q.Q4_1: _nibble_kernel(Q.Q4_1, value_off=0, min_off=2, qh_off=-1),
     Q.Q5_0: _nibble_kernel(Q.Q5_0, value_off=-16, min_off=-1, qh_off=2),
     Q.Q5_1: _nibble_kernel(Q.Q5_1, value_off=0, min_off=2, qh_off=4),
     Q.MXFP4: _nibble_kernel(Q.MXFP4, 0, -1, -1, values=MXFP4_VALUES, scales=E8M0_HALF_TO_F32),
 }
-"""qtype -> run(w (N, row_bytes) uint8, x (T, K) float32, out (T, N) float32 zeroed)."""

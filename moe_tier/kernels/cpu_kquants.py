@@ -22,7 +22,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from numba import njit, prange
 
 from moe_tier.kernels import activations as act, cpu_simd as simd
-from moe_tier.kernels.cpu import F16_TO_F32, ROWS_PER_TASK, f16_at
+from moe_tier.kernels.cpu import F16_TO_F32, ROWS_PER_TASK, Kernel, f16_at
 
 QK_K, _ = GGML_QUANT_SIZES[Q.Q8_K]  # values per super-block: 256
 
@@ -193,17 +193,22 @@ def _kquant_par(kind, w, qk, block_bytes, xq, xd, bsums, values, out):
             _rows_iq4_xs(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1)
 
 
-def _kernel(qtype: Q, kind: int, uses_bsums: bool):
+def prepare_q8_k(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Q8_K values, scales and bsums, and an empty (T, 0) bsums for the row functions that read none."""
+    xq = act.quantize_q8_k(x)
+    return xq.qs, xq.d, xq.extra, np.zeros((len(x), 0), np.int32)
+
+
+def _kernel(qtype: Q, kind: int, uses_bsums: bool) -> Kernel:
     """kind selects the row function in _kquant_par: the bit width (2..6), 0 for IQ4_XS. uses_bsums: the row
     function reads Q8_K's bsums (block minimums, Q6_K's -32 offset), else it gets an empty array."""
     qk, block_bytes = GGML_QUANT_SIZES[qtype]
 
-    def run(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-        xq = act.quantize_q8_k(x)
-        bsums = xq.extra if uses_bsums else np.zeros((x.shape[0], 0), np.int32)
-        _kquant_par(kind, w, qk, block_bytes, xq.qs, xq.d, bsums, IQ4NL_VALUES, out)
+    def run(w: np.ndarray, prepared: tuple[np.ndarray, ...], out: np.ndarray) -> None:
+        xq, xd, bsums, no_bsums = prepared
+        _kquant_par(kind, w, qk, block_bytes, xq, xd, bsums if uses_bsums else no_bsums, IQ4NL_VALUES, out)
 
-    return run
+    return Kernel(prepare_q8_k, run)
 
 
 KERNELS = {
@@ -214,4 +219,3 @@ KERNELS = {
     Q.Q6_K: _kernel(Q.Q6_K, 6, uses_bsums=True),
     Q.IQ4_XS: _kernel(Q.IQ4_XS, 0, uses_bsums=False),
 }
-"""qtype -> run(w (N, row_bytes) uint8, x (T, K) float32, out (T, N) float32 zeroed)."""
