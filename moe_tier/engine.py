@@ -23,7 +23,7 @@ from moe_tier.machine import probe
 from moe_tier.models import Segment, family
 from moe_tier.models.base import RoutingObserver
 from moe_tier.plan import Budget, TierPlan, plan_tiers
-from moe_tier.reader import Category, ModelDesc, open_model
+from moe_tier.reader import Category, ExpertId, ModelDesc, open_model
 from moe_tier.sampling import Sampler, SamplingConfig
 from moe_tier.stats import EngineStats
 from moe_tier.tensors import Weights
@@ -34,8 +34,9 @@ PREFILL_CHUNK = 512  # tokens per prefill step: bounds the activation scratch th
 
 
 class Engine:
-    def __init__(self, desc: ModelDesc, plan: TierPlan, ctx: int, policy: str = "planner"):
-        self.desc, self.plan, self.ctx, self.policy = desc, plan, ctx, policy
+    def __init__(self, desc: ModelDesc, plan: TierPlan, ctx: int, policy: str = "planner",
+                 expert_freq: np.ndarray | None = None):
+        self.desc, self.plan, self.ctx, self.policy, self.expert_freq = desc, plan, ctx, policy, expert_freq
         self.stats = EngineStats()
         self.weights = weights = Weights(desc)
         measured_gpu = bool(plan.gpus) and plan.gpus[0].runtime_measured
@@ -66,7 +67,8 @@ class Engine:
         from moe_tier.moe_gpu import moe_ffn_gpu
         from moe_tier.tiers.gpu_pool import GpuTiers, TierConfig
 
-        self.tiers = tiers = GpuTiers(self.desc, self.plan, self.stats, TierConfig(policy=self.policy), fits=FitStore())
+        config = TierConfig(policy=self.policy, prior=use_per_token(self.desc, self.expert_freq))
+        self.tiers = tiers = GpuTiers(self.desc, self.plan, self.stats, config, fits=FitStore())
         on_device = device_path_possible(tiers) is None
         moe = DeviceMoE(tiers) if on_device else (lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, tiers))
         return GpuOps(self.desc.config, weights, moe, torch.device("cuda", self.plan.gpus[0].index), on_device)
@@ -91,7 +93,7 @@ class Engine:
             raise MoeTierError(path, f"context length must be positive, got {ctx}")
         budget = Budget(vram_bytes=_sizes(vram), ram_bytes=_sizes(ram)[0] if ram is not None else None, ctx=ctx)
         plan = plan_tiers(desc, probe(), budget, expert_freq=expert_freq, fits=FitStore())
-        return cls(desc, plan, ctx, policy)
+        return cls(desc, plan, ctx, policy, expert_freq)
 
     @property
     def n_vocab(self) -> int:
@@ -170,6 +172,15 @@ class Engine:
     def generate(self, prompt: str, max_tokens: int, temperature: float = 0.0, seed: int = 0, **sampling) -> str:
         cfg = SamplingConfig(temperature=temperature, seed=seed, **sampling)
         return "".join(self.stream(prompt, max_tokens, cfg))
+
+
+def use_per_token(desc: ModelDesc, expert_freq: np.ndarray | None) -> dict[ExpertId, float] | None:
+    """A profile's selection counts (layer, expert) as each expert's chance of being chosen by a token."""
+    if expert_freq is None:
+        return None
+    per_layer = expert_freq.sum(axis=1, keepdims=True) / desc.config.n_expert_used  # tokens seen per layer
+    chance = np.divide(expert_freq, per_layer, out=np.zeros_like(expert_freq, dtype=float), where=per_layer > 0)
+    return {eid: float(chance[eid.layer, eid.expert]) for eid in desc.experts}
 
 
 def _sizes(value: int | str | tuple[int, ...] | None) -> tuple[int, ...] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -58,3 +60,17 @@ def test_unsupported_architecture_and_quant_type_are_named(synth_model, tmp_path
     path = write_model(tmp_path / "iq.gguf", tiny("llama", qtype="IQ4_NL"))
     with pytest.raises(MoeTierError, match=r"tensor \S+: unsupported quant type IQ4_NL"):
         Engine.open(path)
+
+
+def test_profile_counts_become_each_experts_chance_per_token():
+    """The planner policy's prior: k selections per token, so counts / (layer total / k)."""
+    from moe_tier.engine import use_per_token
+    from moe_tier.reader import ExpertId, open_model
+
+    desc = open_model(Path(__file__).resolve().parent.parent / "data" / "demo-moe.gguf")
+    c = desc.config
+    counts = np.zeros((c.n_layer, c.n_expert))
+    counts[:, 0], counts[:, 1], counts[:, 2] = 10, 6, 4  # 10 tokens, top-2: expert 0 every time
+    chance = use_per_token(desc, counts)
+    assert chance[ExpertId(0, 0)] == 1.0 and chance[ExpertId(3, 1)] == 0.6 and chance[ExpertId(5, 2)] == 0.4
+    assert chance[ExpertId(1, 7)] == 0.0 and use_per_token(desc, None) is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from moe_tier.tiers import links
 from moe_tier.tiers.cold import ColdReader
 from moe_tier.tiers.links import LinkSpeeds, Miss
 from moe_tier.tiers.locations import ExpertLocations
+from moe_tier.tiers.planner_policy import PlannerPolicy
 from moe_tier.tiers.slots import POLICIES, Slot, SlotTable, Tier
 from moe_tier.host_tiers import blob_weights
 from moe_tier.tiers.warm import PinnedArena, align_up
@@ -40,6 +42,7 @@ class TierConfig:
     staging_buffers: int = 2  # cold fetches in flight per acquire
     headroom_bytes: int = 256 << 20  # must stay allocatable on each GPU after its arena (activations)
     speeds: LinkSpeeds | None = None  # None: measured at start-up
+    prior: Mapping[ExpertId, float] | None = None  # chance of use per token from a routing profile (planner policy)
 
 
 @dataclass
@@ -86,7 +89,8 @@ class GpuTiers:
                 runtime = (machine or probe()).runtime
                 fits.remember(desc.fingerprint, g.name, runtime, {"n_slots": n, "slot_bytes": self.slot_bytes})
         self.table = SlotTable(desc.experts, {g: a.numel() // self.slot_bytes for g, a in self.arena.items()}, plan.pinned)
-        self.policy = POLICIES[config.policy]()
+        policy = POLICIES[config.policy]
+        self.policy = policy(config.prior) if policy is PlannerPolicy else policy()  # the one that reads a profile
         self.copy_stream = {g: torch.cuda.Stream(torch.device("cuda", g)) for g in self.arena}
         staging_bytes = max(ColdReader.staging_bytes([(p.offset, p.n_bytes) for p in r.parts]) for r in desc.experts.values())
         self.staging = [torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(config.staging_buffers)]
