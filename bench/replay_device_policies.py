@@ -155,7 +155,7 @@ def main() -> None:
             "slower of the two. A miss at step t is read in place at t and t + 1 (its copy lands after t + 1 was "
             "queued) and from its slot from t + 2. Initial slots: the plan's ranking, uniform or by the fitting "
             "part's frequencies (profile). \"planner + profile prior\" also gives the planner policy those "
-            "frequencies as its prior (the live path constructs policies without one). Host us / decision: "
+            "frequencies as its prior (as the live path does with --profile). Host us / decision: "
             "victim + prefers on this dev box, Python. The planner policy's constants (tiers/planner_policy.py) were "
             "chosen by replaying the fitting parts only (each fold's fitting problem, the demo's fitting prompts).\n")
     summary = []
