@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 from moe_tier.config import RopeStyle
-from moe_tier.kernels.activations import from_f16
+from moe_tier.kernels.activations import from_f16, to_f16
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -51,10 +51,6 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: RopeStyle) -> n
     return out
 
 
-def f16_round(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).astype(np.float32)
-
-
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: float) -> np.ndarray:
     """Causal attention of T new queries at positions start.. over L cached keys.
 
@@ -65,7 +61,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: fl
     T, H, d = q.shape
     L, Hkv, dv = v.shape
     group = H // Hkv
-    qg = f16_round(q).reshape(T, Hkv, group, d).transpose(1, 2, 0, 3).reshape(Hkv, group * T, d)
+    qg = to_f16(q).reshape(T, Hkv, group, d).transpose(1, 2, 0, 3).reshape(Hkv, group * T, d)
     scores = np.matmul(qg, from_f16(k).transpose(1, 2, 0)) * np.float32(scale)  # (Hkv, group*T, L)
     if T > 1:  # a single query (decode) is the last position: it sees every key
         qpos = np.tile(np.arange(start, start + T), group)  # row r of a group -> position
@@ -73,7 +69,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: fl
     scores -= scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
-    out = np.matmul(f16_round(probs), from_f16(v).transpose(1, 0, 2))  # (Hkv, group*T, dv)
+    out = np.matmul(to_f16(probs), from_f16(v).transpose(1, 0, 2))  # (Hkv, group*T, dv)
     return out.reshape(Hkv, group, T, dv).transpose(2, 0, 1, 3).reshape(T, H * dv)
 
 

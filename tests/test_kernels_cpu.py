@@ -259,3 +259,16 @@ def test_activations_convert_once_per_activation_type():
 def test_from_f16_is_exact_for_every_bit_pattern():
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(256, 2, 128)
     np.testing.assert_array_equal(activations.from_f16(every), every.astype(np.float32))
+
+
+def test_to_f16_is_numpys_cast():
+    """Every sign and exponent, with mantissas on each side of every rounding boundary (ties included): normal,
+    subnormal and overflowing f16 results, infinities and NaN payloads."""
+    kept = np.arange(0, 1 << 10, 8, dtype=np.uint32) << np.uint32(13)
+    cut = np.array([0, 1, 0xFFF, 0x1000, 0x1001, 0x1FFF, 0x2000 - 1, 0x3000, 0x3001], np.uint32)
+    exponents = np.arange(512, dtype=np.uint32) << np.uint32(23)  # sign bit included
+    bits = (exponents[:, None] | (kept[:, None] | cut[None, :]).reshape(1, -1)).reshape(-1)
+    x = bits.view(np.float32)
+    with np.errstate(all="ignore"):
+        expected = x.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(activations.to_f16(x).view(np.uint32), expected.view(np.uint32))
