@@ -60,6 +60,7 @@ def main() -> None:
     if not path.exists():
         write_fast(path, spec)
     numba.set_num_threads(args.threads)
+    load = os.getloadavg()[0]  # a shared machine: other processes move the absolute numbers
     prompt = list(np.random.default_rng(0).integers(3, spec.n_vocab, 64))
     ours_pp, ours_tg, eng = moe_tier_decode(path, prompt, args.tokens)
     ref_pp, ref_tg = llama_cpp_decode(path, prompt, args.tokens, args.threads)
@@ -74,7 +75,8 @@ def main() -> None:
     table += (f"\nratio moe-tier / llama.cpp: prefill {ours_pp / ref_pp:.2f}x, decode {ours_tg / ref_tg:.2f}x. "
               f"Model: {path.name}, {spec.qtype.name}, {spec.n_layer} layers, {spec.n_embd} wide, "
               f"{spec.n_expert} experts of {spec.n_ff_exp} (top-{spec.n_expert_used}), "
-              f"{path.stat().st_size / 2**30:.2f} GiB; {args.threads} threads, {args.tokens} greedy tokens.\n")
+              f"{path.stat().st_size / 2**30:.2f} GiB; {args.threads} threads, {args.tokens} greedy tokens. "
+              f"1-minute load average at start: {load:.2f} on {os.cpu_count()} cores.\n")
     print(table)
     update_section(f"CPU decode ({spec.qtype.name}, {args.threads} threads)", "python -m bench.cpu_decode " + " ".join(sys.argv[1:]), table)
 
