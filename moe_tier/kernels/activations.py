@@ -11,7 +11,8 @@ products of them with the weights' integer quants, exactly as the C code does.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit

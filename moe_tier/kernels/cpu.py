@@ -19,7 +19,8 @@ indices are unsigned (np.uint64), so numba's negative-index wraparound check dis
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
