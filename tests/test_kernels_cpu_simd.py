@@ -1,4 +1,4 @@
-"""cpu_simd's row dots (Q4_K, Q5_K, Q6_K), every lowering (x86 AVX2 + F16C where the host has them, generic vector
+"""cpu_simd's row dots (Q2_K..Q6_K), every lowering (x86 AVX2 + F16C where the host has them, generic vector
 IR everywhere; one and four tokens per call), against integer sums built from gguf's dequantizer and numpy's
 fp16 conversion.
 
@@ -18,8 +18,9 @@ from moe_tier.kernels import cpu_simd
 
 QK_K = 256
 R, NB, T = 4, 3, 5
-D_OFFSET = {Q.Q4_K: 0, Q.Q5_K: 0, Q.Q6_K: 208}  # byte offset of the fp16 d (dmin follows it where there is one)
-WITH_MIN = {Q.Q4_K, Q.Q5_K}
+# byte offset of the fp16 d (dmin follows it where there is one)
+D_OFFSET = {Q.Q2_K: 80, Q.Q3_K: 108, Q.Q4_K: 0, Q.Q5_K: 0, Q.Q6_K: 208}
+WITH_MIN = {Q.Q2_K, Q.Q4_K, Q.Q5_K}
 EPS32 = 2.0**-24
 
 
@@ -55,7 +56,12 @@ def blocks(qtype: Q, rng: np.random.Generator, scales=None) -> np.ndarray:
     w = rng.integers(0, 256, (R, NB, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
     o = D_OFFSET[qtype]
     n_f16 = 2 if qtype in WITH_MIN else 1
-    if qtype in WITH_MIN:
+    if qtype == Q.Q2_K:
+        w[0, :, :80] = 0xFF  # scales and minimums 15, quants 3
+    elif qtype == Q.Q3_K:
+        w[0, :, :96] = 0xFF  # quants 7 (value 3)
+        w[0, 0, 96:108], w[0, 1:, 96:108] = 0x00, 0xFF  # scales -32, 31
+    elif qtype in WITH_MIN:
         w[0, :, 4:] = 0xFF  # scales / minimums 63 (all 6-bit fields set), quants 15 (Q4_K) or 31 (Q5_K)
     else:
         w[0, :, :192] = 0xFF  # quants 63
@@ -65,23 +71,25 @@ def blocks(qtype: Q, rng: np.random.Generator, scales=None) -> np.ndarray:
     return w
 
 
-def integer_parts(qtype: Q, w: np.ndarray, x: np.ndarray):
+def integer_parts(qtype: Q, w: np.ndarray, x: np.ndarray, absolute: bool = False):
     """(sumi, summ) int64 (R, NB, T): sum scale * value * x per block (gguf.quants.dequantize with d = 1, dmin
-    = 0), and for Q4_K / Q5_K sum min * x (d = 0, dmin = 1 gives -min); Q6_K's values include the -32."""
+    = 0), and for Q2_K / Q4_K / Q5_K sum min * x (d = 0, dmin = 1 gives -min); Q3_K's and Q6_K's values include
+    their offsets (-4, -32). absolute: sums of |products|, bounds on any partial sum of the kernel's lanes."""
+    fold = np.abs if absolute else (lambda v: v)
     o = D_OFFSET[qtype]
     unit = w.copy()
     unit[:, :, o:o + 2] = f16_bytes([1.0])
     if qtype in WITH_MIN:
-        unit[:, :, 2:4] = f16_bytes([0.0])
+        unit[:, :, o + 2:o + 4] = f16_bytes([0.0])
     wq = quants.dequantize(unit.reshape(R * NB, -1), qtype).reshape(R, NB, QK_K).astype(np.int64)
-    xb = x.reshape(T, NB, QK_K).astype(np.int64)
-    sumi = np.einsum("rbk,tbk->rbt", wq, xb)
+    xb = fold(x.reshape(T, NB, QK_K).astype(np.int64))
+    sumi = np.einsum("rbk,tbk->rbt", fold(wq), xb)
     if qtype not in WITH_MIN:
         return sumi, np.zeros_like(sumi)
     mins = w.copy()
-    mins[:, :, 0:4] = f16_bytes([0.0, 1.0])
-    mn = -quants.dequantize(mins.reshape(R * NB, -1), qtype).reshape(R, NB, 8, 32)[..., 0].astype(np.int64)
-    return sumi, np.einsum("rbg,tbg->rbt", mn, xb.reshape(T, NB, 8, 32).sum(axis=-1))
+    mins[:, :, o:o + 4] = f16_bytes([0.0, 1.0])
+    mn = -quants.dequantize(mins.reshape(R * NB, -1), qtype).reshape(R, NB, QK_K).astype(np.int64)
+    return sumi, np.einsum("rbk,tbk->rbt", fold(mn), xb)
 
 
 def run_rows(qtype, x86, n_tok, w, x, xd):
@@ -107,7 +115,8 @@ def test_rows_are_exact_on_small_integers(qtype, x86, n_tok):
 
 @pytest.mark.parametrize("qtype, x86, n_tok", sorted(cpu_simd.LOWERINGS))
 def test_rows_match_the_exact_dot(qtype, x86, n_tok):
-    """Random scales, extreme blocks and tokens: within float32 rounding of the exact (float64) dot."""
+    """Random scales, extreme blocks and tokens: within float32 rounding of the exact (float64) dot, relative to
+    the sum of |products| (lanes may cancel inside a block: Q3_K's and Q6_K's signed scales)."""
     skip_unless_host_runs(x86)
     rng = np.random.default_rng(3)
     w = blocks(qtype, rng)
@@ -117,9 +126,12 @@ def test_rows_match_the_exact_dot(qtype, x86, n_tok):
     sumi, summ = integer_parts(qtype, w, x)
     o = D_OFFSET[qtype]
     d = w[:, :, o:o + 2].copy().view(np.float16)[..., 0].astype(np.float64)[..., None]
-    dmin = w[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)[..., None] if qtype in WITH_MIN else 0
+    dmin = 0
+    if qtype in WITH_MIN:
+        dmin = w[:, :, o + 2:o + 4].copy().view(np.float16)[..., 0].astype(np.float64)[..., None]
     terms = xd.T.astype(np.float64)[None] * (d * sumi - dmin * summ)
-    magnitude = (xd.T[None] * (np.abs(d * sumi) + np.abs(dmin * summ))).sum(axis=1)
+    abs_sumi, abs_summ = integer_parts(qtype, w, x, absolute=True)
+    magnitude = (xd.T[None] * (np.abs(d) * abs_sumi + np.abs(dmin) * abs_summ)).sum(axis=1)
     got = run_rows(qtype, x86, n_tok, w, x, xd)
     covered = got.shape[1]
     error = np.abs(got - terms.sum(axis=1)[:, :covered])
@@ -140,7 +152,12 @@ def test_rows_read_every_fp16_scale(qtype, x86):
     x = np.zeros((1, QK_K), np.int8)
     x[0, 0] = 1
     bsum = np.zeros((1, 16), np.int32)
-    if qtype in WITH_MIN:
+    if qtype == Q.Q2_K:
+        w[:, 0], w[:, 16] = 1, 1  # sub-block 0's scale 1 and minimum 0, first quant 1
+    elif qtype == Q.Q3_K:
+        w[:, 0], w[:, 32], w[:, 96], w[:, 104] = 1, 1, 1, 2  # first quant 1 | 1 << 2 = 5, scale (1 | 2 << 4) - 32
+        bsum[0, 0] = 1  # = 1: (5 - 4) * 1
+    elif qtype in WITH_MIN:
         w[:, 4], w[:, 16 if qtype == Q.Q4_K else 48] = 1, 1  # sub-block 0's scale, first nibble; minimums 0
     else:
         w[:, 0], w[:, 128], w[:, 192] = 1, 2, 1  # first quant 1 | 2 << 4 = 33, scale 1: (33 - 32) * 1

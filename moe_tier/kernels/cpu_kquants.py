@@ -1,17 +1,17 @@
 """numba matmul kernels for the 256-value super-block quants (Q2_K..Q6_K, IQ4_XS); activations go to Q8_K.
 
 Shape key: T tokens, K = n_cols, N = n_rows, B = K / 256 super-blocks per row, M = block minimums per row
-(K / 16 for Q2_K, Q4_K, Q5_K and Q6_K, 0 for the others).
+(K / 16 for Q2_K..Q6_K, 0 for IQ4_XS).
   w     (N, B * block_bytes) uint8   raw GGUF blocks
   xq    (T, K) int8                  Q8_K values
   xd    (T, B) float32               Q8_K scales
   bsums (T, M) int32                 Q8_K's bsums, sums of xq per 16
   out   (T, N) float32, zeroed
 
-Each super-block is decoded once into wq[256] = sub-block scale * quant (int16: |scale * quant| <= 4096), then
+IQ4_XS: each super-block is decoded once into wq[256] = sub-block scale * quant (int16: |scale * quant| <= 4096), then
 dotted with every token in int32 (|sum| < 256 * 4096 * 127 < 2**31), which equals ggml's aux32 sums exactly:
-d_w * d_x * (wq . xq) - dmin_w * d_x * (mins . bsums). Q4_K, Q5_K and Q6_K (the Q4_K_M / Q5_K_M mixes)
-skip wq: a whole row's dot is ggml's AVX2 code as LLVM vector IR (cpu_simd.py), 2.5x (Q4_K) to 7x (Q6_K) faster.
+d_w * d_x * (wq . xq). Q2_K..Q6_K (the Q*_K_S / _M mixes) skip wq: a whole row's dot is ggml's AVX2 code as
+LLVM vector IR (cpu_simd.py), 2.5x (Q4_K) to 7x (Q6_K, Q2_K) faster than this decoder was.
 Block layouts and element order follow ggml-quants.c (dequantize_row_*) and gguf.quants.
 """
 
@@ -29,51 +29,13 @@ QK_K, _ = GGML_QUANT_SIZES[Q.Q8_K]  # values per super-block: 256
 # kvalues_iq4nl (ggml-common.h), the IQ4_NL / IQ4_XS non-linear grid.
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
 
-# Decoders: from one block's bytes blk, fill wq[qk] with sub-block scale * quant and mn with the minimums
-# (per 16 values for Q2_K, none otherwise), return (d, dmin). They vectorize (10x)
-# when inlined into the row loop, in int16, one scale per inner loop, blk a per-block slice (indices provably
-# non-negative). Inner trip counts: measured per type, a compile-time 16 (IQ4_XS) is up
-# to 2x faster, while Q2_K / Q3_K's paired 16-loops are 2x faster with the count known at run time.
+# The decoder: from one block's bytes blk, fill wq[qk] with sub-block scale * quant, return d. It
+# vectorizes (10x) when inlined into the row loop, in int16, one scale per inner loop, blk a per-block slice
+# (indices provably non-negative), with a compile-time inner trip count (up to 2x faster).
 
 
 @njit(cache=True, inline="always")
-def _decode_q2_k(qk, blk, wq, sc, mn, values):
-    """scales[16] | qs[64] | d | dmin; per 16 values a low-nibble scale and a high-nibble minimum."""
-    n16 = qk // 16
-    for s in range(16):
-        sc[s] = blk[s] & 15
-        mn[s] = blk[s] >> 4
-    for n in range(2):
-        for j in range(4):
-            for half in range(2):
-                scale = np.int16(sc[8 * n + 2 * j + half])
-                for l in range(n16):
-                    q = np.int16((blk[16 + 32 * n + 16 * half + l] >> (2 * j)) & 3)
-                    wq[128 * n + 32 * j + 16 * half + l] = scale * q
-    return f16_at(F16_TO_F32, blk, 80), f16_at(F16_TO_F32, blk, 82)
-
-
-@njit(cache=True, inline="always")
-def _decode_q3_k(qk, blk, wq, sc, mn, values):
-    """hmask[32] | qs[64] | scales[12] | d; quant - 4 where the hmask bit is clear; 6-bit scales - 32."""
-    n16 = qk // 16
-    for s in range(16):
-        low = (blk[96 + s % 8] >> (4 * (s // 8))) & 15
-        high = (blk[104 + s % 4] >> (2 * (s // 4))) & 3
-        sc[s] = (low | (high << 4)) - 32
-    for n in range(2):
-        for j in range(4):
-            for half in range(2):
-                scale = np.int16(sc[8 * n + 2 * j + half])
-                for l in range(n16):
-                    q = np.int16((blk[32 + 32 * n + 16 * half + l] >> (2 * j)) & 3)
-                    h = np.int16((blk[16 * half + l] >> (4 * n + j)) & 1)
-                    wq[128 * n + 32 * j + 16 * half + l] = scale * (q - 4 + 4 * h)
-    return f16_at(F16_TO_F32, blk, 108), np.float32(0.0)
-
-
-@njit(cache=True, inline="always")
-def _decode_iq4_xs(qk, blk, wq, sc, mn, values):
+def _decode_iq4_xs(qk, blk, wq, sc, values):
     """d | scales_h u16 | scales_l[4] | qs[128]; grid values, a 6-bit scale - 32 per 32 values."""
     n16 = QK_K // 16
     scales_h = np.int64(blk[2]) | (np.int64(blk[3]) << 8)
@@ -86,57 +48,28 @@ def _decode_iq4_xs(qk, blk, wq, sc, mn, values):
             byte = blk[8 + 16 * s + l]
             wq[32 * s + l] = scale * values[byte & 15]
             wq[32 * s + 16 + l] = scale * values[byte >> 4]
-    return f16_at(F16_TO_F32, blk, 0), np.float32(0.0)
+    return f16_at(F16_TO_F32, blk, 0)
 
 
 @njit(cache=True, inline="always")
-def _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out):
-    """Super-block b of row r against every token: int32 sums wq . xq and mn . bsums (ggml's aux32 / sumi),
-    then the float combination d_x * (d * sum - dmin * min_sum). bsums holds x's sums per group of values
-    that shares one minimum (16 or 32), so that it pairs with mn."""
-    qk, n_min = wq.size, mn.size
+def _dot_block(wq, d, xq, xd, b, r, out):
+    """Super-block b of row r against every token: the int32 sum wq . xq (ggml's aux32), times d * d_x."""
+    qk = wq.size
     for t in range(xq.shape[0]):
         xb = xq[t, qk * b:qk * (b + 1)]
         s = np.int32(0)
         for i in range(qk):
             s += np.int32(wq[i] * np.int16(xb[i]))
-        m = np.int32(0)
-        for i in range(n_min):
-            m += np.int32(mn[i] * bsums[t, n_min * b + i])
-        out[t, r] += xd[t, b] * (d * np.float32(np.int32(s)) - dmin * np.float32(np.int32(m)))
+        out[t, r] += xd[t, b] * (d * np.float32(np.int32(s)))
 
 
-@njit(cache=True, inline="always")
-def _scratch(qk, bsums, xd):
-    """Per-task buffers: wq (qk,) int16, sc (16,) scales, mn (minimums per block,) int32."""
-    return np.empty(qk, np.int16), np.empty(16, np.int32), np.zeros(bsums.shape[1] // xd.shape[1], np.int32)
-
-
-# One row function per type, each a separate compilation with its decoder inlined: a single function that
-# branches on the type per block, or takes the decoder as an argument, is 3x slower or defeats numba's cache.
-
-
-@njit(cache=True, fastmath=True)
-def _rows_q2_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    wq, sc, mn = _scratch(qk, bsums, xd)
-    for r in range(r0, r1):
-        for b in range(xd.shape[1]):
-            d, dmin = _decode_q2_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
-            _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
-
-
-@njit(cache=True, fastmath=True)
-def _rows_q3_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    wq, sc, mn = _scratch(qk, bsums, xd)
-    for r in range(r0, r1):
-        for b in range(xd.shape[1]):
-            d, dmin = _decode_q3_k(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
-            _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
+# One row function per type, each a separate compilation (the decoder inlined, or its cpu_simd intrinsics): a
+# single function that branches on the type per block is 3x slower.
 
 
 @njit(cache=True, fastmath=True, inline="always")
 def _rows_simd(rows1, rows4, w, xq, xd, bsums, out, r0, r1):
-    """Q4_K, Q6_K, no decoder: each row's whole dot is one cpu_simd call, four tokens per call while four
+    """Q2_K..Q6_K, no decoder: each row's whole dot is one cpu_simd call, four tokens per call while four
     remain. w, xq, xd and bsums (Q8_K's own) are C-contiguous (matmul makes them so)."""
     n_tok, n_blk = xd.shape
     x_step, bsum_step = xq.shape[1], bsums.shape[1]
@@ -148,6 +81,16 @@ def _rows_simd(rows1, rows4, w, xq, xd, bsums, out, r0, r1):
                 out[t + i, r] = v[i]
         for t in range(n_tok - n_tok % 4, n_tok):
             (out[t, r],) = rows1(w, wo, n_blk, xq, t * x_step, x_step, xd, t * n_blk, n_blk, bsums, t * bsum_step, 0)
+
+
+@njit(cache=True, fastmath=True)
+def _rows_q2_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
+    _rows_simd(simd.q2_k_rows1, simd.q2_k_rows4, w, xq, xd, bsums, out, r0, r1)
+
+
+@njit(cache=True, fastmath=True)
+def _rows_q3_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
+    _rows_simd(simd.q3_k_rows1, simd.q3_k_rows4, w, xq, xd, bsums, out, r0, r1)
 
 
 @njit(cache=True, fastmath=True)
@@ -167,11 +110,11 @@ def _rows_q6_k(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
 
 @njit(cache=True, fastmath=True)
 def _rows_iq4_xs(w, qk, block_bytes, xq, xd, bsums, values, out, r0, r1):
-    wq, sc, mn = _scratch(qk, bsums, xd)
+    wq, sc = np.empty(qk, np.int16), np.empty(8, np.int32)
     for r in range(r0, r1):
         for b in range(xd.shape[1]):
-            d, dmin = _decode_iq4_xs(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, mn, values)
-            _dot_block(wq, mn, d, dmin, xq, xd, bsums, b, r, out)
+            d = _decode_iq4_xs(qk, w[r, b * block_bytes:(b + 1) * block_bytes], wq, sc, values)
+            _dot_block(wq, d, xq, xd, b, r, out)
 
 
 @njit(cache=True, parallel=True)
@@ -213,7 +156,7 @@ def _kernel(qtype: Q, kind: int, uses_bsums: bool) -> Kernel:
 
 KERNELS = {
     Q.Q2_K: _kernel(Q.Q2_K, 2, uses_bsums=True),
-    Q.Q3_K: _kernel(Q.Q3_K, 3, uses_bsums=False),
+    Q.Q3_K: _kernel(Q.Q3_K, 3, uses_bsums=True),
     Q.Q4_K: _kernel(Q.Q4_K, 4, uses_bsums=True),
     Q.Q5_K: _kernel(Q.Q5_K, 5, uses_bsums=True),
     Q.Q6_K: _kernel(Q.Q6_K, 6, uses_bsums=True),

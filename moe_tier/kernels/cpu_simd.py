@@ -1,9 +1,10 @@
 """Row dot products written as LLVM vector IR (numba intrinsics), where numba's own loops fall short.
 
-Q4_K, Q5_K, Q6_K: numba's loops decoded each super-block into int16 values and scalar scales, then dotted in
-32-bit lanes, at 0.5x, 0.25x and 0.15x llama.cpp's speed. This is ggml_vec_dot_q{4,5,6}_K_q8_K's AVX2 path
+Q2_K..Q6_K: numba's loops decoded each super-block into int16 values and scalar scales, then dotted in 32-bit
+lanes, at 0.1x (Q2_K) to 0.5x (Q4_K) llama.cpp's speed. This is ggml_vec_dot_q{2..6}_K_q8_K's AVX2 path
 (ggml-cpu/arch/x86/quants.c) instead, a whole row per call: scales unpacked as vectors, 32 quants at a time,
-vpmaddubsw (unsigned quant x signed int8, pairs summed in int16: |2 * 63 * 128| < 2**15, never saturating),
+vpmaddubsw (unsigned quant x signed int8, pairs summed in int16: |2 * 63 * 128| < 2**15, never saturating;
+Q3_K's and Q6_K's quants stored with an offset, which comes off afterwards through the bsums),
 vpmaddwd by the scales (LLVM fuses the int32 accumulation into vpdpwssd where AVX512-VNNI exists), and, as in
 ggml, 8 int32 lanes per block converted to float and accumulated in 8 float lanes, summed once per row. Without
 AVX2 the same integer sums come from generic vector IR (widen, multiply, add) that LLVM lowers for the target.
@@ -14,8 +15,8 @@ The x86 lowering (AVX2 and F16C) is chosen by the features numba compiles for (i
 also keys numba's cache, so a cached kernel never meets a CPU it was not built for). numba's cache hashes only
 the calling function's file: after editing this one, clear cpu_kquants' entries in kernels/__pycache__.
 
-Shape key for one weight row of NB super-blocks (QK_K = 256 values; 144, 176 or 210 bytes each for Q4_K, Q5_K,
-Q6_K) and a token i:
+Shape key for one weight row of NB super-blocks (QK_K = 256 values; 84, 110, 144, 176 or 210 bytes each for
+Q2_K..Q6_K) and a token i:
   w[wo:][:NB * block_bytes]             uint8    the raw blocks
   x[xo + i * x_step:][:NB * 256]        int8     the token's Q8_K values
   xd[xdo + i * xd_step:][:NB]           float32  their scales, one per super-block
@@ -146,6 +147,12 @@ def _f16_at(builder, w, offset: int, count: int, f16c: bool):
     return [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(count)]
 
 
+def _pairs16(builder, prod):
+    """<16 x i32> per-16 values -> <8 x i32>, adjacent pairs added (the lanes sumi8 holds per 32)."""
+    even, odd = (ir.Constant(_vec(_I32, 8), list(range(k, 16, 2))) for k in (0, 1))
+    return builder.add(*(builder.shuffle_vector(prod, prod, half) for half in (even, odd)))
+
+
 def _unpack_q4_k(builder, w, f16c: bool, fifth_bit: bool = False):
     """d | dmin | scales[12] | qs[128]: 8 groups of 32 nibbles (low, then high nibbles of each 32 bytes), a
     6-bit scale and minimum per group. Terms: d * sumi - dmin * (mins . bsums per 32). With fifth_bit (Q5_K),
@@ -164,20 +171,95 @@ def _unpack_q4_k(builder, w, f16c: bool, fifth_bit: bool = False):
                 nibble = builder.or_(nibble, builder.shl(builder.and_(builder.lshr(qh, c(j)), c(1)), c(4)))
             quants.append(nibble)
     d, dmin = _f16_at(builder, w, 0, 2, f16c)
-    even, odd = (ir.Constant(_vec(_I32, 8), list(range(k, 16, 2))) for k in (0, 1))
 
     def terms(builder, sumi8, bsum16):
-        bsum32 = builder.add(*(builder.shuffle_vector(bsum16, bsum16, half) for half in (even, odd)))
+        bsum32 = _pairs16(builder, bsum16)
         return [(sumi8, d), (builder.mul(mins, bsum32), builder.fneg(dmin))]
 
     return quants, scales, terms
 
 
+def _offset_terms(scales16, shift: int, d):
+    """Terms for quants stored as value + 2**shift with one scale per 16: d * (sumi - 2**shift * (scales .
+    bsums)), the offset subtracted in int32 lanes as ggml's q8sclsub."""
+
+    def terms(builder, sumi8, bsum16):
+        offset = _pairs16(builder, builder.mul(scales16, bsum16))
+        return [(builder.sub(sumi8, builder.shl(offset, ir.Constant(_vec(_I32, 8), [shift] * 8))), d)]
+
+    return terms
+
+
+def _two_bit_quants(builder, qs, n: int):
+    """The 4 groups of 32 2-bit quants of qs's bytes n*32..n*32+31 (bit pairs 0-1, 2-3, 4-5, 6-7)."""
+    q = _load(builder, qs, 32 * n, _vec(_I8, 32), 1)
+    three = ir.Constant(_vec(_I8, 32), [3] * 32)
+    return [builder.and_(builder.lshr(q, ir.Constant(_vec(_I8, 32), [2 * j] * 32)) if j else q, three)
+            for j in range(4)]
+
+
+def _unpack_q2_k(builder, w, f16c: bool):
+    """scales[16] | qs[64] | d | dmin: per 128 values, groups of 32 are the bit pairs of 32 bytes; per 16 a
+    low-nibble scale and a high-nibble minimum. Terms: d * sumi - dmin * (mins . bsums)."""
+    packed = builder.zext(_load(builder, w, 0, _vec(_I8, 16), 1), _vec(_I32, 16))
+    scales = builder.and_(packed, ir.Constant(_vec(_I32, 16), [15] * 16))
+    mins = builder.lshr(packed, ir.Constant(_vec(_I32, 16), [4] * 16))
+    qs = builder.gep(w, [ir.Constant(_I64, 16)])
+    quants = [q for n in range(2) for q in _two_bit_quants(builder, qs, n)]
+    d, dmin = _f16_at(builder, w, 80, 2, f16c)
+
+    def terms(builder, sumi8, bsum16):
+        return [(sumi8, d), (_pairs16(builder, builder.mul(mins, bsum16)), builder.fneg(dmin))]
+
+    return quants, scales, terms
+
+
+def _q3_k_scales(builder, w):
+    """The 16 6-bit scales - 32 as <16 x i32> (ggml's aux / kmask1 / kmask2 unpacking of scales[12])."""
+    a0, a1, tmp = (_load(builder, w, 96 + 4 * i, _I32, 1) for i in range(3))
+
+    def c(v):
+        return ir.Constant(_I32, v)
+
+    low4, low2 = c(0x0F0F0F0F), c(0x03030303)
+
+    def word(a, shift_a, shift_t):
+        low = builder.and_(builder.lshr(a, c(shift_a)) if shift_a else a, low4)
+        high = builder.and_(builder.lshr(tmp, c(shift_t)) if shift_t else tmp, low2)
+        return builder.or_(low, builder.shl(high, c(4)))
+
+    words = ir.Constant(_vec(_I32, 4), None)
+    for i, value in enumerate((word(a0, 0, 0), word(a1, 0, 2), word(a0, 4, 4), word(a1, 4, 6))):
+        words = builder.insert_element(words, value, c(i))
+    raw = builder.zext(builder.bitcast(words, _vec(_I8, 16)), _vec(_I32, 16))
+    return builder.sub(raw, ir.Constant(_vec(_I32, 16), [32] * 16))
+
+
+def _unpack_q3_k(builder, w, f16c: bool):
+    """hmask[32] | qs[64] | scales[12] | d: Q2_K's bit pairs plus a third bit, bit g of hmask byte l for group
+    g's quant l; value = quant - 4 (ggml subtracts 4 where the bit is clear: the same), a 6-bit scale - 32 per
+    16. Term: d * (sumi - 4 * (scales . bsums))."""
+    qs = builder.gep(w, [ir.Constant(_I64, 32)])
+    hmask = _load(builder, w, 0, _vec(_I8, 32), 1)
+
+    def c(v):
+        return ir.Constant(_vec(_I8, 32), [v] * 32)
+
+    quants = []
+    for n in range(2):
+        for j, q in enumerate(_two_bit_quants(builder, qs, n)):
+            g = 4 * n + j
+            high = builder.and_(builder.lshr(hmask, c(g)) if g else hmask, c(1))
+            quants.append(builder.or_(q, builder.shl(high, c(2))))
+    (d,) = _f16_at(builder, w, 108, 1, f16c)
+    scales16 = _q3_k_scales(builder, w)
+    return quants, scales16, _offset_terms(scales16, 2, d)
+
+
 def _unpack_q6_k(builder, w, f16c: bool):
     """ql[128] | qh[64] | scales[16] int8 | d: per 128 values, groups of 32 take 4 bits from ql (low nibbles of
     bytes 0-31, of 32-63, then their high nibbles) and 2 from qh (bit pairs 0-1, 2-3, 4-5, 6-7 of 32 bytes);
-    value = quant - 32, one int8 scale per 16. Term: d * (sumi - 32 * (scales . bsums)), the offset subtracted in
-    int32 lanes as ggml's q8sclsub."""
+    value = quant - 32, one int8 scale per 16. Term: d * (sumi - 32 * (scales . bsums))."""
     scales16 = builder.sext(_load(builder, w, 192, _vec(_I8, 16), 1), _vec(_I32, 16))
 
     def c(v):
@@ -192,14 +274,7 @@ def _unpack_q6_k(builder, w, f16c: bool):
             high = builder.and_(builder.lshr(qh, c(2 * j)), c(3)) if j else builder.and_(qh, c(3))
             quants.append(builder.or_(low, builder.shl(high, c(4))))
     (d,) = _f16_at(builder, w, 208, 1, f16c)
-    even, odd = (ir.Constant(_vec(_I32, 8), list(range(k, 16, 2))) for k in (0, 1))
-
-    def terms(builder, sumi8, bsum16):
-        prod = builder.mul(scales16, bsum16)
-        offset = builder.add(*(builder.shuffle_vector(prod, prod, half) for half in (even, odd)))
-        return [(builder.sub(sumi8, builder.shl(offset, ir.Constant(_vec(_I32, 8), [5] * 8))), d)]
-
-    return quants, scales16, terms
+    return quants, scales16, _offset_terms(scales16, 5, d)
 
 
 def _unpack_q5_k(builder, w, f16c: bool):
@@ -207,7 +282,8 @@ def _unpack_q5_k(builder, w, f16c: bool):
     return _unpack_q4_k(builder, w, f16c, fifth_bit=True)
 
 
-_UNPACK = {Q.Q4_K: _unpack_q4_k, Q.Q5_K: _unpack_q5_k, Q.Q6_K: _unpack_q6_k}
+_UNPACK = {Q.Q2_K: _unpack_q2_k, Q.Q3_K: _unpack_q3_k, Q.Q4_K: _unpack_q4_k, Q.Q5_K: _unpack_q5_k,
+           Q.Q6_K: _unpack_q6_k}
 
 
 def _element(builder, ptr, start, step, i: int, b, per_block: int):
@@ -230,8 +306,8 @@ def _rows(qtype: Q, x86: bool, n_tok: int):
     one weight row (n_blk super-blocks of qtype from w[wo]) with n_tok tokens: token i's values at
     x[xo + i * x_step], its per-block scales at xd[xdo + i * xd_step], its bsums at bsum[bo + i * bsum_step].
     Per block, the integer sums in 8 int32 lanes (exact), converted to float and accumulated in 8 float lanes
-    times d * d_x (and -dmin * d_x for Q4_K's minimums), summed across lanes once per row. The weights are
-    unpacked once per block for all n_tok tokens."""
+    times d * d_x (and -dmin * d_x for the minimums of Q2_K, Q4_K, Q5_K), summed across lanes once per row. The
+    weights are unpacked once per block for all n_tok tokens."""
     unpack = _UNPACK[qtype]
     block_bytes = GGML_QUANT_SIZES[qtype][1]
     f32x8 = _vec(ir.FloatType(), 8)
@@ -282,6 +358,8 @@ def _rows(qtype: Q, x86: bool, n_tok: int):
 # (qtype, x86, tokens per call) -> intrinsic; tests run every lowering. Four tokens per call share the
 # unpacking (1.5x at 64 tokens, prefill); one token per call takes the rest.
 LOWERINGS = {(q, x86, n): _rows(q, x86, n) for q in _UNPACK for x86 in (False, True) for n in (1, 4)}
+q2_k_rows1, q2_k_rows4 = LOWERINGS[Q.Q2_K, HAS_X86, 1], LOWERINGS[Q.Q2_K, HAS_X86, 4]
+q3_k_rows1, q3_k_rows4 = LOWERINGS[Q.Q3_K, HAS_X86, 1], LOWERINGS[Q.Q3_K, HAS_X86, 4]
 q4_k_rows1, q4_k_rows4 = LOWERINGS[Q.Q4_K, HAS_X86, 1], LOWERINGS[Q.Q4_K, HAS_X86, 4]
 q5_k_rows1, q5_k_rows4 = LOWERINGS[Q.Q5_K, HAS_X86, 1], LOWERINGS[Q.Q5_K, HAS_X86, 4]
 q6_k_rows1, q6_k_rows4 = LOWERINGS[Q.Q6_K, HAS_X86, 1], LOWERINGS[Q.Q6_K, HAS_X86, 4]
