@@ -29,11 +29,12 @@ from moe_tier import kernels
 
 SHAPES = ((14336, 4096), (4096, 14336))  # (N rows, K cols): ffn up/gate and down of a 4096-wide model
 # Q4_K_M files are Q4_K with some Q6_K, Q5_K_M Q5_K and Q6_K; Q2_K / Q3_K_M (the largest MoE models) Q2_K..Q5_K
-TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0)
+TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_0, Q.Q8_0)
 REPEATS = 4  # MUL_MAT nodes per ggml graph
 ROUNDS = 30  # best of: on a shared 2-core machine a calm window for both sides needs many tries
 # fp16 scale fields per block (ggml-common.h); all other bytes may be random.
-F16_FIELDS = {Q.Q8_0: (0,), Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
+              Q.Q6_K: (208,)}
 
 
 class Ggml:

@@ -1,4 +1,4 @@
-"""cpu_simd's row dots (Q2_K..Q6_K), every lowering (x86 AVX2 + F16C where the host has them, generic vector
+"""cpu_simd's row dots (Q2_K..Q6_K, Q4_0), every lowering (x86 AVX2 + F16C where the host has them, generic vector
 IR everywhere; one and four tokens per call), against integer sums built from gguf's dequantizer and numpy's
 fp16 conversion.
 
@@ -22,6 +22,7 @@ R, NB, T = 4, 3, 5
 D_OFFSET = {Q.Q2_K: 80, Q.Q3_K: 108, Q.Q4_K: 0, Q.Q5_K: 0, Q.Q6_K: 208}
 WITH_MIN = {Q.Q2_K, Q.Q4_K, Q.Q5_K}
 EPS32 = 2.0**-24
+K_LOWERINGS = sorted(k for k in cpu_simd.LOWERINGS if k[0] != Q.Q4_0)
 
 
 def runner(qtype: Q, x86: bool, n_tok: int):
@@ -99,7 +100,7 @@ def run_rows(qtype, x86, n_tok, w, x, xd):
     return out[:, :T - T % n_tok]  # the tokens whole calls reach
 
 
-@pytest.mark.parametrize("qtype, x86, n_tok", sorted(cpu_simd.LOWERINGS))
+@pytest.mark.parametrize("qtype, x86, n_tok", K_LOWERINGS)
 def test_rows_are_exact_on_small_integers(qtype, x86, n_tok):
     """d = dmin = d_x = 1 and |x| <= 8: every partial sum is an integer below 2**24, so float32 holds it
     exactly and the row dot must equal the integer one."""
@@ -113,7 +114,7 @@ def test_rows_are_exact_on_small_integers(qtype, x86, n_tok):
                                   expected[:, :T - T % n_tok])
 
 
-@pytest.mark.parametrize("qtype, x86, n_tok", sorted(cpu_simd.LOWERINGS))
+@pytest.mark.parametrize("qtype, x86, n_tok", K_LOWERINGS)
 def test_rows_match_the_exact_dot(qtype, x86, n_tok):
     """Random scales, extreme blocks and tokens: within float32 rounding of the exact (float64) dot, relative to
     the sum of |products| (lanes may cancel inside a block: Q3_K's and Q6_K's signed scales)."""
@@ -177,3 +178,65 @@ def test_rows_reject_non_contiguous_arrays():
     bsum = x.reshape(T, -1, 16).sum(axis=-1, dtype=np.int32)
     with pytest.raises(Exception, match="q4_k_rows1"):
         runner(Q.Q4_K, False, 1)(w[:, ::2], x, np.ones((T, NB), np.float32), bsum, np.zeros((R, T), np.float32))
+
+
+def q4_0_runner(x86: bool, n_tok: int):
+    """run(w (R', B * 18), x (T', B * 32), xd (T', B), out (R', T')): every row against every token."""
+    rows = cpu_simd.LOWERINGS[Q.Q4_0, x86, n_tok]
+
+    @njit
+    def run(w, x, xd, out):
+        n_blk = xd.shape[1]
+        for r in range(w.shape[0]):
+            for t in range(0, x.shape[0] - n_tok + 1, n_tok):
+                v = rows(w, r * w.shape[1], n_blk, x, t * x.shape[1], x.shape[1], xd, t * n_blk, n_blk)
+                for i in range(n_tok):
+                    out[r, t + i] = v[i]
+
+    return run
+
+
+@pytest.mark.parametrize("x86", [False, True])
+@pytest.mark.parametrize("n_tok", [1, 4])
+def test_q4_0_rows_match_gguf(x86, n_tok):
+    """Q4_0 (B = 24 blocks of 32): with d = d_x = 1 the row dot is the integer one exactly (|partial sums| <
+    2**24), tokens 0 and 1 all -128 and 127 (ggml's vpsignb would get -128 wrong); with random scales, within
+    float32 rounding of the float64 dot of gguf's dequantized rows."""
+    skip_unless_host_runs(x86)
+    rng = np.random.default_rng(6)
+    n_blk = 24
+    w = rng.integers(0, 256, (R, n_blk, 18), dtype=np.uint8)
+    x = rng.integers(-128, 128, (T, n_blk * 32), dtype=np.int8)
+    x[0], x[1] = -128, 127
+    w[:, :, :2] = f16_bytes([1.0])
+    out = np.full((R, T), np.nan, np.float32)
+    q4_0_runner(x86, n_tok)(w.reshape(R, -1), x, np.ones((T, n_blk), np.float32), out)
+    wq = quants.dequantize(w.reshape(R, -1), Q.Q4_0).astype(np.int64)
+    covered = T - T % n_tok
+    np.testing.assert_array_equal(out[:, :covered], (wq @ x.T.astype(np.int64))[:, :covered])
+
+    w[:, :, :2] = f16_bytes(rng.uniform(-0.02, 0.02, (R, n_blk, 1)))
+    xd = rng.uniform(0.001, 0.01, (T, n_blk)).astype(np.float32)
+    q4_0_runner(x86, n_tok)(w.reshape(R, -1), x, xd, out)
+    wf = quants.dequantize(w.reshape(R, -1), Q.Q4_0).astype(np.float64).reshape(R, n_blk, 32)
+    products = np.einsum("rbk,tbk->rtbk", wf, x.reshape(T, n_blk, 32) * xd[..., None].astype(np.float64))
+    error = np.abs(out - products.sum(axis=(2, 3)))[:, :covered]
+    assert (error <= 16 * EPS32 * np.abs(products).sum(axis=(2, 3))[:, :covered]).all()
+
+
+@pytest.mark.parametrize("x86", [False, True])
+def test_q4_0_rows_read_every_fp16_scale(x86):
+    """All 65536 fp16 patterns as d, one block whose integer sum is 1 (quant 9 against x = 1), d_x = 1."""
+    skip_unless_host_runs(x86)
+    n = 1 << 16
+    w = np.full((n, 18), 0x88, np.uint8)  # every value 8 - 8 = 0
+    w[:, 0:2] = np.arange(n, dtype=np.uint16).view(np.uint8).reshape(-1, 2)
+    w[:, 2] = 0x89
+    x = np.zeros((1, 32), np.int8)
+    x[0, 0] = 1
+    out = np.zeros((n, 1), np.float32)
+    q4_0_runner(x86, 1)(w, x, np.ones((1, 1), np.float32), out)
+    expected = np.arange(n, dtype=np.uint16).view(np.float16).astype(np.float32)
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(out[finite, 0], expected[finite])
+    assert not np.isfinite(out[~finite, 0]).any()

@@ -8,12 +8,14 @@ Q3_K's and Q6_K's quants stored with an offset, which comes off afterwards throu
 vpmaddwd by the scales (LLVM fuses the int32 accumulation into vpdpwssd where AVX512-VNNI exists), and, as in
 ggml, 8 int32 lanes per block converted to float and accumulated in 8 float lanes, summed once per row. Without
 AVX2 the same integer sums come from generic vector IR (widen, multiply, add) that LLVM lowers for the target.
+Q4_0 (32-value blocks, Q8_0 activations) is ggml_vec_dot_q4_0_q8_0's AVX2 loop the same way (0.4x -> 1x).
 Integer sums are exact either way and fp16 scales are read exactly either way; only float rounding differs
 from llama.cpp's (its lanes hold other partial sums), as with every other kernel here.
 
 The x86 lowering (AVX2 and F16C) is chosen by the features numba compiles for (its codegen's magic tuple, which
 also keys numba's cache, so a cached kernel never meets a CPU it was not built for). numba's cache hashes only
-the calling function's file: after editing this one, clear cpu_kquants' entries in kernels/__pycache__.
+the calling function's file: after editing this one, clear cpu_kquants' and cpu's entries in
+kernels/__pycache__.
 
 Shape key for one weight row of NB super-blocks (QK_K = 256 values; 84, 110, 144, 176 or 210 bytes each for
 Q2_K..Q6_K) and a token i:
@@ -301,6 +303,12 @@ def _fold8(builder, v):
     return parts[0]
 
 
+def _typed(arrays, integers) -> bool:
+    """The intrinsics' argument check: C-contiguous arrays of the given dtypes, integer offsets."""
+    return (all(isinstance(a, types.Array) and a.dtype == dtype and a.layout == "C" for a, dtype in arrays)
+            and all(isinstance(v, types.Integer) for v in integers))
+
+
 def _rows(qtype: Q, x86: bool, n_tok: int):
     """An intrinsic (w, wo, n_blk, x, xo, x_step, xd, xdo, xd_step, bsum, bo, bsum_step) -> n_tok float32 dots of
     one weight row (n_blk super-blocks of qtype from w[wo]) with n_tok tokens: token i's values at
@@ -313,10 +321,8 @@ def _rows(qtype: Q, x86: bool, n_tok: int):
     f32x8 = _vec(ir.FloatType(), 8)
 
     def typer(typingctx, w, wo, n_blk, x, xo, x_step, xd, xdo, xd_step, bsum, bo, bsum_step):
-        for arr, dtype in ((w, types.uint8), (x, types.int8), (xd, types.float32), (bsum, types.int32)):
-            if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.layout == "C"):
-                return None
-        if not all(isinstance(v, types.Integer) for v in (wo, n_blk, xo, x_step, xdo, xd_step, bo, bsum_step)):
+        if not _typed(((w, types.uint8), (x, types.int8), (xd, types.float32), (bsum, types.int32)),
+                      (wo, n_blk, xo, x_step, xdo, xd_step, bo, bsum_step)):
             return None
         sig = types.UniTuple(types.float32, n_tok)(w, wo, n_blk, x, xo, x_step, xd, xdo, xd_step, bsum, bo, bsum_step)
 
@@ -355,9 +361,67 @@ def _rows(qtype: Q, x86: bool, n_tok: int):
     return intrinsic(typer)
 
 
+def _q4_0_rows(x86: bool, n_tok: int):
+    """An intrinsic (w, wo, n_blk, x, xo, x_step, xd, xdo, xd_step) -> n_tok float32 dots of one Q4_0 row (n_blk
+    blocks of d | qs[16], value j = low nibble of byte j - 8, value j + 16 = its high nibble - 8) with n_tok
+    Q8_0 tokens (values at x[xo + i * x_step], fp16-rounded scales at xd[xdo + i * xd_step]): ggml_vec_dot_q4_0_q8_0's
+    AVX2 loop, per block 8 int32 lanes (exact) times d * d_x into 8 float lanes, summed once per row. ggml
+    multiplies quant - 8 by x through vpsignb, wrong for an x of -128 (Q8_0 never makes one); here the x86
+    lowering subtracts vpmaddubsw(8, x) from vpmaddubsw(quant, x) in int16 instead (|2 * 8 * 128| fits), exact
+    for every int8."""
+    block_bytes = GGML_QUANT_SIZES[Q.Q4_0][1]
+    f32x8, i8x32 = _vec(ir.FloatType(), 8), _vec(_I8, 32)
+
+    def typer(typingctx, w, wo, n_blk, x, xo, x_step, xd, xdo, xd_step):
+        if not _typed(((w, types.uint8), (x, types.int8), (xd, types.float32)), (wo, n_blk, xo, x_step, xdo, xd_step)):
+            return None
+        sig = types.UniTuple(types.float32, n_tok)(w, wo, n_blk, x, xo, x_step, xd, xdo, xd_step)
+
+        def codegen(context, builder, signature, args):
+            wo, n_blk, xo, x_step, xdo, xd_step = (context.cast(builder, args[k], signature.args[k], types.int64)
+                                                   for k in (1, 2, 4, 5, 7, 8))
+            w, x, xd = (context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 3, 6))
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(f32x8, None)) for _ in range(n_tok)]
+            with cgutils.for_range(builder, n_blk) as loop:
+                b = loop.index
+                wp = builder.gep(w, [builder.add(wo, builder.mul(b, _I64(block_bytes)))])
+                qs = _load(builder, wp, 2, _vec(_I8, 16), 1)
+                low = builder.and_(qs, ir.Constant(_vec(_I8, 16), [15] * 16))
+                high = builder.lshr(qs, ir.Constant(_vec(_I8, 16), [4] * 16))
+                quants = builder.shuffle_vector(low, high, ir.Constant(_vec(_I32, 32), list(range(32))))
+                (d,) = _f16_at(builder, wp, 0, 1, x86)
+                for i, acc in enumerate(accs):
+                    xv = _load(builder, _element(builder, x, xo, x_step, i, b, 32), 0, i8x32, 1)
+                    if x86:
+                        def pairs(q):
+                            return _intrinsic_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [q, xv])
+
+                        diff = builder.sub(pairs(quants), pairs(ir.Constant(i8x32, [8] * 32)))
+                        lanes = _intrinsic_fn(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8),
+                                              [diff, ir.Constant(_vec(_I16, 16), [1] * 16)])
+                    else:
+                        values = builder.sub(quants, ir.Constant(i8x32, [8] * 32))
+                        prod = builder.mul(builder.sext(values, _vec(_I16, 32)), builder.sext(xv, _vec(_I16, 32)))
+                        lanes = _fold8(builder, builder.sext(prod, _vec(_I32, 32)))
+                    d_x = builder.load(_element(builder, xd, xdo, xd_step, i, b, 1))
+                    scale = _broadcast(builder, builder.fmul(d, d_x), 8)
+                    term = builder.fmul(builder.sitofp(lanes, f32x8), scale)
+                    builder.store(builder.fadd(builder.load(acc), term), acc)
+            values = [_intrinsic_fn(builder, "llvm.vector.reduce.fadd.v8f32", ir.FloatType(),
+                                    [ir.Constant(ir.FloatType(), 0.0), builder.load(acc)]) for acc in accs]
+            return context.make_tuple(builder, signature.return_type, values)
+
+        return sig, codegen
+
+    typer.__name__ = f"q4_0_rows{n_tok}"
+    return intrinsic(typer)
+
+
 # (qtype, x86, tokens per call) -> intrinsic; tests run every lowering. Four tokens per call share the
 # unpacking (1.5x at 64 tokens, prefill); one token per call takes the rest.
 LOWERINGS = {(q, x86, n): _rows(q, x86, n) for q in _UNPACK for x86 in (False, True) for n in (1, 4)}
+LOWERINGS.update({(Q.Q4_0, x86, n): _q4_0_rows(x86, n) for x86 in (False, True) for n in (1, 4)})
+q4_0_rows1, q4_0_rows4 = LOWERINGS[Q.Q4_0, HAS_X86, 1], LOWERINGS[Q.Q4_0, HAS_X86, 4]
 q2_k_rows1, q2_k_rows4 = LOWERINGS[Q.Q2_K, HAS_X86, 1], LOWERINGS[Q.Q2_K, HAS_X86, 4]
 q3_k_rows1, q3_k_rows4 = LOWERINGS[Q.Q3_K, HAS_X86, 1], LOWERINGS[Q.Q3_K, HAS_X86, 4]
 q4_k_rows1, q4_k_rows4 = LOWERINGS[Q.Q4_K, HAS_X86, 1], LOWERINGS[Q.Q4_K, HAS_X86, 4]
