@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import triton.testing
 
+from bench.gpu_tiers import d2d_bytes_per_s
 from bench.report import update_section
 from moe_tier.engine import Engine
 from moe_tier.moe import Routing
@@ -36,14 +36,6 @@ from moe_tier.stats import EngineStats
 from moe_tier.synth import mixtral_8x7b, write_fast
 from moe_tier.units import format_bytes, parse_bytes
 from router_predict.trace import load as load_trace
-
-
-def hbm_read_bytes_per_s(n_bytes: int = 1 << 30) -> float:
-    """Bytes read + written per second by a large device copy: what HBM moves, read-only kernels included."""
-    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
-    return 2 * n_bytes / (ms / 1e3)
 
 
 class ReplayedRouter:
@@ -101,7 +93,8 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
     pcie = moved.get("warm->gpu", 0) + moved.get("warm->gpu read", 0) + moved.get("disk->gpu", 0)
     disk = moved.get("disk->gpu", 0) + moved.get("disk->cpu", 0)
     hbm = s.tiers["hot"].bytes / n_tokens + dense_bytes if "hot" in s.tiers else 0
-    floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s, hbm / hbm_read_bytes_per_s())
+    hbm_bytes_per_s = d2d_bytes_per_s()  # a device copy's read + write rate: what HBM moves
+    floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s, hbm / hbm_bytes_per_s)
     result = dict(vram=vram, policy=policy, routing="replayed (benchmark only)" if replay else "model's own",
                   device_path=type(ops.moe).__name__ == "DeviceMoE", graphs=eng._graphs is not None, first_s=first_s,
                   slots=sum(g.n_slots for g in eng.plan.gpus), open_s=open_s,

@@ -16,6 +16,7 @@ import torch
 import triton.testing
 from gguf import GGMLQuantizationType as Q
 
+from bench.gpu_tiers import d2d_bytes_per_s
 from bench.report import update_section
 from moe_tier.kernels.gpu import matrix_bytes, moe_matmul
 from moe_tier.kernels.gpu_gemv import gemv
@@ -35,8 +36,7 @@ def main() -> None:
     blocks = torch.from_numpy(block_pool(Q.Q4_K, 0.01, 0, 2 * n_bytes)[: 2 * n_bytes])
     vram, pinned = blocks.to(dev), blocks.pin_memory()
     offsets = torch.tensor([0, n_bytes], dtype=torch.int64, device=dev)
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    d2d = 2 * src.numel() / ms(lambda: src.clone()) / 1e6
+    d2d = d2d_bytes_per_s() / 1e9
     h2d = 2 * n_bytes / ms(lambda: vram.copy_(pinned, non_blocking=True)) / 1e6
     rows = []
     for name, (n_rows, n_cols) in SHAPES.items():
