@@ -10,6 +10,8 @@ capture. Between replays the host counts the previous step's experts and queues 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -58,7 +60,7 @@ class DecodeGraphs:
     def _capture(self, cache: KVCache, n_keys: int):
         """Warm up (Triton compiles) on a side stream, then capture one step; the cache length is restored."""
         ops, moe = self.ops, self.moe
-        ops.static = StaticStep(self.inputs.x, self.inputs.pos, self.inputs.cos, self.inputs.sin, n_keys)
+        ops.static = replace(self.inputs, n_keys=n_keys)
         length = cache.length
         moe.capturing = True
         try:
