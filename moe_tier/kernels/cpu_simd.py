@@ -51,6 +51,13 @@ def _load(builder, base, offset: int, ty: ir.Type, align: int):
     return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=align)
 
 
+def _row_sums(context, builder, signature, accs):
+    """Each token's 8 float lanes summed once per row, as ggml does, returned as the intrinsic's tuple."""
+    values = [_intrinsic_fn(builder, "llvm.vector.reduce.fadd.v8f32", ir.FloatType(),
+                            [ir.Constant(ir.FloatType(), 0.0), builder.load(acc)]) for acc in accs]
+    return context.make_tuple(builder, signature.return_type, values)
+
+
 def _intrinsic_fn(builder, name: str, ret: ir.Type, args: list):
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
     return builder.call(fn, args)
@@ -351,9 +358,7 @@ def _rows(qtype: Q, x86: bool, n_tok: int):
                         scale = _broadcast(builder, builder.fmul(coef, d_x), 8)
                         total = builder.fadd(total, builder.fmul(builder.sitofp(lanes, f32x8), scale))
                     builder.store(total, acc)
-            values = [_intrinsic_fn(builder, "llvm.vector.reduce.fadd.v8f32", ir.FloatType(),
-                                    [ir.Constant(ir.FloatType(), 0.0), builder.load(acc)]) for acc in accs]
-            return context.make_tuple(builder, signature.return_type, values)
+            return _row_sums(context, builder, signature, accs)
 
         return sig, codegen
 
@@ -407,9 +412,7 @@ def _q4_0_rows(x86: bool, n_tok: int):
                     scale = _broadcast(builder, builder.fmul(d, d_x), 8)
                     term = builder.fmul(builder.sitofp(lanes, f32x8), scale)
                     builder.store(builder.fadd(builder.load(acc), term), acc)
-            values = [_intrinsic_fn(builder, "llvm.vector.reduce.fadd.v8f32", ir.FloatType(),
-                                    [ir.Constant(ir.FloatType(), 0.0), builder.load(acc)]) for acc in accs]
-            return context.make_tuple(builder, signature.return_type, values)
+            return _row_sums(context, builder, signature, accs)
 
         return sig, codegen
 
