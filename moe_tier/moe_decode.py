@@ -46,9 +46,10 @@ class DeviceMoE:
     def __init__(self, tiers: GpuTiers):
         self.tiers = tiers
         self.first_layer = min(e.layer for e in tiers.desc.experts)
-        self.refs = {}  # layer -> an expert of it: the layer's matrix types, shapes and blob layout
+        self.parts = {}  # layer -> (gate, up, down parts of one of its experts, their blob offsets): all alike
         for eid, ref in tiers.desc.experts.items():
-            self.refs.setdefault(eid.layer, ref)
+            if eid.layer not in self.parts:
+                self.parts[eid.layer] = (ref.part("gate"), ref.part("up"), ref.part("down"), blob_layout(ref))
         self.step: list[tuple[int, torch.Tensor]] = []  # this step's (layer, ids (T, k)) on the device
         self.capturing = False  # inside a CUDA graph capture (gpu_graph.py): no host reads here
 
@@ -59,9 +60,7 @@ class DeviceMoE:
             return moe_ffn_gpu(x, routing.host(), layer, self.tiers)
         self.step.append((layer, routing.ids))
         T, k = routing.ids.shape
-        ref = self.refs[layer]
-        at = blob_layout(ref)
-        gate, up, down = ref.part("gate"), ref.part("up"), ref.part("down")
+        gate, up, down, at = self.parts[layer]
         n_ff, n_embd = matrix_dims(gate.shape)
         index = (routing.ids.reshape(-1) + layer * self.tiers.desc.config.n_expert).to(torch.int64)
         rows = x.repeat_interleave(k, dim=0)  # (R, D)
