@@ -15,12 +15,15 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
 
-from moe_tier.config import Gating, ModelConfig
+from moe_tier.config import ModelConfig
 from moe_tier.kernels.gpu import matmul
 from moe_tier.kernels.gpu_gemv import gemv
+from moe_tier.kernels.gpu_moe_decode import route_topk
 from moe_tier.layers import KVCache, rope, rope_angles
-from moe_tier.moe import MIN_WEIGHT_SUM, Routing, route
+from moe_tier.moe import Routing, route
 from moe_tier.reader import Category
 from moe_tier.tensors import QTensor, Weights
 
@@ -36,6 +39,8 @@ class StaticStep:
     cos: torch.Tensor  # (1, n_rot / 2)
     sin: torch.Tensor
     n_keys: int  # cache entries attended (positions at or past pos are masked)
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+SMALL_FLOAT_BYTES = 8 << 20  # float matrices up to this size are kept as float32 (the router: E x D)
 GEMV_MAX_ROWS = 4  # up to this many tokens a dense matmul runs as matrix-vector products (bandwidth-bound)
 
 
@@ -55,9 +60,13 @@ class GpuOps:
             self._upload("token_embd.weight")
 
     def _upload(self, name: str) -> tuple[torch.Tensor, QTensor]:
+        """Raw GGUF blocks; a small float matrix as float32 values (its blocks would take the slow grouped kernel)."""
         if name not in self._blocks:
             q = self.w.matrix(name)
-            self._blocks[name] = (torch.from_numpy(np.array(q.data)).to(self.device), q)
+            data = np.asarray(q.data)
+            if q.qtype in FLOAT_TYPES and data.nbytes <= SMALL_FLOAT_BYTES:
+                data = dequantize(data, q.qtype).reshape(q.n_rows, q.n_cols).astype(np.float32)
+            self._blocks[name] = (torch.from_numpy(np.array(data)).to(self.device), q)
         return self._blocks[name]
 
     @staticmethod
@@ -91,7 +100,9 @@ class GpuOps:
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         blocks, q = self._upload(f"{name}.weight")
-        if len(x) <= GEMV_MAX_ROWS:
+        if blocks.dtype == torch.float32:  # a small float matrix (the router): one cuBLAS call, exact float32
+            y = x.float() @ blocks.T
+        elif len(x) <= GEMV_MAX_ROWS:
             y = gemv(x, blocks, self._zeros[: len(x)], q.qtype, q.n_rows, q.n_cols)
         else:
             y = matmul(x.contiguous(), blocks, q.qtype, q.n_rows, q.n_cols)
@@ -142,23 +153,9 @@ class GpuOps:
         return self._rope[key]
 
     def route(self, logits: torch.Tensor, bias: torch.Tensor | None) -> Routing:
-        """On the device with device_routing (as moe.route, in torch); else on the host by the one route()."""
+        """On the device with device_routing (as moe.route, one kernel); else on the host by the one route()."""
         c = self.cfg
         if not self.device_routing:
             host_bias = None if bias is None else self.to_host(bias)
             return route(self.to_host(logits), c.n_expert_used, c.gating, c.weights_norm, c.weights_scale, host_bias)
-        if c.gating is Gating.SOFTMAX:
-            probs = torch.softmax(logits, dim=-1)
-        elif c.gating is Gating.SIGMOID:
-            probs = torch.sigmoid(logits)
-        else:
-            probs = logits
-        ids = torch.topk(probs if bias is None else probs + bias, c.n_expert_used, dim=-1).indices
-        weights = probs.gather(1, ids)
-        if c.gating is Gating.SOFTMAX_WEIGHT:
-            weights = torch.softmax(weights, dim=-1)
-        if c.weights_norm:
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(MIN_WEIGHT_SUM)
-        if c.weights_scale not in (0.0, 1.0):
-            weights = weights * c.weights_scale
-        return Routing(ids.to(torch.int32), weights)
+        return route_topk(logits, bias, c.n_expert_used, c.gating, c.weights_norm, c.weights_scale)

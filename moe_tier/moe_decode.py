@@ -2,8 +2,9 @@
 
 Shape key: T tokens (few: decode), k experts per token, R = T * k rows (row t * k + j is token t's j-th expert),
 D embedding width, F expert FFN width.
-Each row's expert is looked up in the location table (tiers/locations.py) with the routing the GPU computed, and
-the matrix-vector kernels read it from its slot or, for a warm expert, from pinned host memory over PCIe. The host
+Each row's expert is looked up in the location table (tiers/locations.py) with the routing the GPU computed; a warm
+expert's blob is first copied from pinned host memory into a staging slot by a kernel (no host involved), then the
+matrix-vector kernels read every row's expert from VRAM: gate and up in one launch, then down. The host
 learns the routing one step late (one small read at the next step's first MoE layer, when the GPU is nearly idle)
 to count hits and let the policy promote misses into slots with copies that never make compute wait.
 Larger batches (prefill) read the routing back and take moe_gpu.moe_ffn_gpu, which streams whole experts.
@@ -14,10 +15,10 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from moe_tier.host_tiers import blob_layout
-from moe_tier.kernels.gpu_gemv import gemv
+from moe_tier.kernels.gpu_gemv import gemv, gemv_parts
+from moe_tier.kernels.gpu_moe_decode import combine, silu_mul, stage
 from moe_tier.moe import Routing
 from moe_tier.moe_gpu import moe_ffn_gpu
 from moe_tier.reader import ExpertId
@@ -46,10 +47,10 @@ class DeviceMoE:
     def __init__(self, tiers: GpuTiers):
         self.tiers = tiers
         self.first_layer = min(e.layer for e in tiers.desc.experts)
-        self.parts = {}  # layer -> (gate, up, down parts of one of its experts, their blob offsets): all alike
+        self.parts = {}  # layer -> (gate, up, down parts of one of its experts, their blob offsets, blob bytes)
         for eid, ref in tiers.desc.experts.items():
             if eid.layer not in self.parts:
-                self.parts[eid.layer] = (ref.part("gate"), ref.part("up"), ref.part("down"), blob_layout(ref))
+                self.parts[eid.layer] = (ref.part("gate"), ref.part("up"), ref.part("down"), blob_layout(ref), ref.n_bytes)
         self.step: list[tuple[int, torch.Tensor]] = []  # this step's (layer, ids (T, k)) on the device
         self.capturing = False  # inside a CUDA graph capture (gpu_graph.py): no host reads here
 
@@ -60,20 +61,24 @@ class DeviceMoE:
             return moe_ffn_gpu(x, routing.host(), layer, self.tiers)
         self.step.append((layer, routing.ids))
         T, k = routing.ids.shape
-        gate, up, down, at = self.parts[layer]
+        gate, up, down, at, blob_bytes = self.parts[layer]
         n_ff, n_embd = matrix_dims(gate.shape)
-        index = (routing.ids.reshape(-1) + layer * self.tiers.desc.config.n_expert).to(torch.int64)
-        rows = x.repeat_interleave(k, dim=0)  # (R, D)
+        tiers, first = self.tiers, layer * self.tiers.desc.config.n_expert
         out = None
-        for gpu, loc in self.tiers.locations.loc.items():  # each expert is computed on one GPU, skipped elsewhere
-            arena = self.tiers.arena[gpu]
-            offsets = loc[index.to(loc.device)]
-            xg = rows.to(arena.device)
-            h = F.silu(gemv(xg, arena, offsets, gate.qtype, n_ff, n_embd, at["gate"])) * \
-                gemv(xg, arena, offsets, up.qtype, n_ff, n_embd, at["up"])  # (R, F)
-            y = gemv(h, arena, offsets, down.qtype, n_embd, n_ff, at["down"]).to(x.device)  # (R, D)
+        for gpu, loc in tiers.locations.loc.items():  # each expert is computed on one GPU, skipped elsewhere
+            arena = tiers.arena[gpu]
+            offsets = stage(routing.ids.reshape(-1).to(arena.device), loc, first, arena, tiers.stage_at[gpu],
+                            tiers.stage_slots[gpu], tiers.slot_bytes, blob_bytes)
+            xg = x.to(arena.device)
+            if gate.qtype == up.qtype:
+                gate_up = gemv_parts(xg, arena, offsets, gate.qtype, n_ff, n_embd, (at["gate"], at["up"]), x_div=k)
+            else:
+                gate_up = torch.stack([gemv(xg, arena, offsets, p.qtype, n_ff, n_embd, at[p.matrix], x_div=k)
+                                       for p in (gate, up)])[:, None]
+            down_parts = gemv_parts(silu_mul(gate_up), arena, offsets, down.qtype, n_embd, n_ff, (at["down"],))[0]
+            y = combine(down_parts, routing.weights.to(arena.device)).to(x.device)  # (T, D), slot order as llama.cpp
             out = y if out is None else out + y
-        return (out.view(T, k, -1) * routing.weights[..., None]).sum(dim=1)  # slot order, as llama.cpp
+        return out
 
     def account(self) -> None:
         """Count the last step's hits, tell the policy, promote what it prefers (copies queue; nobody waits).

@@ -1,14 +1,14 @@
 """Decode-time matrix-vector products on GGUF blocks: each row of x has its own matrix, found by address.
 
 Shape key: R rows (token x selected expert at decode, or the tokens of a dense matmul), K = n_cols (reduced),
-N = n_rows (outputs), S split-K parts.
-  x        (R, K)  float32
+N = n_rows (outputs), S split-K parts, M matrices per row (gate and up of one expert share a launch).
+  x        (R / x_div, K) float32: row r multiplies x[r // x_div] (a token's k experts share its row)
   base     (B,)    uint8   any tensor the kernel may address from: row r's matrix starts at base + offsets[r]
   offsets  (R,)    int64   byte offsets from base (plus part_offset, the matrix's place in an expert's blob);
                            they may point outside base's allocation, into pinned host memory (the warm tier),
                            which the GPU then reads over PCIe with no copy and no sync; SKIP skips the row (its
                            output is 0: another GPU computes it)
-  out      (R, N)  float32
+  parts    (M, S, R, N) float32: gemv_parts' split-K partial sums, for a consumer that sums them itself
 
 At batch 1 a token needs a few matrices read once each, so the kernel is built for bandwidth: Q4_K quants are
 read as 32-bit words (8 nibbles) and multiplied in float32 with the activation values they pair with, one
@@ -40,11 +40,14 @@ def _byte(u0, u1, u2, j):
 
 
 @triton.jit
-def _q4_k_gemv(x_ptr, base_ptr, off_ptr, part_offset, out_ptr, N, stride_x, stride_out, stride_part,
-               K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
-    """Program (n tile, row, split part): out[part, row, n] = sum over its super-blocks of x[row] . W_row[n]."""
+def _q4_k_gemv(x_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_x, stride_out, stride_part, stride_mat,
+               K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    """Program (n tile, row, matrix * SPLIT + part): out[matrix, part, row, n] = sum over the part's super-blocks
+    of x[row // X_DIV] . W[n], W the row's matrix at part offset p0 (matrix 0) or p1 (matrix 1)."""
     r = tl.program_id(1)
-    part = tl.program_id(2)
+    part = tl.program_id(2) % SPLIT
+    mat = tl.program_id(2) // SPLIT
+    part_offset = tl.where(mat == 0, p0, p1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offset = tl.load(off_ptr + r)
     nmask = (n < N) & (offset != -4611686018427387904)  # SKIP
@@ -54,7 +57,7 @@ def _q4_k_gemv(x_ptr, base_ptr, off_ptr, part_offset, out_ptr, N, stride_x, stri
     w = tl.arange(0, 8)  # word in the chunk's 32 quant bytes
     word_at = (16 + 32 * c[:, None] + 4 * w[None, :])  # (4, 8) byte offsets of quant words in a block
     value_at = 64 * c[:, None] + 4 * w[None, :]  # (4, 8) first value of byte 0 of the word, low nibble
-    x_row = x_ptr + r.to(tl.int64) * stride_x
+    x_row = x_ptr + (r // X_DIV).to(tl.int64) * stride_x
     # Scaled products stay per lane until the end: no cross-lane reduction inside the loop.
     acc = tl.zeros((BLOCK_N, 4, 8), dtype=tl.float32)
     acc_min = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
@@ -89,29 +92,41 @@ def _q4_k_gemv(x_ptr, base_ptr, off_ptr, part_offset, out_ptr, N, stride_x, stri
             acc += (d[:, None] * sc)[:, :, None] * dot
             acc_min += (dmin[:, None] * mn) * tl.sum(xsum, axis=1)[None, :]
     total = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(acc_min, axis=1)
-    tl.store(out_ptr + part * stride_part + r.to(tl.int64) * stride_out + n, total, mask=n < N)
+    tl.store(out_ptr + mat * stride_mat + part * stride_part + r.to(tl.int64) * stride_out + n, total, mask=n < N)
 
 
-def gemv(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype: Q, n_rows: int, n_cols: int,
-         part_offset: int = 0, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS, split: int | None = None,
-         stages: int = STAGES) -> torch.Tensor:
-    """out[r] = x[r] @ W_r.T, W_r (n_rows, n_cols) at base + offsets[r] + part_offset; (R, n_rows) float32.
-    No host sync: offsets stay on the device."""
+def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype: Q, n_rows: int, n_cols: int,
+               part_offsets: tuple[int, ...] = (0,), x_div: int = 1, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+               split: int | None = None, stages: int = STAGES) -> torch.Tensor:
+    """parts (M, S, R, n_rows): row r's products x[r // x_div] @ W.T with W (n_rows, n_cols) at base + offsets[r] +
+    part_offsets[m], split over S parts of K (sum over S for the product). No host sync: offsets stay on the device."""
     qtype = Q(qtype)
     x = x.float().contiguous()
-    R = x.shape[0]
+    R, M = offsets.shape[0], len(part_offsets)
+    assert M in (1, 2) and x.shape[0] * x_div == R
     if qtype != Q.Q4_K:  # one "expert" per row for the grouped kernel
+        xr = x.repeat_interleave(x_div, dim=0) if x_div > 1 else x
         seg = torch.arange(R + 1, dtype=torch.int32, device=x.device)
         skip = offsets == SKIP
-        out = moe_matmul(x, base, torch.where(skip, 0, offsets) + part_offset, seg, 1, qtype, n_rows, n_cols)
-        return torch.where(skip[:, None], 0.0, out)
+        at = torch.where(skip, 0, offsets)
+        out = [torch.where(skip[:, None], 0.0, moe_matmul(xr, base, at + p, seg, 1, qtype, n_rows, n_cols)) for p in part_offsets]
+        return torch.stack(out)[:, None]
     qk, bb = block_shape(qtype)
     assert (qk, bb) == (QK_K, Q4_K_BYTES) and n_cols % QK_K == 0
     tiles = triton.cdiv(n_rows, block_n)
     if split is None:
-        split = max(1, min(n_cols // QK_K, TARGET_PROGRAMS // max(1, tiles * R)))
-    out = torch.empty((split, R, n_rows), dtype=torch.float32, device=x.device)
+        split = max(1, min(n_cols // QK_K, TARGET_PROGRAMS // max(1, tiles * R * M)))
+    out = torch.empty((M, split, R, n_rows), dtype=torch.float32, device=x.device)
     if R and n_rows:
-        _q4_k_gemv[(tiles, R, split)](x, base, offsets, part_offset, out, n_rows, x.stride(0), out.stride(1), out.stride(0),
-                                      K=n_cols, SPLIT=split, BLOCK_N=block_n, STAGES=stages, num_warps=num_warps)
-    return out[0] if split == 1 else out.sum(dim=0)
+        p0, p1 = part_offsets[0], part_offsets[-1]
+        _q4_k_gemv[(tiles, R, split * M)](x, base, offsets, p0, p1, out, n_rows, x.stride(0), out.stride(2), out.stride(1),
+                                          out.stride(0), K=n_cols, SPLIT=split, X_DIV=x_div, BLOCK_N=block_n, STAGES=stages,
+                                          num_warps=num_warps)
+    return out
+
+
+def gemv(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype: Q, n_rows: int, n_cols: int,
+         part_offset: int = 0, x_div: int = 1, **tile) -> torch.Tensor:
+    """out[r] = x[r // x_div] @ W_r.T, W_r (n_rows, n_cols) at base + offsets[r] + part_offset; (R, n_rows) float32."""
+    parts = gemv_parts(x, base, offsets, qtype, n_rows, n_cols, (part_offset,), x_div, **tile)[0]
+    return parts[0] if len(parts) == 1 else parts.sum(dim=0)

@@ -43,6 +43,7 @@ class TierConfig:
     headroom_bytes: int = 256 << 20  # must stay allocatable on each GPU after its arena (activations)
     speeds: LinkSpeeds | None = None  # None: measured at start-up
     prior: Mapping[ExpertId, float] | None = None  # chance of use per token from a routing profile (planner policy)
+    stage_slots: int = 0  # slots per GPU kept out of the table: decode copies warm experts there (moe_decode)
 
 
 @dataclass
@@ -88,7 +89,10 @@ class GpuTiers:
             if n < g.n_slots and fits is not None:
                 runtime = (machine or probe()).runtime
                 fits.remember(desc.fingerprint, g.name, runtime, {"n_slots": n, "slot_bytes": self.slot_bytes})
-        self.table = SlotTable(desc.experts, {g: a.numel() // self.slot_bytes for g, a in self.arena.items()}, plan.pinned)
+        n_slots = {g: a.numel() // self.slot_bytes for g, a in self.arena.items()}
+        self.stage_slots = {g: min(config.stage_slots, n) for g, n in n_slots.items()}  # the arena's last slots
+        self.stage_at = {g: (n - self.stage_slots[g]) * self.slot_bytes for g, n in n_slots.items()}
+        self.table = SlotTable(desc.experts, {g: n - self.stage_slots[g] for g, n in n_slots.items()}, plan.pinned)
         policy = POLICIES[config.policy]
         self.policy = policy(config.prior) if policy is PlannerPolicy else policy()  # the one that reads a profile
         self.copy_stream = {g: torch.cuda.Stream(torch.device("cuda", g)) for g in self.arena}
@@ -248,7 +252,8 @@ class GpuTiers:
         self.table.check()
         self.locations.check(self.table.slot_of, self.slot_bytes)
         for gpu, arena in self.arena.items():
-            assert arena.numel() == self.table.n_slots[gpu] * self.slot_bytes, f"GPU {gpu} arena changed size"
+            n_slots = self.table.n_slots[gpu] + self.stage_slots[gpu]
+            assert arena.numel() == n_slots * self.slot_bytes, f"GPU {gpu} arena changed size"
 
     def close(self) -> None:
         self.reader.close()

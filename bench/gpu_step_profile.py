@@ -1,0 +1,68 @@
+"""Where a decode step's GPU time goes: the kernels of one captured step, by name, per token.
+
+A Mixtral-8x7B-shaped Q4_K file with few layers (every layer is alike), all experts hot, decoded as CUDA graph
+replays; torch.profiler lists the kernels of a few steps. Per kernel name: launches and microseconds per token and
+per layer, beside the step's wall time. Usage: python -m bench.gpu_step_profile [--layers 4] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.report import update_section
+from moe_tier.engine import Engine
+from moe_tier.synth import mixtral_8x7b, write_fast
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--vram", default="40GiB")
+    ap.add_argument("--out", default="/tmp/moe-tier-profile.gguf")
+    args = ap.parse_args()
+    path = Path(args.out)
+    if not path.exists():
+        write_fast(path, mixtral_8x7b(n_layer=args.layers))
+    eng = Engine.open(path, vram=args.vram, ctx=512, policy="lfu")
+    cache = eng.model.new_cache(512)
+    logits = eng.step(cache, np.arange(3, 19))
+    token = lambda: np.array([int(np.argmax(logits[-1]))])  # noqa: E731
+    for _ in range(3):  # capture and warm up
+        logits = eng.step(cache, token())
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.tokens):
+        logits = eng.step(cache, token())
+    step_ms = (time.perf_counter() - t0) / args.tokens * 1e3
+    n_prof = 8
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_prof):
+            logits = eng.step(cache, token())
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        if us > 0 and ev.count:
+            rows.append((us / n_prof, ev.count / n_prof, ev.key[:90]))
+    rows.sort(reverse=True)
+    kernel_us = sum(r[0] for r in rows)
+    L = args.layers
+    body = (f"{torch.cuda.get_device_name(0)}; Mixtral-8x7B shape with {L} layers, Q4_K, all experts hot "
+            f"(graphs: {eng._graphs is not None}); step wall time {step_ms:.3f} ms, kernel time {kernel_us / 1e3:.3f} ms, "
+            f"{sum(r[1] for r in rows):.0f} kernels a token ({sum(r[1] for r in rows) / L:.1f} a layer).\n\n"
+            "| kernel | per token | per layer | us per token | us per layer |\n| --- | ---: | ---: | ---: | ---: |\n")
+    body += "".join(f"| `{name}` | {n:.0f} | {n / L:.1f} | {us:.1f} | {us / L:.1f} |\n" for us, n, name in rows[:40])
+    print(body)
+    update_section("GPU decode step profile", "python -m bench.gpu_step_profile " + " ".join(sys.argv[1:]), body)
+
+
+if __name__ == "__main__":
+    main()

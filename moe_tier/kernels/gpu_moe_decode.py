@@ -1,0 +1,144 @@
+"""The small kernels around decode's expert matrix-vector products, one launch each instead of a dozen torch ops.
+
+Shape key: T tokens, E experts per layer, k experts per token, R = T * k rows (row t * k + j is token t's j-th
+expert), S split-K parts, D embedding width, F expert FFN width.
+  route_topk  logits (T, E) -> ids (T, k) int32, weights (T, k): moe.route's semantics (stable ties: lower id)
+  stage       ids (R,), location table -> offsets (R,) int64: rows whose expert is warm (pinned host memory)
+              first get a copy of its blob in a staging slot in VRAM: a kernel reading host memory contiguously
+              moves ~51 GB/s on an H100 host, the Q4_K gemv reading it in place ~28 (bench/gpu_host_reads.py)
+  silu_mul    parts (2, S, R, F) of gate and up -> silu(gate) * up (R, F)
+  combine     parts (S, R, D) of down, weights (T, k) -> sum_j weights[t, j] * down[t * k + j] (T, D)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_tier.config import Gating
+from moe_tier.moe import MIN_WEIGHT_SUM, Routing
+
+STAGE_PROGRAMS, STAGE_WORDS = 512, 1024  # copy programs per staged row, 32-bit words per program and round
+
+
+@triton.jit
+def _route(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, min_sum, K: tl.constexpr, BLOCK_E: tl.constexpr,
+           BLOCK_K: tl.constexpr, GATING: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+    t = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    valid = e < E
+    z = tl.load(logits_ptr + t * E + e, mask=valid, other=-float("inf"))
+    if GATING == 1:  # softmax
+        p = tl.exp(z - tl.max(z, axis=0))
+        p = p / tl.sum(p, axis=0)
+    elif GATING == 2:  # sigmoid
+        p = 1.0 / (1.0 + tl.exp(-z))
+    else:
+        p = z
+    sel = p + tl.load(bias_ptr + e, mask=valid, other=0.0) if HAS_BIAS else p
+    sel = tl.where(valid, sel, -float("inf"))
+    kk = tl.arange(0, BLOCK_K)
+    w = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for j in tl.static_range(K):  # k rounds of argmax, best first (argmax breaks ties to the lower index)
+        best = tl.argmax(sel, axis=0)
+        tl.store(ids_ptr + t * K + j, best.to(tl.int32))
+        w = tl.where(kk == j, tl.sum(tl.where(e == best, p, 0.0), axis=0), w)
+        sel = tl.where(e == best, -float("inf"), sel)
+    chosen = kk < K
+    if GATING == 3:  # softmax over the chosen k
+        w = tl.where(chosen, tl.exp(w - tl.max(tl.where(chosen, w, -float("inf")), axis=0)), 0.0)
+        w = w / tl.sum(w, axis=0)
+    if NORM:
+        w = w / tl.maximum(tl.sum(tl.where(chosen, w, 0.0), axis=0), min_sum)
+    tl.store(w_ptr + t * K + kk, w * scale, mask=chosen)
+
+
+def route_topk(logits: torch.Tensor, bias: torch.Tensor | None, k: int, gating: Gating, weights_norm: bool,
+               weights_scale: float) -> Routing:
+    T, E = logits.shape
+    ids = torch.empty((T, k), dtype=torch.int32, device=logits.device)
+    weights = torch.empty((T, k), dtype=torch.float32, device=logits.device)
+    scale = 1.0 if weights_scale in (0.0, 1.0) else weights_scale
+    _route[(T,)](logits.float().contiguous(), logits if bias is None else bias.float().contiguous(), ids, weights, E,
+                 scale, MIN_WEIGHT_SUM, K=k, BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(k),
+                 GATING=gating.value, HAS_BIAS=bias is not None, NORM=weights_norm)
+    return Routing(ids, weights)
+
+
+@triton.jit
+def _stage(ids_ptr, loc_ptr, first, base_ptr, arena_bytes, stage_at, slot_bytes, n_words, out_ptr,
+           N_STAGE: tl.constexpr, PROGRAMS: tl.constexpr, WORDS: tl.constexpr, ROUNDS: tl.constexpr):
+    """Program (p, row): copies rounds p, p + PROGRAMS, .. of the row's blob if its expert is warm."""
+    p = tl.program_id(0)
+    r = tl.program_id(1)
+    offset = tl.load(loc_ptr + first + tl.load(ids_ptr + r))
+    warm = (offset != -4611686018427387904) & ((offset < 0) | (offset >= arena_bytes)) & (r < N_STAGE)  # not SKIP
+    dst = stage_at + r.to(tl.int64) * slot_bytes
+    src_words = (base_ptr + tl.where(warm, offset, 0)).to(tl.pointer_type(tl.int32), bitcast=True)
+    dst_words = (base_ptr + dst).to(tl.pointer_type(tl.int32), bitcast=True)
+    i = tl.arange(0, WORDS)
+    for j in range(0, ROUNDS):
+        at = (p + j * PROGRAMS).to(tl.int64) * WORDS + i
+        m = (at < n_words) & warm  # hot and skipped rows move nothing
+        tl.store(dst_words + at, tl.load(src_words + at, mask=m), mask=m)
+    if p == 0:
+        tl.store(out_ptr + r, tl.where(warm, dst, offset))
+
+
+def stage(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor, stage_at: int, n_stage: int,
+          slot_bytes: int, blob_bytes: int) -> torch.Tensor:
+    """offsets (R,) from arena's start for rows ids (R,) of the layer whose table entries start at loc[first]:
+    a hot row's slot, a warm row's staging slot stage_at + r * slot_bytes (r < n_stage) after its copy, else
+    the table's entry (read in place, or SKIP). Warm blobs are 256-byte aligned and padded: whole words copy."""
+    R = ids.numel()
+    out = torch.empty(R, dtype=torch.int64, device=arena.device)
+    n_words = -(-blob_bytes // 4)
+    _stage[(STAGE_PROGRAMS, R)](ids, loc, first, arena, arena.numel(), stage_at, slot_bytes, n_words, out,
+                                N_STAGE=n_stage, PROGRAMS=STAGE_PROGRAMS, WORDS=STAGE_WORDS,
+                                ROUNDS=triton.cdiv(n_words, STAGE_WORDS * STAGE_PROGRAMS), num_warps=4)
+    return out
+
+
+@triton.jit
+def _silu_mul(parts_ptr, out_ptr, F, stride_mat, stride_part, S: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(1)
+    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = f < F
+    g = tl.zeros((BLOCK,), dtype=tl.float32)
+    u = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(S):
+        g += tl.load(parts_ptr + s * stride_part + r * F + f, mask=m, other=0.0)
+        u += tl.load(parts_ptr + stride_mat + s * stride_part + r * F + f, mask=m, other=0.0)
+    tl.store(out_ptr + r * F + f, g / (1.0 + tl.exp(-g)) * u, mask=m)
+
+
+def silu_mul(parts: torch.Tensor) -> torch.Tensor:
+    _, S, R, F = parts.shape
+    out = torch.empty((R, F), dtype=torch.float32, device=parts.device)
+    BLOCK = 1024
+    _silu_mul[(triton.cdiv(F, BLOCK), R)](parts, out, F, parts.stride(0), parts.stride(1), S=S, BLOCK=BLOCK)
+    return out
+
+
+@triton.jit
+def _combine(parts_ptr, w_ptr, out_ptr, D, stride_part, S: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(1)
+    d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = d < D
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(K):  # slot order, as llama.cpp sums the weighted experts
+        y = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(S):
+            y += tl.load(parts_ptr + s * stride_part + (t * K + j) * D + d, mask=m, other=0.0)
+        acc += y * tl.load(w_ptr + t * K + j)
+    tl.store(out_ptr + t * D + d, acc, mask=m)
+
+
+def combine(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    S, R, D = parts.shape
+    T, k = weights.shape
+    out = torch.empty((T, D), dtype=torch.float32, device=parts.device)
+    BLOCK = 1024
+    _combine[(triton.cdiv(D, BLOCK), T)](parts, weights.float().contiguous(), out, D, parts.stride(0), S=S, K=k, BLOCK=BLOCK)
+    return out

@@ -1,0 +1,101 @@
+"""Decode's small MoE kernels (kernels/gpu_moe_decode.py) and the two-matrix gemv, against numpy / moe.route.
+
+Without CUDA they run under Triton's interpreter on CPU tensors (see tests/conftest.py); with CUDA, `-m gpu`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+from moe_tier.config import Gating  # noqa: E402
+from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts  # noqa: E402
+from moe_tier.kernels.gpu_moe_decode import combine, route_topk, silu_mul, stage  # noqa: E402
+from moe_tier.moe import route  # noqa: E402
+from tests.test_kernels_gpu import DEVICE, TOL, random_weight, reference, rel_err  # noqa: E402
+
+pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
+
+
+@pytest.mark.parametrize("gating,norm,scale,bias,E,k", [
+    (Gating.SOFTMAX, True, 1.0, False, 8, 2),  # Mixtral
+    (Gating.SOFTMAX, False, 1.0, False, 60, 4),  # qwen2moe: E not a power of two
+    (Gating.SIGMOID, True, 2.5, True, 64, 6),  # DeepSeek-V3 style selection bias and scale
+    (Gating.SOFTMAX_WEIGHT, False, 1.0, False, 32, 4),  # gpt-oss
+])
+def test_route_topk_matches_moe_route(gating, norm, scale, bias, E, k):
+    rng = np.random.default_rng(E + k)
+    logits = rng.standard_normal((5, E)).astype(np.float32) * 3
+    logits[1, 3] = logits[1, 6] = logits[1].max() + 1  # a tie: the lower id comes first, as the stable argsort
+    b = rng.standard_normal(E).astype(np.float32) * 0.5 if bias else None
+    want = route(logits, k, gating, norm, scale, b)
+    got = route_topk(torch.from_numpy(logits).to(DEVICE), None if b is None else torch.from_numpy(b).to(DEVICE),
+                     k, gating, norm, scale)
+    np.testing.assert_array_equal(got.ids.cpu().numpy(), want.ids)
+    np.testing.assert_allclose(got.weights.cpu().numpy(), want.weights, rtol=1e-5, atol=1e-7)
+
+
+def test_gemv_parts_two_matrices_share_rows_of_x():
+    """Gate and up of each row's expert in one launch; x row r // x_div; split parts sum to the product."""
+    rng = np.random.default_rng(3)
+    n_rows, n_cols = 40, 512
+    mats = [random_weight(Q.Q4_K, n_rows, n_cols, rng) for _ in range(4)]  # expert a: (0, 1), expert b: (2, 3)
+    blob = np.concatenate([m.ravel() for m in mats])
+    size = mats[0].size
+    base = torch.from_numpy(blob).to(DEVICE)
+    offsets = torch.tensor([2 * size, 0, SKIP, 2 * size], dtype=torch.int64, device=DEVICE)  # 2 tokens x 2 rows
+    x = rng.standard_normal((2, n_cols)).astype(np.float32)
+    parts = gemv_parts(torch.from_numpy(x).to(DEVICE), base, offsets, Q.Q4_K, n_rows, n_cols, (0, size), x_div=2, split=2)
+    assert parts.shape == (2, 2, 4, n_rows)
+    got = parts.sum(dim=1).cpu().numpy()
+    for r, first in enumerate([2, 0, None, 2]):
+        for m in range(2):
+            if first is None:
+                assert not got[m, r].any()
+            else:
+                want = reference(x[r // 2 : r // 2 + 1], mats[first + m], Q.Q4_K, n_rows, n_cols)[0]
+                assert rel_err(got[m, r], want) < TOL, (r, m)
+
+
+def test_silu_mul_and_combine_sum_split_parts():
+    rng = np.random.default_rng(4)
+    gate_up = rng.standard_normal((2, 3, 4, 1500)).astype(np.float32)  # (2, S, R, F): F not a multiple of BLOCK
+    g, u = gate_up.sum(axis=1)
+    got = silu_mul(torch.from_numpy(gate_up).to(DEVICE)).cpu().numpy()
+    np.testing.assert_allclose(got, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+    down = rng.standard_normal((3, 4, 1100)).astype(np.float32)  # (S, R=T*k, D)
+    w = rng.random((2, 2)).astype(np.float32)
+    got = combine(torch.from_numpy(down).to(DEVICE), torch.from_numpy(w).to(DEVICE)).cpu().numpy()
+    y = down.sum(axis=0).reshape(2, 2, -1)
+    np.testing.assert_allclose(got, (y * w[..., None]).sum(axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_stage_copies_warm_blobs_and_keeps_hot_and_skipped_rows():
+    """Warm rows (offsets outside the arena: pinned host memory) get a staging copy; hot rows keep their slot,
+    SKIP stays SKIP, rows past n_stage are read in place."""
+    slot_bytes, blob_bytes, n_slots = 4096, 3000, 4
+    arena = torch.zeros(n_slots * slot_bytes, dtype=torch.uint8, device=DEVICE)
+    arena[: slot_bytes] = torch.arange(slot_bytes, dtype=torch.int64).remainder(251).to(torch.uint8)
+    warm = torch.randint(0, 256, (3 * slot_bytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    warm = warm.pin_memory() if DEVICE == "cuda" else warm
+    far = warm.data_ptr() - arena.data_ptr()
+    n_expert, layer = 4, 1
+    loc = torch.full((2 * n_expert,), SKIP, dtype=torch.int64)
+    loc[layer * n_expert + 0] = 0  # hot, slot 0
+    loc[layer * n_expert + 1] = far + slot_bytes  # warm
+    loc[layer * n_expert + 3] = far + 2 * slot_bytes  # warm
+    loc = loc.to(DEVICE)
+    ids = torch.tensor([1, 0, 2, 3], dtype=torch.int32, device=DEVICE)
+    stage_at = 2 * slot_bytes  # the last two slots stage
+    got = stage(ids, loc, layer * n_expert, arena, stage_at, 2, slot_bytes, blob_bytes).cpu().tolist()
+    assert got == [stage_at, 0, SKIP, far + 2 * slot_bytes]  # row 3 is past n_stage: in place
+    staged = arena[stage_at : stage_at + blob_bytes].cpu()
+    assert torch.equal(staged, warm[slot_bytes : slot_bytes + blob_bytes])
+    assert not arena[stage_at + slot_bytes :].any()  # row 1 (hot) staged nothing
+    x = torch.ones(1, 256, device=DEVICE)
+    assert gemv(x, arena, torch.tensor([stage_at], device=DEVICE), Q.Q4_K, 2, 256).shape == (1, 2)
