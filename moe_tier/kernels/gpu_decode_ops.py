@@ -52,7 +52,7 @@ def _norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, eps: fl
     s = out if r is None else torch.empty_like(x)
     block = triton.next_power_of_2(D)
     if x.numel():
-        _rms_norm[(x.numel() // D,)](x, x if r is None else r.contiguous(), s, weight.contiguous(), out, eps,
+        _rms_norm[(x.numel() // D,)](x, x if r is None else r.contiguous(), s, weight.contiguous(), out, float(eps),
                                      D=D, BLOCK_D=block, ADD=r is not None, num_warps=min(16, max(1, block // 256)))
     return s, out
 
@@ -62,7 +62,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _norm(x, None, weight, eps)[1]
 
 
-def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, rms_norm(s)) with s = x + r, the residual sum, in one launch."""
     return _norm(x, r, weight, eps)
 
@@ -89,9 +90,10 @@ def _rope(ptr, row, rmask, j, cos_ptr, sin_ptr, D: tl.constexpr, HALF: tl.conste
 
 @triton.jit
 def _attend_pass(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, m_ptr, l_ptr, out_ptr,
-                 n_keys, scale, kc_row, kc_head, vc_row, vc_head, CHUNK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
-                 NEOX: tl.constexpr, SPLIT: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                 G_PAD: tl.constexpr, SPLIT_PAD: tl.constexpr, BLOCK_L: tl.constexpr, SECOND: tl.constexpr):
+                 n_keys, scale, kc_row, kc_head, vc_row, vc_head, CHUNK: tl.constexpr, H: tl.constexpr,
+                 D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr,
+                 SPLIT: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                 SPLIT_PAD: tl.constexpr, BLOCK_L: tl.constexpr, SECOND: tl.constexpr):
     """Program (kv head h, split part sp) over the part's keys at or before pos, for the G query heads of h.
     First pass: write the new row (last part), store the part's running max m and sum l of exp(score - m).
     Second pass: p = exp(score - M) / L with the global M, L of the parts, rounded to f16; store sum p * v."""
@@ -134,7 +136,8 @@ def _attend_pass(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr,
         s = tl.where(valid[None, :], tl.dot(q, kt) * scale, NEG)  # (G_PAD, BLOCK_L): f16 products, f32 sums
         if SECOND:
             p = tl.where(valid[None, :], tl.exp(s - M[:, None]) / L[:, None], 0.0).to(tl.float16)
-            vb = tl.load(vc + rows[:, None] * vc_row + jv[None, :], mask=valid[:, None] & (jv < DV)[None, :], other=0.0)
+            vmask = valid[:, None] & (jv < DV)[None, :]
+            vb = tl.load(vc + rows[:, None] * vc_row + jv[None, :], mask=vmask, other=0.0)
             acc += tl.dot(p, vb)
         else:
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -142,7 +145,8 @@ def _attend_pass(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr,
             l = l * tl.exp(m - m_new) + tl.sum(e, axis=1)
             m = m_new
     if SECOND:
-        tl.store(out_ptr + (sp * H + heads[:, None]) * DV + jv[None, :], acc, mask=(g < G)[:, None] & (jv < DV)[None, :])
+        omask = (g < G)[:, None] & (jv < DV)[None, :]
+        tl.store(out_ptr + (sp * H + heads[:, None]) * DV + jv[None, :], acc, mask=omask)
     else:
         tl.store(m_ptr + sp * H + heads, m, mask=g < G)
         tl.store(l_ptr + sp * H + heads, l, mask=g < G)
@@ -164,11 +168,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     out = torch.empty((split, H, dv), dtype=torch.float32, device=q.device)
     G = H // Hkv
     args = (q.contiguous(), k.contiguous(), v.contiguous(), cos.contiguous(), sin.contiguous(), pos, k_cache,
-            v_cache, stats[0], stats[1], out, n_keys, scale, k_cache.stride(0), k_cache.stride(1),
+            v_cache, stats[0], stats[1], out, n_keys, float(scale), k_cache.stride(0), k_cache.stride(1),
             v_cache.stride(0), v_cache.stride(1))
-    sizes = dict(CHUNK=chunk, H=H, D=d, DV=dv, G=G, HALF=cos.shape[-1], NEOX=rope_neox, SPLIT=split,
-                 D_PAD=max(16, triton.next_power_of_2(d)), DV_PAD=max(16, triton.next_power_of_2(dv)),
-                 G_PAD=max(16, triton.next_power_of_2(G)), SPLIT_PAD=triton.next_power_of_2(split), BLOCK_L=block_l)
+    pads = [max(16, triton.next_power_of_2(n)) for n in (d, dv, G)]  # tl.dot takes no side under 16
     for second in (False, True):
-        _attend_pass[(Hkv, split)](*args, **sizes, SECOND=second)
+        _attend_pass[(Hkv, split)](*args, CHUNK=chunk, H=H, D=d, DV=dv, G=G, HALF=cos.shape[-1], NEOX=rope_neox,
+                                   SPLIT=split, D_PAD=pads[0], DV_PAD=pads[1], G_PAD=pads[2],
+                                   SPLIT_PAD=max(2, triton.next_power_of_2(split)), BLOCK_L=block_l, SECOND=second)
     return (out[0] if split == 1 else out.sum(dim=0)).reshape(1, H * dv)
