@@ -3,7 +3,7 @@
 Shape key: N rows (tokens, or tokens x heads for per-head norms), D normalised width; H query heads, Hkv
 key/value heads, G = H // Hkv query heads per kv head, d key head dim, dv value head dim, n_rot rotated dims,
 L = n_keys cache rows attended, S split parts of the keys.
-  x, r        (N, D) or (N, G, D) float32, the last dim normalised; weight (D,)
+  x, r        (N, D) or (N, H, D) float32 (per-head norms), the last dim normalised; weight (D,)
   q           (1, H, d) float32;  k (1, Hkv, d), v (1, Hkv, dv) float32, the new token's
   cos, sin    (1, n_rot / 2) float32, the token's rope angles
   k_cache     (ctx, Hkv, d), v_cache (ctx, Hkv, dv) float16: one layer's views, row pos written here
