@@ -9,7 +9,7 @@ trip per token (the sampler); otherwise the routing is read back at every MoE la
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-from moe_tier.config import ModelConfig
+from moe_tier.config import ModelConfig, RopeStyle
+from moe_tier.kernels import gpu_decode_ops
 from moe_tier.kernels.gpu import matmul
 from moe_tier.kernels.gpu_gemv import gemv
 from moe_tier.kernels.gpu_moe_decode import route_topk
@@ -58,6 +59,25 @@ class GpuOps:
                 self._upload(t.name)
         if self.head == "token_embd":
             self._upload("token_embd.weight")
+        self._stacked: dict[tuple[str, ...], str] = {}  # (q, k, v) -> their rows stacked in one matrix
+        for il in range(cfg.n_layer):
+            self._stack([f"blk.{il}.attn_{m}" for m in "qkv"], f"blk.{il}.attn_qkv")
+
+    def _stack(self, names: list[str], stacked: str) -> None:
+        """GGUF blocks are row-major, so matrices of one type and width stacked by rows are one matrix."""
+        mats = [self._blocks.get(f"{n}.weight") for n in names]
+        if any(m is None or self.vector(f"{n}.bias") is not None for m, n in zip(mats, names)):
+            return
+        q0 = mats[0][1]
+        if any(q.qtype != q0.qtype or q.n_cols != q0.n_cols or b.dtype != torch.uint8 for b, q in mats):
+            return
+        blocks = torch.cat([b.reshape(-1) for b, _ in mats])
+        at = 0
+        for n, (b, q) in zip(names, mats):  # each matrix becomes a view of the stack: no second copy stays
+            self._blocks[f"{n}.weight"] = (blocks[at : at + b.numel()], q)
+            at += b.numel()
+        self._blocks[f"{stacked}.weight"] = (blocks, replace(q0, name=stacked, n_rows=sum(q.n_rows for _, q in mats)))
+        self._stacked[tuple(names)] = stacked
 
     def _upload(self, name: str) -> tuple[torch.Tensor, QTensor]:
         """Raw GGUF blocks; a small float matrix as float32 values (its blocks would take the slow grouped kernel)."""
@@ -69,9 +89,7 @@ class GpuOps:
             self._blocks[name] = (torch.from_numpy(np.array(data)).to(self.device), q)
         return self._blocks[name]
 
-    @staticmethod
-    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps) * weight
+    rms_norm = staticmethod(gpu_decode_ops.rms_norm)  # one launch
 
     silu = staticmethod(F.silu)
     sigmoid = staticmethod(torch.sigmoid)
@@ -98,6 +116,13 @@ class GpuOps:
             return self.static.x
         return torch.from_numpy(self.embed_rows(tokens)).to(self.device)
 
+    def linears(self, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
+        """Several matrices over one input (q, k and v): one launch where they were uploaded stacked."""
+        if tuple(names) not in self._stacked:
+            return [self.linear(n, x) for n in names]
+        y = self.linear(self._stacked[tuple(names)], x)
+        return list(y.split([self._blocks[f"{n}.weight"][1].n_rows for n in names], dim=-1))
+
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         blocks, q = self._upload(f"{name}.weight")
         if blocks.dtype == torch.float32:  # a small float matrix (the router): one cuBLAS call, exact float32
@@ -118,7 +143,8 @@ class GpuOps:
     def attend(self, layer: int, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """As layers.attention, with the same f16 roundings of q and of the softmax (llama.cpp's f16 cache).
         In a captured decode step (self.static) the position is on the device: the step attends over the first
-        n_keys cache entries, later ones masked, so one graph serves every position below n_keys."""
+        n_keys cache entries, later ones masked, so one graph serves every position below n_keys; rope, the cache
+        write and attention are then gpu_decode_ops' two or three launches."""
         c, st = self.cfg, self.static
         if st is None:
             start = cache.length
@@ -126,10 +152,8 @@ class GpuOps:
             keys, values = cache.store(layer, start, rope(k, cos, sin, c.rope), v)
             positions = torch.arange(start, start + len(q), device=self.device)
             return self._causal(rope(q, cos, sin, c.rope), keys, values, positions)
-        cache.k[layer].index_copy_(0, st.pos, rope(k, st.cos, st.sin, c.rope).half())
-        cache.v[layer].index_copy_(0, st.pos, v.half())
-        keys, values = cache.k[layer, : st.n_keys], cache.v[layer, : st.n_keys]
-        return self._causal(rope(q, st.cos, st.sin, c.rope), keys, values, st.pos)
+        return gpu_decode_ops.decode_attention(q, k, v, st.cos, st.sin, c.rope is RopeStyle.NEOX, cache.k[layer],
+                                               cache.v[layer], st.pos, st.n_keys, 1.0 / float(np.sqrt(c.head_dim_k)))
 
     def _causal(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
         """q (T, H, d) at positions qpos (T,) over cached keys (L, Hkv, d) and values (L, Hkv, dv), f16."""

@@ -48,6 +48,9 @@ class HostOps:
         bias = self.w.vector(f"{name}.bias")
         return y if bias is None else y + bias
 
+    def linears(self, names: list[str], x: np.ndarray) -> list[np.ndarray]:
+        return [self.linear(n, x) for n in names]  # x is quantized once (_activations)
+
     def _activations(self, x: np.ndarray) -> Activations:
         """x with its quantizations, kept for the next call: the decoder passes the same normalised h to q, k and v,
         which then quantize it once. Keyed by identity (the cached object holds x, so its id is not reused); the

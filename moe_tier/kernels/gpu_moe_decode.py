@@ -78,10 +78,10 @@ def _stage(ids_ptr, loc_ptr, first, base_ptr, arena_bytes, stage_at, slot_bytes,
     src_words = (base_ptr + tl.where(warm, offset, 0)).to(tl.pointer_type(tl.int32), bitcast=True)
     dst_words = (base_ptr + dst).to(tl.pointer_type(tl.int32), bitcast=True)
     i = tl.arange(0, WORDS)
-    for j in range(0, ROUNDS):
-        at = (p + j * PROGRAMS).to(tl.int64) * WORDS + i
-        m = (at < n_words) & warm  # hot and skipped rows move nothing
-        tl.store(dst_words + at, tl.load(src_words + at, mask=m), mask=m)
+    if warm:  # hot and skipped rows move nothing (a masked loop over them cost ~130 us a layer on an H100)
+        for j in range(0, ROUNDS):
+            at = (p + j * PROGRAMS).to(tl.int64) * WORDS + i
+            tl.store(dst_words + at, tl.load(src_words + at, mask=at < n_words), mask=at < n_words)
     if p == 0:
         tl.store(out_ptr + r, tl.where(warm, dst, offset))
 

@@ -70,8 +70,8 @@ class MoEDecoder:
 
     def attention(self, il: int, h, segments: list[Segment]):
         c, ops, p = self.cfg, self.ops, f"blk.{il}"
-        q, k = self.qk_norm(il, ops.linear(f"{p}.attn_q", h), ops.linear(f"{p}.attn_k", h))
-        v = ops.linear(f"{p}.attn_v", h)
+        q, k, v = ops.linears([f"{p}.attn_q", f"{p}.attn_k", f"{p}.attn_v"], h)
+        q, k = self.qk_norm(il, q, k)
         q = q.reshape(len(h), c.n_head, c.head_dim_k)
         k = k.reshape(len(h), c.n_head_kv, c.head_dim_k)
         v = v.reshape(len(h), c.n_head_kv, c.head_dim_v)
