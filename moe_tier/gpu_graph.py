@@ -5,7 +5,8 @@ Python time. With routing on the device (moe_decode.DeviceMoE) a decode step has
 captured once and replayed: the token's embedding, position and rope angles go into fixed input buffers, the
 step attends over the first n_keys cache entries (captured per bucket of BUCKET_KEYS positions, later entries
 masked), and the expert location table is read at replay time, so slot changes between steps need no new
-capture. Between replays the host counts the previous step's experts and queues promotions (DeviceMoE.account).
+capture. While a replay runs, the host counts the previous step's experts and queues promotions
+(DeviceMoE.account): they take effect from the next replay.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ class DecodeGraphs:
         """Logits (1, V) of `token` at position cache.length; advances the cache like model.forward."""
         c, pos = self.model.cfg, cache.length
         n_keys = min(cache.ctx, -(-(pos + 1) // BUCKET_KEYS) * BUCKET_KEYS)
-        self.moe.account()  # the previous step's experts: counted, promotions queued before this replay
         cos, sin = rope_angles(pos, 1, c.n_rot, c.rope_freq_base, c.rope_freq_scale)
         st = self.inputs
         st.x.copy_(torch.from_numpy(self.ops.embed_rows(np.array([token]))), non_blocking=True)
@@ -53,7 +53,9 @@ class DecodeGraphs:
             self.graphs[n_keys] = self._capture(cache, n_keys)
         graph, logits, routed = self.graphs[n_keys]
         graph.replay()
-        self.moe.step = list(routed)  # the graph's routing buffers, read by the next account()
+        self.moe.account()  # the previous step's experts, counted while the GPU runs this one; promotions queue
+        self.moe.step = list(routed)  # the graph's routing buffers, copied to the host after this replay
+        self.moe.snapshot()
         cache.length = pos + 1
         return logits
 
@@ -76,6 +78,7 @@ class DecodeGraphs:
             routed = list(moe.step)
         finally:
             ops.static, moe.capturing, cache.length = None, False, length
+            moe.step = []
         return graph, logits, routed
 
     def _forward(self, cache: KVCache) -> torch.Tensor:

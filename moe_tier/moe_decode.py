@@ -53,6 +53,9 @@ class DeviceMoE:
                 self.parts[eid.layer] = (ref.part("gate"), ref.part("up"), ref.part("down"), blob_layout(ref), ref.n_bytes)
         self.step: list[tuple[int, torch.Tensor]] = []  # this step's (layer, ids (T, k)) on the device
         self.capturing = False  # inside a CUDA graph capture (gpu_graph.py): no host reads here
+        self._host: torch.Tensor | None = None  # pinned copy of a step's routing (layers, T, k)
+        self._copied: torch.cuda.Event | None = None
+        self._seen: tuple[list[int], frozenset[ExpertId]] | None = None  # its layers, the experts ready then
 
     def __call__(self, x: torch.Tensor, routing: Routing, layer: int) -> torch.Tensor:
         if layer == self.first_layer and not self.capturing:
@@ -80,28 +83,46 @@ class DeviceMoE:
             out = y if out is None else out + y
         return out
 
+    def snapshot(self) -> None:
+        """Queue this step's routing to pinned host memory for the next account() (no wait here) and note which
+        experts the step found in slots (the table it was queued with)."""
+        if not self.step:
+            return
+        ids = torch.stack([ids for _, ids in self.step])
+        if self._host is None or self._host.shape != ids.shape:
+            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        self._host.copy_(ids, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record(torch.cuda.current_stream(ids.device))
+        self._seen = ([layer for layer, _ in self.step], frozenset(self.tiers.locations.ready))
+        self.step = []
+
     def account(self) -> None:
-        """Count the last step's hits, tell the policy, promote what it prefers (copies queue; nobody waits).
-        Runs at each step's first MoE layer; the engine calls it once more after the last step. Counting comes
-        before settle(): the last step ran with the table as it was before this call's finished copies."""
+        """Count the last snapshot's hits, tell the policy, promote what it prefers (copies queue; nobody waits).
+        Runs at each step's first MoE layer (eager steps) or right after the next step's graph is queued, so
+        that it overlaps the GPU's work; the engine calls it once more after the last step."""
         tiers, stats = self.tiers, self.tiers.stats
+        if self._seen is None:
+            self.snapshot()  # an eager step: its routing is read now
         used = []
-        if self.step:
+        if self._seen is not None:
+            layers, ready = self._seen
             t0 = time.perf_counter()
-            ids = torch.stack([ids for _, ids in self.step]).cpu().numpy()  # (layers, T, k): the step's one read
+            self._copied.synchronize()  # long done when a step's logits were read since
+            ids = self._host.numpy()  # (layers, T, k)
             stats.waited("routing gpu->host", time.perf_counter() - t0)
-            for (layer, _), layer_ids in zip(self.step, ids):
+            for layer, layer_ids in zip(layers, ids):
                 wanted = [ExpertId(layer, int(e)) for e in sorted(set(layer_ids.reshape(-1).tolist()))]
                 for eid in wanted:
                     n_bytes = tiers.desc.experts[eid].n_bytes
                     tiers.policy.touch(eid)
-                    if eid in tiers.locations.ready:
+                    if eid in ready:
                         stats.served("hot", n_bytes)
                     else:
                         stats.served("warm", n_bytes)
                         stats.moved("warm->gpu read", n_bytes)
                 used.append((layer, wanted))
-        self.step = []
+            self._seen = None
         tiers.settle()
         for layer, wanted in used:
             for eid in wanted:

@@ -222,17 +222,19 @@ def test_start_up_measures_every_link(models):
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("policy", ["lru", "lfu", "planner"])
-def test_device_decode_reads_slots_and_pinned_copies_and_promotes_without_waiting(models, qtype, policy):
-    """Decode with routing on the device: hot experts from slots, the rest straight from pinned memory, misses
-    promoted by copies the compute never waits for; results exact, tables consistent, every use counted."""
+@pytest.mark.parametrize("stage", [0, 2], ids=["in-place", "staged"])
+def test_device_decode_reads_slots_and_pinned_copies_and_promotes_without_waiting(models, qtype, policy, stage):
+    """Decode with routing on the device: hot experts from slots, the rest from pinned memory (read in place, or
+    copied by the stage kernel into the arena's last slots first), misses promoted by copies the compute never
+    waits for; results exact, tables consistent, every use counted."""
     from moe_tier.moe import Routing
     from moe_tier.moe_decode import DeviceMoE, device_path_possible
 
     desc = models[qtype]
     cfg = desc.config
     experts = list(desc.experts)
-    tiers, stats = open_tiers(desc, hot=experts[:2], warm=experts, n_slots=3, policy=policy)
-    assert device_path_possible(tiers) is None
+    tiers, stats = open_tiers(desc, hot=experts[:2], warm=experts, n_slots=3 + stage, policy=policy, stage_slots=stage)
+    assert device_path_possible(tiers) is None and tiers.stage_slots[0] == stage
     moe = DeviceMoE(tiers)
     exact = DequantizedExperts(desc)
     rng = np.random.default_rng(5)

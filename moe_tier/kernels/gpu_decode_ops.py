@@ -28,7 +28,7 @@ import triton.language as tl
 BLOCK_L = 64  # cache rows per step of the key loops
 MIN_SPLIT_KEYS = 256  # keys per split part at least: fewer would spend more on the combine than they save
 TARGET_PROGRAMS = 256  # kv heads x split parts: about two per SM of an H100
-NEG = -1e30  # masked score: finite, so a part with no keys gives exp(NEG - max) = 0, not NaN
+NEG = tl.constexpr(-1e30)  # masked score: finite, so a part with no keys gives exp(NEG - max) = 0, not NaN
 
 
 @triton.jit

@@ -90,7 +90,8 @@ class GpuTiers:
                 runtime = (machine or probe()).runtime
                 fits.remember(desc.fingerprint, g.name, runtime, {"n_slots": n, "slot_bytes": self.slot_bytes})
         n_slots = {g: a.numel() // self.slot_bytes for g, a in self.arena.items()}
-        self.stage_slots = {g: min(config.stage_slots, n) for g, n in n_slots.items()}  # the arena's last slots
+        fits_all = sum(n_slots.values()) >= len(desc.experts)  # then no expert is ever warm: nothing to stage
+        self.stage_slots = {g: 0 if fits_all else min(config.stage_slots, n) for g, n in n_slots.items()}  # last slots
         self.stage_at = {g: (n - self.stage_slots[g]) * self.slot_bytes for g, n in n_slots.items()}
         self.table = SlotTable(desc.experts, {g: n - self.stage_slots[g] for g, n in n_slots.items()}, plan.pinned)
         policy = POLICIES[config.policy]
