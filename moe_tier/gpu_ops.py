@@ -90,6 +90,7 @@ class GpuOps:
         return self._blocks[name]
 
     rms_norm = staticmethod(gpu_decode_ops.rms_norm)  # one launch
+    add_rms_norm = staticmethod(gpu_decode_ops.add_rms_norm)  # x + r and its norm, one launch
 
     silu = staticmethod(F.silu)
     sigmoid = staticmethod(torch.sigmoid)

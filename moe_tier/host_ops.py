@@ -22,6 +22,11 @@ class HostOps:
         self._last: tuple[np.ndarray, Activations] | None = None
 
     rms_norm = staticmethod(rms_norm)
+
+    @staticmethod
+    def add_rms_norm(x: np.ndarray, r: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        s = x + r
+        return s, rms_norm(s, weight, eps)
     silu = staticmethod(silu)
 
     @staticmethod

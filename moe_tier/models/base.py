@@ -49,20 +49,20 @@ class MoEDecoder:
         c, ops = self.cfg, self.ops
         hidden = getattr(observer, "hidden", None)
         x = ops.embed(tokens)  # (N, D)
-        for il in range(c.n_layer):
-            h = ops.rms_norm(x, ops.vector(f"blk.{il}.attn_norm.weight"), c.norm_eps)
+        h = ops.rms_norm(x, ops.vector("blk.0.attn_norm.weight"), c.norm_eps)
+        for il in range(c.n_layer):  # each residual sum comes with the next block's norm (one GPU launch)
             if hidden:
                 hidden(il, "attn_in", ops.to_host(h))
-            x = x + self.attention(il, h, segments)
-            h = ops.rms_norm(x, ops.vector(f"blk.{il}.ffn_norm.weight"), c.norm_eps)
+            x, h = ops.add_rms_norm(x, self.attention(il, h, segments), ops.vector(f"blk.{il}.ffn_norm.weight"), c.norm_eps)
             if hidden:
                 hidden(il, "ffn_in", ops.to_host(h))
-            x = x + self.ffn(il, h, observer)
+            after = f"blk.{il + 1}.attn_norm.weight" if il + 1 < c.n_layer else "output_norm.weight"
+            x, h = ops.add_rms_norm(x, self.ffn(il, h, observer), ops.vector(after), c.norm_eps)
         for s in segments:
             s.cache.length += s.length
-        if last_only and any(s.length != 1 for s in segments):  # one-token segments: x already is their last rows
-            x = x[[s.row + s.length - 1 for s in segments]]
-        return ops.linear(ops.head, ops.rms_norm(x, ops.vector("output_norm.weight"), c.norm_eps))
+        if last_only and any(s.length != 1 for s in segments):  # one-token segments: h already is their last rows
+            h = h[[s.row + s.length - 1 for s in segments]]
+        return ops.linear(ops.head, h)
 
     def qk_norm(self, il: int, q, k):
         """q (N, H*d), k (N, Hkv*d) before the split into heads; Mixtral has no q/k norm."""
@@ -75,10 +75,13 @@ class MoEDecoder:
         q = q.reshape(len(h), c.n_head, c.head_dim_k)
         k = k.reshape(len(h), c.n_head_kv, c.head_dim_k)
         v = v.reshape(len(h), c.n_head_kv, c.head_dim_v)
-        out = ops.empty((len(h), c.n_head * c.head_dim_v))
-        for s in segments:
-            rows = slice(s.row, s.row + s.length)
-            out[rows] = ops.attend(il, s.cache, q[rows], k[rows], v[rows])
+        if len(segments) == 1 and segments[0].length == len(h):  # the usual case: no copy into a shared output
+            out = ops.attend(il, segments[0].cache, q, k, v)
+        else:
+            out = ops.empty((len(h), c.n_head * c.head_dim_v))
+            for s in segments:
+                rows = slice(s.row, s.row + s.length)
+                out[rows] = ops.attend(il, s.cache, q[rows], k[rows], v[rows])
         return ops.linear(f"{p}.attn_output", out)
 
     def ffn(self, il: int, h, observer: RoutingObserver | None):
