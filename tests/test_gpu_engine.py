@@ -140,3 +140,28 @@ def test_attention_with_the_position_on_the_device_equals_the_eager_step(synth_m
         got = ops.attend(0, static, q, k, v)
         ops.static = None
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("hot", ["all", "half", "none"])
+def test_two_gpu_pool_matches_cpu_engine(synth_model, hot):
+    """The slot pool spans both GPUs (each expert computed on the GPU that holds it, warm ones on their layer's
+    home GPU): prefill and token-by-token decode with routing on the device give the CPU engine's logits."""
+    from moe_tier.models import Segment
+
+    path = synth_model("llama", qtype="Q4_K")
+    desc = open_model(path)
+    cpu_model = family(desc.arch, desc.path)(desc.config, HostOps(desc.config, Weights(desc), HostExperts(desc, [], EngineStats())))
+    gpus = plan_tiers(desc, probe(), Budget(ctx=128)).gpus[:2]
+    per_gpu = {"all": len(desc.experts), "half": len(desc.experts) // 2, "none": 0}[hot] // 2
+    eng = Engine.open(path, ctx=128, vram=tuple(g.fixed_bytes + per_gpu * g.slot_bytes + g.slot_bytes // 2 for g in gpus))
+    assert len(eng.tiers.arena) == 2 and len(eng.plan.hot) == 2 * per_gpu
+    assert {eng.tiers.table.n_slots[g.index] > 0 for g in gpus} == {per_gpu > 0}
+    tokens = np.random.default_rng(0).integers(3, eng.n_vocab, 24)
+    ref = cpu_model.forward(tokens, [Segment(cpu_model.new_cache(128), 0, len(tokens))])
+    assert_close(eng.logits(tokens), ref, TOL["Q4_K"])
+    cache = eng.model.new_cache(128)
+    decoded = np.concatenate([eng.step(cache, tokens[i : i + 1], last_only=True) for i in range(len(tokens))])
+    assert_close(decoded, ref, TOL["Q4_K"])
+    eng.tiers.check()
