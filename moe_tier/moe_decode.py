@@ -63,25 +63,30 @@ class DeviceMoE:
         if routing.ids.numel() > DECODE_MAX_ROWS:
             return moe_ffn_gpu(x, routing.host(), layer, self.tiers)
         self.step.append((layer, routing.ids))
-        T, k = routing.ids.shape
-        gate, up, down, at, blob_bytes = self.parts[layer]
-        n_ff, n_embd = matrix_dims(gate.shape)
-        tiers, first = self.tiers, layer * self.tiers.desc.config.n_expert
         out = None
-        for gpu, loc in tiers.locations.loc.items():  # each expert is computed on one GPU, skipped elsewhere
-            arena = tiers.arena[gpu]
-            offsets = stage(routing.ids.reshape(-1).to(arena.device), loc, first, arena, tiers.stage_at[gpu],
-                            tiers.stage_slots[gpu], tiers.slot_bytes, blob_bytes)
-            xg = x.to(arena.device)
-            if gate.qtype == up.qtype:
-                gate_up = gemv_parts(xg, arena, offsets, gate.qtype, n_ff, n_embd, (at["gate"], at["up"]), x_div=k)
-            else:
-                gate_up = torch.stack([gemv(xg, arena, offsets, p.qtype, n_ff, n_embd, at[p.matrix], x_div=k)
-                                       for p in (gate, up)])[:, None]
-            down_parts = gemv_parts(silu_mul(gate_up), arena, offsets, down.qtype, n_embd, n_ff, (at["down"],))[0]
-            y = combine(down_parts, routing.weights.to(arena.device)).to(x.device)  # (T, D), slot order as llama.cpp
+        for gpu, arena in self.tiers.arena.items():  # each expert is computed on one GPU, skipped elsewhere
+            with torch.cuda.device(arena.device):  # Triton launches on the current device's stream
+                y = self._rows_on(gpu, x.to(arena.device), routing, layer).to(x.device)
             out = y if out is None else out + y
         return out
+
+    def _rows_on(self, gpu: int, x: torch.Tensor, routing: Routing, layer: int) -> torch.Tensor:
+        """(T, D): the layer's experts of each token that GPU gpu computes (the others skipped), weighted and
+        summed in slot order, as llama.cpp."""
+        k = routing.ids.shape[1]
+        gate, up, down, at, blob_bytes = self.parts[layer]
+        n_ff, n_embd = matrix_dims(gate.shape)
+        tiers, arena = self.tiers, self.tiers.arena[gpu]
+        offsets = stage(routing.ids.reshape(-1).to(arena.device), tiers.locations.loc[gpu],
+                        layer * tiers.desc.config.n_expert, arena, tiers.stage_at[gpu], tiers.stage_slots[gpu],
+                        tiers.slot_bytes, blob_bytes)
+        if gate.qtype == up.qtype:
+            gate_up = gemv_parts(x, arena, offsets, gate.qtype, n_ff, n_embd, (at["gate"], at["up"]), x_div=k)
+        else:
+            gate_up = torch.stack([gemv(x, arena, offsets, p.qtype, n_ff, n_embd, at[p.matrix], x_div=k)
+                                   for p in (gate, up)])[:, None]
+        down_parts = gemv_parts(silu_mul(gate_up), arena, offsets, down.qtype, n_embd, n_ff, (at["down"],))[0]
+        return combine(down_parts, routing.weights.to(arena.device))
 
     def snapshot(self) -> None:
         """Queue this step's routing to pinned host memory for the next account() (no wait here) and note which

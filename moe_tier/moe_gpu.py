@@ -13,12 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moe_tier.host_tiers import blob_layout
 from moe_tier.kernels.gpu import moe_matmul
 from moe_tier.moe import Routing, swiglu_ffn
 from moe_tier.reader import ExpertId
-from moe_tier.tiers.gpu_pool import GpuTiers
-from moe_tier.host_tiers import blob_layout
 from moe_tier.tensors import matrix_dims
+from moe_tier.tiers.gpu_pool import GpuTiers
 
 
 def moe_ffn_gpu(x: torch.Tensor, routing: Routing, layer: int, tiers: GpuTiers) -> torch.Tensor:
@@ -28,8 +28,9 @@ def moe_ffn_gpu(x: torch.Tensor, routing: Routing, layer: int, tiers: GpuTiers) 
     acquired = tiers.acquire(layer, dict(zip(experts.tolist(), counts.tolist())))
     per_slot = torch.zeros((ids.shape[1], ids.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)  # (k, T, D)
     for gpu, held in acquired.gpu.items():
-        for group in _groups(tiers, held):
-            _grouped_swiglu(x, routing, group, tiers.arena[gpu], tiers, per_slot)
+        with torch.cuda.device(tiers.arena[gpu].device):  # Triton launches on the current device's stream
+            for group in _groups(tiers, held):
+                _grouped_swiglu(x, routing, group, tiers.arena[gpu], tiers, per_slot)
     if acquired.cpu:
         t0 = time.perf_counter()
         x_host = host_copy(x)

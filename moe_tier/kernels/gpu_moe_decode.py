@@ -79,7 +79,7 @@ def _stage(ids_ptr, loc_ptr, first, base_ptr, arena_bytes, stage_at, slot_bytes,
     dst_words = (base_ptr + dst).to(tl.pointer_type(tl.int32), bitcast=True)
     i = tl.arange(0, WORDS)
     if warm:  # hot and skipped rows move nothing (a masked loop over them cost ~130 us a layer on an H100)
-        for j in range(0, ROUNDS):
+        for j in range(ROUNDS):
             at = (p + j * PROGRAMS).to(tl.int64) * WORDS + i
             tl.store(dst_words + at, tl.load(src_words + at, mask=at < n_words), mask=at < n_words)
     if p == 0:
@@ -136,7 +136,7 @@ def _combine(parts_ptr, w_ptr, out_ptr, D, stride_part, S: tl.constexpr, K: tl.c
 
 
 def combine(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    S, R, D = parts.shape
+    S, _, D = parts.shape
     T, k = weights.shape
     out = torch.empty((T, D), dtype=torch.float32, device=parts.device)
     BLOCK = 1024
