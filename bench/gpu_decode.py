@@ -179,8 +179,8 @@ def main() -> None:
              "the gap to it is kernel efficiency, small kernels and waiting.\n")
     body += ("Decode keeps routing on the GPU (" + ("yes" if rows[0]["device_path"] else "no") + "), each step one CUDA "
              "graph replay (" + ("yes" if rows[0]["graphs"] else "no") + f"; its capture, {rows[0]['first_s']:.1f} s, is "
-             "outside the timed steps): warm experts are read "
-             "in place over PCIe ('warm->gpu read'), promotions are copies ('warm->gpu'). Replayed rows: the router's "
+             "outside the timed steps): a warm expert chosen by a token is copied from pinned memory into a staging "
+             "slot by a kernel ('warm->gpu read'), promotions into slots are DMA copies ('warm->gpu'). Replayed rows: the router's "
              "choice replaced by real Mixtral-8x7B routing (GSM8K), a benchmark-only override; llama.cpp's ratio there "
              "is against its uniform-routing run.\n")
     print(body)
