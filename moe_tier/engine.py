@@ -58,8 +58,9 @@ class Engine:
         return HostOps(self.desc.config, weights, experts)
 
     def _gpu_ops(self, weights: Weights):
-        """Dense weights and KV cache on the first GPU, routed experts in the slot pool of every GPU. Decode keeps
-        routing on the device when every expert is hot or pinned (moe_decode); else it reads it back per layer."""
+        """Each layer's dense weights and KV cache on the GPU the plan gave it, routed experts in the slot pool
+        of every GPU. Decode keeps routing on the device when every expert is hot or pinned (moe_decode); else
+        it reads it back per layer."""
         import torch
 
         from moe_tier.gpu_ops import GpuOps
@@ -73,7 +74,9 @@ class Engine:
         self.tiers = tiers = GpuTiers(self.desc, self.plan, self.stats, config, fits=FitStore())
         on_device = device_path_possible(tiers) is None
         moe = DeviceMoE(tiers) if on_device else (lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, tiers))
-        return GpuOps(self.desc.config, weights, moe, torch.device("cuda", self.plan.gpus[0].index), on_device)
+        layer_devices = {layer: torch.device("cuda", g.index) for g in self.plan.gpus for layer in g.layers}
+        return GpuOps(self.desc.config, weights, moe, torch.device("cuda", self.plan.gpus[0].index), on_device,
+                      layer_devices)
 
     @cached_property
     def _graphs(self):

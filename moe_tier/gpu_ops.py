@@ -9,6 +9,7 @@ trip per token (the sampler); otherwise the routing is read back at every MoE la
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -45,15 +46,26 @@ SMALL_FLOAT_BYTES = 8 << 20  # float matrices up to this size are kept as float3
 GEMV_MAX_ROWS = 4  # up to this many tokens a dense matmul runs as matrix-vector products (bandwidth-bound)
 
 
+def on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (CPU tensors run the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 class GpuOps:
-    def __init__(self, cfg: ModelConfig, weights: Weights, moe: MoE, device: torch.device, device_routing: bool = False):
+    def __init__(self, cfg: ModelConfig, weights: Weights, moe: MoE, device: torch.device, device_routing: bool = False,
+                 layer_devices: dict[int, torch.device] | None = None):
+        """device: the first GPU; layer_devices: where each layer's dense weights and KV cache live (the plan's
+        split of layers over GPUs; default all on device). The head goes with the last layer, as the plan has it;
+        activations move to a weight's GPU where they meet it, so only activations cross between cards."""
         self.cfg, self.w, self.moe, self.device, self.device_routing = cfg, weights, moe, device, device_routing
-        self._zeros = torch.zeros(GEMV_MAX_ROWS, dtype=torch.int64, device=device)  # gemv offsets of a dense matrix
+        self.layer_device = [(layer_devices or {}).get(il, device) for il in range(cfg.n_layer)]
+        self._zeros = {d: torch.zeros(GEMV_MAX_ROWS, dtype=torch.int64, device=d)  # gemv offsets of a dense matrix
+                       for d in set(self.layer_device)}
         self.static: StaticStep | None = None  # set while a decode step is captured into a CUDA graph
         self.head = "output" if "output.weight" in weights else "token_embd"
         self._blocks: dict[str, tuple[torch.Tensor, QTensor]] = {}
         self._vectors: dict[str, torch.Tensor | None] = {}
-        self._rope: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # the current step's angles
+        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # the current step's angles per device
         for t in weights.desc.tensors.values():  # every dense matrix now: a first token must not wait on uploads
             if t.category is not Category.ROUTED and len(t.shape) > 1 and not t.name.startswith("token_embd"):
                 self._upload(t.name)
@@ -86,17 +98,30 @@ class GpuOps:
             data = np.asarray(q.data)
             if q.qtype in FLOAT_TYPES and data.nbytes <= SMALL_FLOAT_BYTES:
                 data = dequantize(data, q.qtype).reshape(q.n_rows, q.n_cols).astype(np.float32)
-            self._blocks[name] = (torch.from_numpy(np.array(data)).to(self.device), q)
+            self._blocks[name] = (torch.from_numpy(np.array(data)).to(self._home(name)), q)
         return self._blocks[name]
 
-    rms_norm = staticmethod(gpu_decode_ops.rms_norm)  # one launch
-    add_rms_norm = staticmethod(gpu_decode_ops.add_rms_norm)  # x + r and its norm, one launch
+    def _home(self, name: str) -> torch.device:
+        """The GPU of a tensor's layer ("blk.N."); the head and output norm go with the last layer."""
+        return self.layer_device[int(name.split(".")[1]) if name.startswith("blk.") else -1]
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        with on(weight.device):
+            return gpu_decode_ops.rms_norm(x.to(weight.device), weight, eps)  # one launch
+
+    @staticmethod
+    def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x + r and its norm in one launch, on the GPU of the norm's layer (activations move there)."""
+        with on(weight.device):
+            return gpu_decode_ops.add_rms_norm(x.to(weight.device), r.to(weight.device), weight, eps)
 
     silu = staticmethod(F.silu)
     sigmoid = staticmethod(torch.sigmoid)
 
-    def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.empty(shape, dtype=torch.float32, device=self.device)
+    @staticmethod
+    def empty_like(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.float32, device=x.device)
 
     @staticmethod
     def to_host(x: torch.Tensor) -> np.ndarray:
@@ -105,7 +130,7 @@ class GpuOps:
     def vector(self, name: str) -> torch.Tensor | None:
         if name not in self._vectors:
             v = self.w.vector(name)
-            self._vectors[name] = None if v is None else torch.from_numpy(v).to(self.device)
+            self._vectors[name] = None if v is None else torch.from_numpy(v).to(self._home(name))
         return self._vectors[name]
 
     def embed_rows(self, tokens: np.ndarray) -> np.ndarray:
@@ -115,7 +140,7 @@ class GpuOps:
     def embed(self, tokens: np.ndarray) -> torch.Tensor:
         if self.static is not None:
             return self.static.x
-        return torch.from_numpy(self.embed_rows(tokens)).to(self.device)
+        return torch.from_numpy(self.embed_rows(tokens)).to(self.layer_device[0])
 
     def linears(self, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
         """Several matrices over one input (q, k and v): one launch where they were uploaded stacked."""
@@ -126,32 +151,42 @@ class GpuOps:
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         blocks, q = self._upload(f"{name}.weight")
-        if blocks.dtype == torch.float32:  # a small float matrix (the router): one cuBLAS call, exact float32
-            y = x.float() @ blocks.T
-        elif len(x) <= GEMV_MAX_ROWS:
-            y = gemv(x, blocks, self._zeros[: len(x)], q.qtype, q.n_rows, q.n_cols)
-        else:
-            y = matmul(x.contiguous(), blocks, q.qtype, q.n_rows, q.n_cols)
+        x = x.to(blocks.device)  # activations move to the weights' GPU, never the reverse (no-op on one GPU)
+        with on(blocks.device):
+            if blocks.dtype == torch.float32:  # a small float matrix (the router): one cuBLAS call, exact float32
+                y = x.float() @ blocks.T
+            elif len(x) <= GEMV_MAX_ROWS:
+                y = gemv(x, blocks, self._zeros[blocks.device][: len(x)], q.qtype, q.n_rows, q.n_cols)
+            else:
+                y = matmul(x.contiguous(), blocks, q.qtype, q.n_rows, q.n_cols)
         bias = self.vector(f"{name}.bias")
         return y if bias is None else y + bias
 
     def new_cache(self, ctx: int) -> KVCache:
+        """f16 keys and values; with layers on several GPUs, one tensor per layer on the layer's GPU."""
         c = self.cfg
-        k = torch.zeros((c.n_layer, ctx, c.n_head_kv, c.head_dim_k), dtype=torch.float16, device=self.device)
-        v = torch.zeros((c.n_layer, ctx, c.n_head_kv, c.head_dim_v), dtype=torch.float16, device=self.device)
-        return KVCache(k, v)
+        if len(set(self.layer_device)) == 1:
+            k = torch.zeros((c.n_layer, ctx, c.n_head_kv, c.head_dim_k), dtype=torch.float16, device=self.device)
+            v = torch.zeros((c.n_layer, ctx, c.n_head_kv, c.head_dim_v), dtype=torch.float16, device=self.device)
+            return KVCache(k, v)
+        return KVCache([torch.zeros((ctx, c.n_head_kv, c.head_dim_k), dtype=torch.float16, device=d) for d in self.layer_device],
+                       [torch.zeros((ctx, c.n_head_kv, c.head_dim_v), dtype=torch.float16, device=d) for d in self.layer_device])
 
     def attend(self, layer: int, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """As layers.attention, with the same f16 roundings of q and of the softmax (llama.cpp's f16 cache).
         In a captured decode step (self.static) the position is on the device: the step attends over the first
         n_keys cache entries, later ones masked, so one graph serves every position below n_keys; rope, the cache
         write and attention are then gpu_decode_ops' two or three launches."""
+        with on(q.device):
+            return self._attend(layer, cache, q, k, v)
+
+    def _attend(self, layer: int, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         c, st = self.cfg, self.static
         if st is None:
             start = cache.length
-            cos, sin = self._angles(start, len(q))
+            cos, sin = self._angles(start, len(q), q.device)
             keys, values = cache.store(layer, start, rope(k, cos, sin, c.rope), v)
-            positions = torch.arange(start, start + len(q), device=self.device)
+            positions = torch.arange(start, start + len(q), device=q.device)
             return self._causal(rope(q, cos, sin, c.rope), keys, values, positions)
         return gpu_decode_ops.decode_attention(q, k, v, st.cos, st.sin, c.rope is RopeStyle.NEOX, cache.k[layer],
                                                cache.v[layer], st.pos, st.n_keys, 1.0 / float(np.sqrt(c.head_dim_k)))
@@ -163,18 +198,20 @@ class GpuOps:
         group = H // Hkv
         qg = q.half().float().reshape(T, Hkv, group, d).permute(1, 2, 0, 3).reshape(Hkv, group * T, d)
         scores = qg @ keys.float().permute(1, 2, 0) / float(np.sqrt(self.cfg.head_dim_k))  # (Hkv, group*T, L)
-        future = torch.arange(L, device=self.device)[None, :] > qpos.repeat(group)[:, None]
+        future = torch.arange(L, device=q.device)[None, :] > qpos.repeat(group)[:, None]
         probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
         out = probs.half().float() @ values.float().permute(1, 0, 2)  # (Hkv, group*T, dv)
         return out.reshape(Hkv, group, T, dv).permute(2, 0, 1, 3).reshape(T, H * dv)
 
-    def _angles(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's rope angles on the device, uploaded once for all layers."""
-        key = (start, n)
+    def _angles(self, start: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's rope angles on a GPU, uploaded once for all its layers."""
+        if (start, n) not in {key[:2] for key in self._rope}:
+            self._rope = {}  # a new step
+        key = (start, n, device)
         if key not in self._rope:
             c = self.cfg
-            self._rope = {key: tuple(torch.from_numpy(a).to(self.device)
-                                     for a in rope_angles(start, n, c.n_rot, c.rope_freq_base, c.rope_freq_scale))}
+            self._rope[key] = tuple(torch.from_numpy(a).to(device)
+                                    for a in rope_angles(start, n, c.n_rot, c.rope_freq_base, c.rope_freq_scale))
         return self._rope[key]
 
     def route(self, logits: torch.Tensor, bias: torch.Tensor | None) -> Routing:
@@ -183,4 +220,5 @@ class GpuOps:
         if not self.device_routing:
             host_bias = None if bias is None else self.to_host(bias)
             return route(self.to_host(logits), c.n_expert_used, c.gating, c.weights_norm, c.weights_scale, host_bias)
-        return route_topk(logits, bias, c.n_expert_used, c.gating, c.weights_norm, c.weights_scale)
+        with on(logits.device):
+            return route_topk(logits, bias, c.n_expert_used, c.gating, c.weights_norm, c.weights_scale)

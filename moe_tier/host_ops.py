@@ -34,7 +34,7 @@ class HostOps:
         return 1.0 / (1.0 + np.exp(-x))
 
     @staticmethod
-    def empty(shape: tuple[int, ...]) -> np.ndarray:
+    def empty_like(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return np.empty(shape, dtype=np.float32)
 
     @staticmethod

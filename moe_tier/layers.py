@@ -76,7 +76,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: fl
 class KVCache:
     """One sequence's keys and values for every layer, f16 like llama.cpp's default cache.
 
-    k (n_layer, ctx, Hkv, d) and v (n_layer, ctx, Hkv, dv): numpy arrays, or torch tensors on a GPU."""
+    k (n_layer, ctx, Hkv, d) and v (n_layer, ctx, Hkv, dv): numpy arrays, or torch tensors on a GPU (with the
+    layers on several GPUs, a list of each layer's (ctx, Hkv, d) tensor on its GPU)."""
 
     def __init__(self, k, v):
         self.k, self.v = k, v
@@ -89,11 +90,11 @@ class KVCache:
 
     @property
     def ctx(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Write positions start..start+T of one layer; return that layer's keys/values so far."""
         end = start + len(k)
-        self.k[layer, start:end] = k
-        self.v[layer, start:end] = v
-        return self.k[layer, :end], self.v[layer, :end]
+        self.k[layer][start:end] = k
+        self.v[layer][start:end] = v
+        return self.k[layer][:end], self.v[layer][:end]

@@ -35,6 +35,22 @@ def test_batch_of_sequences_equals_each_alone(synth_model):
     np.testing.assert_allclose(both[len(a):], eng.logits(b), rtol=0, atol=1e-5)
 
 
+def test_a_kv_cache_split_by_layer_gives_the_same_logits(synth_model):
+    """With layers on several GPUs the cache is one tensor per layer (gpu_ops.new_cache): same logits."""
+    from moe_tier.layers import KVCache
+    from moe_tier.models import Segment
+
+    eng = Engine.open(synth_model("llama", qtype="Q8_0"), ctx=64)
+    tokens = np.array(eng.tokenize("The cat sat on the mat"))
+    whole = eng.model.new_cache(64)
+    split = KVCache([k.copy() for k in whole.k], [v.copy() for v in whole.v])
+    ref = eng.logits(tokens)
+    for cache in (whole, split):  # three tokens a step: each step attends over what the previous ones stored
+        out = [eng.model.forward(tokens[i : i + 3], [Segment(cache, 0, len(tokens[i : i + 3]))]) for i in range(0, len(tokens), 3)]
+        np.testing.assert_array_equal(np.concatenate(out), ref)
+    assert split.ctx == 64 and split.length == len(tokens)
+
+
 def test_warm_tier_gives_the_same_logits(synth_model):
     path = synth_model("llama", qtype="Q8_0")
     cold = Engine.open(path, ram=0, ctx=64)

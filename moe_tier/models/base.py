@@ -78,7 +78,7 @@ class MoEDecoder:
         if len(segments) == 1 and segments[0].length == len(h):  # the usual case: no copy into a shared output
             out = ops.attend(il, segments[0].cache, q, k, v)
         else:
-            out = ops.empty((len(h), c.n_head * c.head_dim_v))
+            out = ops.empty_like(q, (len(h), c.n_head * c.head_dim_v))
             for s in segments:
                 rows = slice(s.row, s.row + s.length)
                 out[rows] = ops.attend(il, s.cache, q[rows], k[rows], v[rows])
