@@ -41,6 +41,8 @@ class StaticStep:
     cos: torch.Tensor  # (1, n_rot / 2)
     sin: torch.Tensor
     n_keys: int  # cache entries attended (positions at or past pos are masked)
+
+
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 SMALL_FLOAT_BYTES = 8 << 20  # float matrices up to this size are kept as float32 (the router: E x D)
 GEMV_MAX_ROWS = 4  # up to this many tokens a dense matmul runs as matrix-vector products (bandwidth-bound)
