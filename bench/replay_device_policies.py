@@ -1,10 +1,12 @@
 """The live GPU decode path's slot policies (moe_decode.DeviceMoE) replayed over held-out routing.
 
 The mechanism replayed is the live one, on the live classes (SlotTable and the policies of tiers.slots.POLICIES):
-each step every chosen expert is read from its slot if its copy is done (hit), else in place from pinned host
-memory over PCIe (miss). Before the next step runs, the host touches the step's experts, settles copies issued a
-step earlier and, for each miss of each layer, asks GpuTiers.promote's question: victim = the policy's choice
-among slot holders not used by that layer; copy the miss over it only if policy.prefers(miss, victim). So a miss at step t reads from its slot from step t + 2 on, and its victim reads in place from t + 1.
+each step every chosen expert is read from its slot if its copy is done (hit), else copied from pinned host
+memory into a staging slot by a kernel (miss). While the next step runs, the host touches the step's experts,
+settles copies issued a step earlier and, for each miss of each layer, asks GpuTiers.promote's question: victim =
+the policy's choice among slot holders not used by that layer; copy the miss over it only if
+policy.prefers(miss, victim). Table changes made then apply from the step after the running one, so a miss at step
+t reads from its slot from step t + 3 on, and its victim is staged again from t + 2.
 "static" never promotes (llama.cpp's fixed placement). The initial slots are the plan's (moe_tier/plan.py
 ranking): uniform (rank r of every layer before rank r + 1) or by the fitting part's frequencies (a profile).
 """
@@ -30,7 +32,7 @@ from router_predict.predictors import chosen
 from router_predict.replay import slots_for_vram
 from router_predict.trace import Trace, load, merge
 
-WARM_READ_BYTES_PER_S = 22e9  # measured: decode kernels reading pinned host memory in place over PCIe (H100 host)
+STAGE_BYTES_PER_S = 51e9  # measured: the stage kernel's copy from pinned host memory (bench/gpu_host_reads.py, H100)
 COPY_BYTES_PER_S = 52e9  # measured: pinned host -> slot DMA (bench/gpu_decode.py's 52.7 GB/s)
 VRAM_GIB = (12, 16, 20, 24)
 DEMO_TRACES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "demo-traces"
@@ -41,16 +43,16 @@ POLICY_NAMES = ("lru", "lfu", "static", "planner", "planner + profile prior")
 @dataclass(frozen=True)
 class LiveResult:
     hit_rate: float
-    read_bytes_per_token: float  # misses, read in place over PCIe
+    read_bytes_per_token: float  # misses, staged from pinned memory over PCIe
     copy_bytes_per_token: float  # promotions, copied into slots
     ms_per_token: float
     decision_us: float  # host time of one promotion decision (victim + prefers), mean
 
 
 def ms_per_token(read_bytes: float, copy_bytes: float, hit_bytes: float, dense_bytes: float) -> float:
-    """The slower of the two links a step keeps busy: PCIe (in-place reads, then copies) and HBM (hit experts
+    """The slower of the two links a step keeps busy: PCIe (staging, then copies) and HBM (hit experts
     and the dense weights). Decode at batch 1 is bandwidth-bound, so compute time is left out."""
-    pcie_s = read_bytes / WARM_READ_BYTES_PER_S + copy_bytes / COPY_BYTES_PER_S
+    pcie_s = read_bytes / STAGE_BYTES_PER_S + copy_bytes / COPY_BYTES_PER_S
     return 1e3 * max(pcie_s, (hit_bytes + dense_bytes) / GPU_BYTES_PER_S)
 
 
@@ -70,9 +72,13 @@ def replay_live(name: str, test: Trace, n_slots: int, initial: list[ExpertId], e
     decision_s, decisions = 0.0, 0
     last_step: list[list[ExpertId]] = []
     for t in range(test.n_tokens):
-        ready |= pending  # settle(): last account's copies are done by now
+        step = [sorted(ExpertId(m, int(e)) for e in set(test.expert_ids[t, m].tolist())) for m in range(test.n_moe_layers)]
+        step_hits = sum(eid in ready for wanted in step for eid in wanted)  # step t runs with the table as it is
+        hits += step_hits
+        misses += sum(map(len, step)) - step_hits
+        ready |= pending  # while it runs, account() of step t - 1: settle() the copies issued a step earlier,
         pending = set()
-        for wanted in last_step:  # account() of the previous step: every use touched, then promotions
+        for wanted in last_step:  # touch every use, then promotions
             for eid in wanted:
                 policy.touch(eid)
         for wanted in last_step:
@@ -94,11 +100,7 @@ def replay_live(name: str, test: Trace, n_slots: int, initial: list[ExpertId], e
                 table.place(eid, 0)
                 pending.add(eid)
                 copies += 1
-        last_step = [sorted(ExpertId(m, int(e)) for e in set(test.expert_ids[t, m].tolist()))
-                     for m in range(test.n_moe_layers)]
-        step_hits = sum(eid in ready for wanted in last_step for eid in wanted)
-        hits += step_hits
-        misses += sum(map(len, last_step)) - step_hits
+        last_step = step
     table.check()
     n = max(test.n_tokens, 1)
     read, copied, hit = misses * expert_bytes / n, copies * expert_bytes / n, hits * expert_bytes / n
@@ -140,7 +142,7 @@ def table(results: dict[tuple[str, str], dict[str, float]]) -> str:
         for (initial, name), r in results.items())
 
 
-HEADER = ("| initial slots | policy | hit rate | MB read in place / token | MB copied / token | est. ms / token | "
+HEADER = ("| initial slots | policy | hit rate | MB staged / token | MB copied / token | est. ms / token | "
           "host us / decision |\n|---|---|---|---|---|---|---|\n")
 
 
@@ -149,11 +151,11 @@ def main() -> None:
     eb = mx.expert_bytes(trace)
     mixtral_folds = [(fit, test) for _, fit, test in mx.folds(trace)]
     body = (f"The live decode path's promotion rule (DeviceMoE.account + GpuTiers.promote) on the live policy "
-            f"classes, one token per step. Cost model: in-place reads at {WARM_READ_BYTES_PER_S / 1e9:.0f} GB/s "
+            f"classes, one token per step. Cost model: staging copies at {STAGE_BYTES_PER_S / 1e9:.0f} GB/s "
             f"and promotion copies at {COPY_BYTES_PER_S / 1e9:.0f} GB/s share PCIe (measured, H100 host); hit "
             f"experts and dense weights at {GPU_BYTES_PER_S / 1e12:.1f} TB/s of HBM (assumed); ms / token = the "
-            "slower of the two. A miss at step t is read in place at t and t + 1 (its copy lands after t + 1 was "
-            "queued) and from its slot from t + 2. Initial slots: the plan's ranking, uniform or by the fitting "
+            "slower of the two. A miss at step t is staged at t, t + 1 and t + 2 (it is counted while t + 1 runs, "
+            "its copy lands before the next count) and read from its slot from t + 3. Initial slots: the plan's ranking, uniform or by the fitting "
             "part's frequencies (profile). \"planner + profile prior\" also gives the planner policy those "
             "frequencies as its prior (as the live path does with --profile). Host us / decision: "
             "victim + prefers on this dev box, Python. The planner policy's constants (tiers/planner_policy.py) were "
