@@ -272,3 +272,26 @@ def test_to_f16_is_numpys_cast():
     with np.errstate(all="ignore"):
         expected = x.astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(activations.to_f16(x).view(np.uint32), expected.view(np.uint32))
+
+
+_SAME_BITS_SCRIPT = """
+import sys, numpy as np
+from gguf import GGMLQuantizationType as Q, quants
+from moe_tier import kernels
+rng = np.random.default_rng(0)
+w = quants.quantize(rng.standard_normal((128, 2048)).astype(np.float32), Q.Q8_0).view(np.uint8).reshape(128, -1)
+np.save(sys.argv[1], kernels.matmul(rng.standard_normal((3, 2048)).astype(np.float32), w, Q.Q8_0, 128, 2048))
+"""
+
+
+def test_q8_0_gives_the_same_bits_compiled_or_loaded_from_numbas_cache(tmp_path):
+    """With fastmath's reassociation LLVM summed the blocks in another order when the kernel was compiled in the
+    process than when numba loaded it from its cache (1e-7 apart): the first run compiles, the second loads."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    for run in ("compiled", "cached"):
+        subprocess.run([sys.executable, "-c", _SAME_BITS_SCRIPT, str(tmp_path / f"{run}.npy")], env=env, check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "compiled.npy"), np.load(tmp_path / "cached.npy"))

@@ -31,6 +31,9 @@ from moe_tier.kernels import activations as act, cpu_simd as simd
 from moe_tier.kernels.activations import F16_TO_F32
 
 ROWS_PER_TASK = 64  # rows per parallel task: amortises the scratch buffer and the call (Q4_K at 16: a few % slower)
+# fastmath without reassociation or contraction: a kernel compiled in this process and the same kernel loaded from
+# numba's cache gave Q8_0 results 1e-7 apart (LLVM fused the block sums differently); these flags keep one order.
+EXACT_ORDER = {"nnan", "ninf", "nsz", "arcp", "afn"}
 
 # ggml_e8m0_to_fp32_half (ggml-impl.h): the MXFP4 block exponent, halved because its values are doubled.
 E8M0_HALF_TO_F32 = np.array(
@@ -76,7 +79,7 @@ def _float_par(w, kind, x, f16, out):
         _float_rows(w, kind, x, f16, out, task * ROWS_PER_TASK, min(w.shape[0], (task + 1) * ROWS_PER_TASK))
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=EXACT_ORDER)
 def _q8_0_rows(w, qk, xq, xd, f16, out, r0, r1):
     """ggml_vec_dot_q8_0_q8_0: w is the raw bytes viewed as int8 (the fp16 scale bytes are read unsigned)."""
     n_tok, n_blk = xd.shape
