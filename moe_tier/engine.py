@@ -68,9 +68,8 @@ class Engine:
         from moe_tier.moe_gpu import moe_ffn_gpu
         from moe_tier.tiers.gpu_pool import GpuTiers, TierConfig
 
-        all_pinned = len(self.plan.pinned) == len(self.desc.experts)  # then decode may stage warm experts itself
         config = TierConfig(policy=self.policy, prior=use_per_token(self.desc, self.expert_freq),
-                            stage_slots=self.desc.config.n_expert_used if all_pinned else 0)
+                            stage_slots=self.desc.config.n_expert_used)
         self.tiers = tiers = GpuTiers(self.desc, self.plan, self.stats, config, fits=FitStore())
         on_device = device_path_possible(tiers) is None
         moe = DeviceMoE(tiers) if on_device else (lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, tiers))

@@ -67,7 +67,8 @@ class GpuOps:
         self.head = "output" if "output.weight" in weights else "token_embd"
         self._blocks: dict[str, tuple[torch.Tensor, QTensor]] = {}
         self._vectors: dict[str, torch.Tensor | None] = {}
-        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # the current step's angles per device
+        self._rope_step: tuple[int, int] | None = None  # (start, n) of the step whose angles _rope holds
+        self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # on each GPU
         for t in weights.desc.tensors.values():  # every dense matrix now: a first token must not wait on uploads
             if t.category is not Category.ROUTED and len(t.shape) > 1 and not t.name.startswith("token_embd"):
                 self._upload(t.name)
@@ -165,12 +166,8 @@ class GpuOps:
         return y if bias is None else y + bias
 
     def new_cache(self, ctx: int) -> KVCache:
-        """f16 keys and values; with layers on several GPUs, one tensor per layer on the layer's GPU."""
+        """f16 keys and values, one tensor per layer on the layer's GPU."""
         c = self.cfg
-        if len(set(self.layer_device)) == 1:
-            k = torch.zeros((c.n_layer, ctx, c.n_head_kv, c.head_dim_k), dtype=torch.float16, device=self.device)
-            v = torch.zeros((c.n_layer, ctx, c.n_head_kv, c.head_dim_v), dtype=torch.float16, device=self.device)
-            return KVCache(k, v)
         return KVCache([torch.zeros((ctx, c.n_head_kv, c.head_dim_k), dtype=torch.float16, device=d) for d in self.layer_device],
                        [torch.zeros((ctx, c.n_head_kv, c.head_dim_v), dtype=torch.float16, device=d) for d in self.layer_device])
 
@@ -207,14 +204,13 @@ class GpuOps:
 
     def _angles(self, start: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's rope angles on a GPU, uploaded once for all its layers."""
-        if (start, n) not in {key[:2] for key in self._rope}:
-            self._rope = {}  # a new step
-        key = (start, n, device)
-        if key not in self._rope:
+        if self._rope_step != (start, n):
+            self._rope_step, self._rope = (start, n), {}
+        if device not in self._rope:
             c = self.cfg
-            self._rope[key] = tuple(torch.from_numpy(a).to(device)
-                                    for a in rope_angles(start, n, c.n_rot, c.rope_freq_base, c.rope_freq_scale))
-        return self._rope[key]
+            self._rope[device] = tuple(torch.from_numpy(a).to(device)
+                                       for a in rope_angles(start, n, c.n_rot, c.rope_freq_base, c.rope_freq_scale))
+        return self._rope[device]
 
     def route(self, logits: torch.Tensor, bias: torch.Tensor | None) -> Routing:
         """On the device with device_routing (as moe.route, one kernel); else on the host by the one route()."""

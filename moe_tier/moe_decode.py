@@ -4,9 +4,9 @@ Shape key: T tokens (few: decode), k experts per token, R = T * k rows (row t * 
 D embedding width, F expert FFN width.
 Each row's expert is looked up in the location table (tiers/locations.py) with the routing the GPU computed; a warm
 expert's blob is first copied from pinned host memory into a staging slot by a kernel (no host involved), then the
-matrix-vector kernels read every row's expert from VRAM: gate and up in one launch, then down. The host
-learns the routing one step late (one small read at the next step's first MoE layer, when the GPU is nearly idle)
-to count hits and let the policy promote misses into slots with copies that never make compute wait.
+matrix-vector kernels read every row's expert from VRAM: gate and up in one launch, then down. After each step
+its routing is copied to pinned host memory (snapshot); the host counts it while the next step runs (account) and
+lets the policy promote misses into slots with copies that never make compute wait.
 Larger batches (prefill) read the routing back and take moe_gpu.moe_ffn_gpu, which streams whole experts.
 """
 

@@ -43,7 +43,8 @@ class TierConfig:
     headroom_bytes: int = 256 << 20  # must stay allocatable on each GPU after its arena (activations)
     speeds: LinkSpeeds | None = None  # None: measured at start-up
     prior: Mapping[ExpertId, float] | None = None  # chance of use per token from a routing profile (planner policy)
-    stage_slots: int = 0  # slots per GPU kept out of the table: decode copies warm experts there (moe_decode)
+    stage_slots: int = 0  # slots per GPU kept out of the table where decode copies warm experts (moe_decode), if
+    # every expert is pinned and the pool cannot hold them all
 
 
 @dataclass
@@ -90,8 +91,9 @@ class GpuTiers:
                 runtime = (machine or probe()).runtime
                 fits.remember(desc.fingerprint, g.name, runtime, {"n_slots": n, "slot_bytes": self.slot_bytes})
         n_slots = {g: a.numel() // self.slot_bytes for g, a in self.arena.items()}
-        fits_all = sum(n_slots.values()) >= len(desc.experts)  # then no expert is ever warm: nothing to stage
-        self.stage_slots = {g: 0 if fits_all else min(config.stage_slots, n) for g, n in n_slots.items()}  # last slots
+        # Staging serves decode's device path (every expert pinned) when some expert must stay out of the slots.
+        stages = sum(n_slots.values()) < len(desc.experts) and len(plan.pinned) == len(desc.experts)
+        self.stage_slots = {g: min(config.stage_slots, n) if stages else 0 for g, n in n_slots.items()}  # last slots
         self.stage_at = {g: (n - self.stage_slots[g]) * self.slot_bytes for g, n in n_slots.items()}
         self.table = SlotTable(desc.experts, {g: n - self.stage_slots[g] for g, n in n_slots.items()}, plan.pinned)
         policy = POLICIES[config.policy]
