@@ -27,6 +27,7 @@ class HostOps:
     def add_rms_norm(x: np.ndarray, r: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
         s = x + r
         return s, rms_norm(s, weight, eps)
+
     silu = staticmethod(silu)
 
     @staticmethod
