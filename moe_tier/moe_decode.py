@@ -93,7 +93,8 @@ class DeviceMoE:
         experts the step found in slots (the table it was queued with)."""
         if not self.step:
             return
-        ids = torch.stack([ids for _, ids in self.step])
+        device = self.step[0][1].device  # with several GPUs each layer's routing is on its layer's GPU
+        ids = torch.stack([ids.to(device) for _, ids in self.step])
         if self._host is None or self._host.shape != ids.shape:
             self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
         self._host.copy_(ids, non_blocking=True)

@@ -137,6 +137,18 @@ def test_wider_row_tiles(block_n, num_warps):
     assert rel_err(out.cpu().numpy(), reference(x, w, Q.Q4_K, 40, 256)) < TOL
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+def test_skipped_rows_read_nothing(qtype):
+    """A GPU with no slots has an empty arena (address 0) and skips every row of a layer computed elsewhere: no
+    kernel may read from it (a read at offset 0 there was an illegal address on the two-GPU device run)."""
+    from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts
+
+    offsets = torch.full((4,), SKIP, dtype=torch.int64, device=DEVICE)
+    x = torch.ones((2, 256), device=DEVICE)
+    got = gemv_parts(x, torch.empty(0, dtype=torch.uint8, device=DEVICE), offsets, qtype, 32, 256, (0, 4096), x_div=2)
+    assert got.shape[0] == 2 and not got.sum(dim=1).any()
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q6_K], ids=lambda q: q.name)
 @pytest.mark.parametrize("split", [1, 3, None])
 def test_gemv_reads_each_rows_own_matrix_and_skips_negative_offsets(qtype, split):

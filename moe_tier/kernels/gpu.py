@@ -139,12 +139,13 @@ def _grouped_matmul(
     e = tl.program_id(1)
     end = tl.load(seg_ptr + e + 1)
     m0 = tl.load(seg_ptr + e) + tl.program_id(2) * BLOCK_T
-    if m0 < end:
+    w_off = tl.load(w_off_ptr + e)
+    if (m0 < end) & (w_off != -4611686018427387904):  # SKIP (gpu_gemv): the expert is computed on another GPU
         rows = m0 + tl.arange(0, BLOCK_T)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask, nmask = rows < end, n < N
         row_bytes = (K // QK) * BB
-        w_rows = arena_ptr + tl.load(w_off_ptr + e) + n.to(tl.int64) * row_bytes  # (BLOCK_N,)
+        w_rows = arena_ptr + w_off + n.to(tl.int64) * row_bytes  # (BLOCK_N,)
         x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_x  # (BLOCK_T, 1)
         j = tl.arange(0, G)
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -175,6 +176,7 @@ def moe_matmul(
     qtype: Q, n_rows: int, n_cols: int, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """Grouped x @ W_e.T: rows seg[e]:seg[e+1] of x (M, K) use the matrix at arena[w_offsets[e]:]; (M, N) float32.
+    Rows of an expert whose offset is gpu_gemv.SKIP are left unwritten.
 
     max_rows (most rows of any one expert) sizes the grid; the host knows it from the routing.
     """

@@ -110,8 +110,8 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
         xr = x.repeat_interleave(x_div, dim=0) if x_div > 1 else x
         seg = torch.arange(R + 1, dtype=torch.int32, device=x.device)
         skip = offsets == SKIP
-        at = torch.where(skip, 0, offsets)
-        out = [torch.where(skip[:, None], 0.0, moe_matmul(xr, base, at + p, seg, 1, qtype, n_rows, n_cols)) for p in part_offsets]
+        out = [torch.where(skip[:, None], 0.0, moe_matmul(xr, base, torch.where(skip, SKIP, offsets + p), seg, 1, qtype,
+                                                          n_rows, n_cols)) for p in part_offsets]
         return torch.stack(out)[:, None]
     qk, bb = block_shape(qtype)
     assert (qk, bb) == (QK_K, Q4_K_BYTES) and n_cols % QK_K == 0
