@@ -3,8 +3,9 @@
 Shape key: T tokens (few: decode), k experts per token, R = T * k rows (row t * k + j is token t's j-th expert),
 D embedding width, F expert FFN width.
 Each row's expert is looked up in the location table (tiers/locations.py) with the routing the GPU computed; a warm
-expert's blob is first copied from pinned host memory into a staging slot by a kernel (no host involved), then the
-matrix-vector kernels read every row's expert from VRAM: gate and up in one launch, then down. After each step
+expert's blob is copied from pinned host memory into a staging slot by a kernel on a side stream (no host
+involved) while the hot rows' gate and up compute from their slots; then the staged rows' gate and up, and every
+row's down. After each step
 its routing is copied to pinned host memory (snapshot); the host counts it while the next step runs (account) and
 lets the policy promote misses into slots with copies that never make compute wait.
 Larger batches (prefill) read the routing back and take moe_gpu.moe_ffn_gpu, which streams whole experts.
@@ -17,8 +18,8 @@ import time
 import torch
 
 from moe_tier.host_tiers import blob_layout
-from moe_tier.kernels.gpu_gemv import gemv, gemv_parts
-from moe_tier.kernels.gpu_moe_decode import combine, silu_mul, stage
+from moe_tier.kernels.gpu_gemv import gemv_parts, gemv_split
+from moe_tier.kernels.gpu_moe_decode import combine, locate, silu_mul, stage
 from moe_tier.moe import Routing
 from moe_tier.moe_gpu import moe_ffn_gpu
 from moe_tier.reader import ExpertId
@@ -56,6 +57,7 @@ class DeviceMoE:
         self._host: torch.Tensor | None = None  # pinned copy of a step's routing (layers, T, k)
         self._copied: torch.cuda.Event | None = None
         self._seen: tuple[list[int], frozenset[ExpertId]] | None = None  # its layers, the experts ready then
+        self.side: dict[torch.device, torch.cuda.Stream] = {}  # per GPU: the stream that stages warm experts
 
     def __call__(self, x: torch.Tensor, routing: Routing, layer: int) -> torch.Tensor:
         if layer == self.first_layer and not self.capturing:
@@ -72,21 +74,43 @@ class DeviceMoE:
 
     def _rows_on(self, gpu: int, x: torch.Tensor, routing: Routing, layer: int) -> torch.Tensor:
         """(T, D): the layer's experts of each token that GPU gpu computes (the others skipped), weighted and
-        summed in slot order, as llama.cpp."""
-        k = routing.ids.shape[1]
-        gate, up, down, at, blob_bytes = self.parts[layer]
+        summed in slot order, as llama.cpp. Warm rows are staged on a side stream while the hot rows' gate and up
+        compute (PCIe and HBM busy at once); theirs follow, then every row's down."""
+        gate, _, down, at, blob_bytes = self.parts[layer]
         n_ff, n_embd = matrix_dims(gate.shape)
-        tiers, arena = self.tiers, self.tiers.arena[gpu]
-        offsets = stage(routing.ids.reshape(-1).to(arena.device), tiers.locations.loc[gpu],
-                        layer * tiers.desc.config.n_expert, arena, tiers.stage_at[gpu], tiers.stage_slots[gpu],
-                        tiers.slot_bytes, blob_bytes)
-        if gate.qtype == up.qtype:
-            gate_up = gemv_parts(x, arena, offsets, gate.qtype, n_ff, n_embd, (at["gate"], at["up"]), x_div=k)
+        tiers, arena, first = self.tiers, self.tiers.arena[gpu], layer * self.tiers.desc.config.n_expert
+        ids, loc, n_stage = routing.ids.reshape(-1).to(arena.device), tiers.locations.loc[gpu], tiers.stage_slots[gpu]
+        now, late, every = locate(ids, loc, first, arena, tiers.stage_at[gpu], n_stage, tiers.slot_bytes)
+        split = gemv_split(gate.qtype, n_ff, n_embd, len(ids), 2)
+        gate_up = torch.empty((2, 2 * split if n_stage else split, len(ids), n_ff), dtype=torch.float32, device=x.device)
+        if n_stage:
+            main, side = torch.cuda.current_stream(), self._side(arena.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                stage(ids, loc, first, arena, late, blob_bytes)
+            self._gate_up(x, arena, now, layer, gate_up[:, :split])
+            main.wait_stream(side)
+            self._gate_up(x, arena, late, layer, gate_up[:, split:])
         else:
-            gate_up = torch.stack([gemv(x, arena, offsets, p.qtype, n_ff, n_embd, at[p.matrix], x_div=k)
-                                   for p in (gate, up)])[:, None]
-        down_parts = gemv_parts(silu_mul(gate_up), arena, offsets, down.qtype, n_embd, n_ff, (at["down"],))[0]
+            self._gate_up(x, arena, now, layer, gate_up)
+        down_parts = gemv_parts(silu_mul(gate_up), arena, every, down.qtype, n_embd, n_ff, (at["down"],))[0]
         return combine(down_parts, routing.weights.to(arena.device))
+
+    def _gate_up(self, x: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, layer: int, out: torch.Tensor) -> None:
+        """Gate and up of each row's expert into out (2, S, R, F): one launch where both have one quant type."""
+        gate, up, _, at, _ = self.parts[layer]
+        n_ff, n_embd = matrix_dims(gate.shape)
+        k = len(offsets) // len(x)
+        if gate.qtype == up.qtype:
+            gemv_parts(x, arena, offsets, gate.qtype, n_ff, n_embd, (at["gate"], at["up"]), x_div=k, out=out)
+        else:
+            for m, p in enumerate((gate, up)):
+                gemv_parts(x, arena, offsets, p.qtype, n_ff, n_embd, (at[p.matrix],), x_div=k, out=out[m : m + 1])
+
+    def _side(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self.side:
+            self.side[device] = torch.cuda.Stream(device)
+        return self.side[device]
 
     def snapshot(self) -> None:
         """Queue this step's routing to pinned host memory for the next account() (no wait here) and note which

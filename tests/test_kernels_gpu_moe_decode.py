@@ -14,8 +14,8 @@ pytest.importorskip("triton")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from moe_tier.config import Gating  # noqa: E402
-from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts  # noqa: E402
-from moe_tier.kernels.gpu_moe_decode import combine, route_topk, silu_mul, stage  # noqa: E402
+from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts, gemv_split  # noqa: E402
+from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage  # noqa: E402
 from moe_tier.moe import route  # noqa: E402
 from tests.test_kernels_gpu import DEVICE, TOL, random_weight, reference, rel_err  # noqa: E402
 
@@ -62,6 +62,27 @@ def test_gemv_parts_two_matrices_share_rows_of_x():
                 assert rel_err(got[m, r], want) < TOL, (r, m)
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+def test_two_launches_fill_one_buffer(qtype):
+    """As decode runs hot rows and then staged rows: each launch skips the other's rows and writes its own S parts
+    of one buffer; the sum over all parts is the one-launch product."""
+    rng = np.random.default_rng(5)
+    n_rows, n_cols = 40, 512
+    mats = [random_weight(qtype, n_rows, n_cols, rng) for _ in range(4)]
+    size = mats[0].size
+    base = torch.from_numpy(np.concatenate([m.ravel() for m in mats])).to(DEVICE)
+    every = torch.tensor([2 * size, 0, 2 * size, 0], dtype=torch.int64, device=DEVICE)
+    first = torch.tensor([True, False, False, True], device=DEVICE)
+    x = torch.from_numpy(rng.standard_normal((2, n_cols)).astype(np.float32)).to(DEVICE)
+    S = gemv_split(qtype, n_rows, n_cols, 4, 2)
+    buf = torch.full((2, 2 * S, 4, n_rows), float("nan"), device=DEVICE)
+    for half, rows in [(0, first), (1, ~first)]:
+        gemv_parts(x, base, torch.where(rows, every, SKIP), qtype, n_rows, n_cols, (0, size), x_div=2,
+                   out=buf[:, half * S : (half + 1) * S])
+    want = gemv_parts(x, base, every, qtype, n_rows, n_cols, (0, size), x_div=2).sum(dim=1)
+    torch.testing.assert_close(buf.sum(dim=1), want, rtol=1e-5, atol=1e-5)
+
+
 def test_silu_mul_and_combine_sum_split_parts():
     rng = np.random.default_rng(4)
     gate_up = rng.standard_normal((2, 3, 4, 1500)).astype(np.float32)  # (2, S, R, F): F not a multiple of BLOCK
@@ -75,9 +96,10 @@ def test_silu_mul_and_combine_sum_split_parts():
     np.testing.assert_allclose(got, (y * w[..., None]).sum(axis=1), rtol=1e-5, atol=1e-5)
 
 
-def test_stage_copies_warm_blobs_and_keeps_hot_and_skipped_rows():
-    """Warm rows (offsets outside the arena: pinned host memory) get a staging copy; hot rows keep their slot,
-    SKIP stays SKIP, rows past n_stage are read in place."""
+@pytest.mark.parametrize("programs", [1, 3, 512])
+def test_stage_copies_warm_blobs_and_keeps_hot_and_skipped_rows(programs):
+    """Warm rows (offsets outside the arena: pinned host memory) get a staging copy (late); hot rows keep their
+    slot (now), SKIP stays SKIP, rows past n_stage are read in place (now)."""
     slot_bytes, blob_bytes, n_slots = 4096, 3000, 4
     arena = torch.zeros(n_slots * slot_bytes, dtype=torch.uint8, device=DEVICE)
     arena[: slot_bytes] = torch.arange(slot_bytes, dtype=torch.int64).remainder(251).to(torch.uint8)
@@ -92,8 +114,11 @@ def test_stage_copies_warm_blobs_and_keeps_hot_and_skipped_rows():
     loc = loc.to(DEVICE)
     ids = torch.tensor([1, 0, 2, 3], dtype=torch.int32, device=DEVICE)
     stage_at = 2 * slot_bytes  # the last two slots stage
-    got = stage(ids, loc, layer * n_expert, arena, stage_at, 2, slot_bytes, blob_bytes).cpu().tolist()
-    assert got == [stage_at, 0, SKIP, far + 2 * slot_bytes]  # row 3 is past n_stage: in place
+    now, late, every = locate(ids, loc, layer * n_expert, arena, stage_at, 2, slot_bytes)
+    assert now.tolist() == [SKIP, 0, SKIP, far + 2 * slot_bytes]  # row 3 is past n_stage: in place
+    assert late.tolist() == [stage_at, SKIP, SKIP, SKIP]
+    assert every.tolist() == [stage_at, 0, SKIP, far + 2 * slot_bytes]
+    stage(ids, loc, layer * n_expert, arena, late, blob_bytes, programs)
     staged = arena[stage_at : stage_at + blob_bytes].cpu()
     assert torch.equal(staged, warm[slot_bytes : slot_bytes + blob_bytes])
     assert not arena[stage_at + slot_bytes :].any()  # row 1 (hot) staged nothing

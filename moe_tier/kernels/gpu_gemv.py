@@ -51,7 +51,7 @@ def _q4_k_gemv(x_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_x, stride_ou
     part_offset = tl.where(mat == 0, p0, p1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offset = tl.load(off_ptr + r)
-    nmask = (n < N) & (offset != -4611686018427387904)  # SKIP
+    nmask = n < N
     row_bytes = (K // 256) * 144
     w_rows = base_ptr + (offset + part_offset) + n.to(tl.int64) * row_bytes  # (BLOCK_N,) uint8 pointers
     c = tl.arange(0, 4)  # 64-value chunk: sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
@@ -62,46 +62,55 @@ def _q4_k_gemv(x_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_x, stride_ou
     # Scaled products stay per lane until the end: no cross-lane reduction inside the loop.
     acc = tl.zeros((BLOCK_N, 4, 8), dtype=tl.float32)
     acc_min = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
-    for first in tl.range(0, K // 256, SPLIT, num_stages=STAGES):
-        sb = first + part
-        m = nmask & (sb < K // 256)  # the last round may have fewer super-blocks than parts
-        bp = w_rows + sb * 144
-        q = tl.load((bp[:, None, None] + word_at[None, :, :]).to(tl.pointer_type(tl.int32), bitcast=True),
-                    mask=m[:, None, None], other=0)  # (BLOCK_N, 4, 8)
-        hdr = bp.to(tl.pointer_type(tl.int32), bitcast=True)
-        u = tl.load(hdr, mask=m, other=0)  # d | dmin
-        u0 = tl.load(hdr + 1, mask=m, other=0)[:, None]
-        u1 = tl.load(hdr + 2, mask=m, other=0)[:, None]
-        u2 = tl.load(hdr + 3, mask=m, other=0)[:, None]
-        d = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        dmin = ((u >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        xb = x_row + sb * 256 + value_at  # (4, 8)
-        for h in tl.static_range(2):
-            dot = tl.zeros((BLOCK_N, 4, 8), dtype=tl.float32)
-            xsum = tl.zeros((4, 8), dtype=tl.float32)
-            for b in tl.static_range(4):
-                xv = tl.load(xb + 32 * h + b, mask=sb < K // 256, other=0.0)  # (4, 8)
-                nib = (((q >> (8 * b + 4 * h)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                dot += nib * xv[None, :, :]
-                xsum += xv
-            s = 2 * c[None, :] + h  # (1, 4) sub-block index
-            lo = s < 4
-            b_s = _byte(u0, u1, u2, s)
-            b_s4 = _byte(u0, u1, u2, s + 4)
-            b_sm4 = _byte(u0, u1, u2, tl.where(lo, s, s - 4))
-            sc = tl.where(lo, b_s & 63, (b_s4 & 15) | ((b_sm4 >> 6) << 4)).to(tl.float32)
-            mn = tl.where(lo, b_s4 & 63, (b_s4 >> 4) | ((b_s >> 6) << 4)).to(tl.float32)
-            acc += (d[:, None] * sc)[:, :, None] * dot
-            acc_min += (dmin[:, None] * mn) * tl.sum(xsum, axis=1)[None, :]
+    if offset != -4611686018427387904:  # a SKIP row (another GPU's, or staged later) reads nothing, stores 0
+        for first in tl.range(0, K // 256, SPLIT, num_stages=STAGES):
+            sb = first + part
+            m = nmask & (sb < K // 256)  # the last round may have fewer super-blocks than parts
+            bp = w_rows + sb * 144
+            q = tl.load((bp[:, None, None] + word_at[None, :, :]).to(tl.pointer_type(tl.int32), bitcast=True),
+                        mask=m[:, None, None], other=0)  # (BLOCK_N, 4, 8)
+            hdr = bp.to(tl.pointer_type(tl.int32), bitcast=True)
+            u = tl.load(hdr, mask=m, other=0)  # d | dmin
+            u0 = tl.load(hdr + 1, mask=m, other=0)[:, None]
+            u1 = tl.load(hdr + 2, mask=m, other=0)[:, None]
+            u2 = tl.load(hdr + 3, mask=m, other=0)[:, None]
+            d = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            dmin = ((u >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            xb = x_row + sb * 256 + value_at  # (4, 8)
+            for h in tl.static_range(2):
+                dot = tl.zeros((BLOCK_N, 4, 8), dtype=tl.float32)
+                xsum = tl.zeros((4, 8), dtype=tl.float32)
+                for b in tl.static_range(4):
+                    xv = tl.load(xb + 32 * h + b, mask=sb < K // 256, other=0.0)  # (4, 8)
+                    nib = (((q >> (8 * b + 4 * h)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    dot += nib * xv[None, :, :]
+                    xsum += xv
+                s = 2 * c[None, :] + h  # (1, 4) sub-block index
+                lo = s < 4
+                b_s = _byte(u0, u1, u2, s)
+                b_s4 = _byte(u0, u1, u2, s + 4)
+                b_sm4 = _byte(u0, u1, u2, tl.where(lo, s, s - 4))
+                sc = tl.where(lo, b_s & 63, (b_s4 & 15) | ((b_sm4 >> 6) << 4)).to(tl.float32)
+                mn = tl.where(lo, b_s4 & 63, (b_s4 >> 4) | ((b_s >> 6) << 4)).to(tl.float32)
+                acc += (d[:, None] * sc)[:, :, None] * dot
+                acc_min += (dmin[:, None] * mn) * tl.sum(xsum, axis=1)[None, :]
     total = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(acc_min, axis=1)
     tl.store(out_ptr + mat * stride_mat + part * stride_part + r.to(tl.int64) * stride_out + n, total, mask=n < N)
 
 
+def gemv_split(qtype: Q, n_rows: int, n_cols: int, R: int, M: int = 1, block_n: int = BLOCK_N) -> int:
+    """How many parts gemv_parts splits K into by default (1 for the grouped kernel's types)."""
+    if Q(qtype) != Q.Q4_K:
+        return 1
+    return max(1, min(n_cols // QK_K, TARGET_PROGRAMS // max(1, triton.cdiv(n_rows, block_n) * R * M)))
+
+
 def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype: Q, n_rows: int, n_cols: int,
                part_offsets: tuple[int, ...] = (0,), x_div: int = 1, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-               split: int | None = None, stages: int = STAGES) -> torch.Tensor:
+               split: int | None = None, stages: int = STAGES, out: torch.Tensor | None = None) -> torch.Tensor:
     """parts (M, S, R, n_rows): row r's products x[r // x_div] @ W.T with W (n_rows, n_cols) at base + offsets[r] +
-    part_offsets[m], split over S parts of K (sum over S for the product). No host sync: offsets stay on the device."""
+    part_offsets[m], split over S parts of K (sum over S for the product). No host sync: offsets stay on the device.
+    out: where to write them (a view with S from gemv_split, so that two launches can fill one buffer)."""
     qtype = Q(qtype)
     x = x.float().contiguous()
     R, M = offsets.shape[0], len(part_offsets)
@@ -110,15 +119,18 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
         xr = x.repeat_interleave(x_div, dim=0) if x_div > 1 else x
         seg = torch.arange(R + 1, dtype=torch.int32, device=x.device)
         skip = offsets == SKIP
-        out = [torch.where(skip[:, None], 0.0, moe_matmul(xr, base, torch.where(skip, SKIP, offsets + p), seg, 1, qtype,
-                                                          n_rows, n_cols)) for p in part_offsets]
-        return torch.stack(out)[:, None]
+        parts = torch.stack([torch.where(skip[:, None], 0.0, moe_matmul(
+            xr, base, torch.where(skip, SKIP, offsets + p), seg, 1, qtype, n_rows, n_cols)) for p in part_offsets])[:, None]
+        return parts if out is None else out.copy_(parts)
     qk, bb = block_shape(qtype)
     assert (qk, bb) == (QK_K, Q4_K_BYTES) and n_cols % QK_K == 0
     tiles = triton.cdiv(n_rows, block_n)
-    if split is None:
-        split = max(1, min(n_cols // QK_K, TARGET_PROGRAMS // max(1, tiles * R * M)))
-    out = torch.empty((M, split, R, n_rows), dtype=torch.float32, device=x.device)
+    if out is not None:
+        split = out.shape[1]
+    elif split is None:
+        split = gemv_split(qtype, n_rows, n_cols, R, M, block_n)
+    if out is None:
+        out = torch.empty((M, split, R, n_rows), dtype=torch.float32, device=x.device)
     if R and n_rows:
         p0, p1 = part_offsets[0], part_offsets[-1]
         _q4_k_gemv[(tiles, R, split * M)](x, base, offsets, p0, p1, out, n_rows, x.stride(0), out.stride(2), out.stride(1),

@@ -3,9 +3,11 @@
 Shape key: T tokens, E experts per layer, k experts per token, R = T * k rows (row t * k + j is token t's j-th
 expert), S split-K parts, D embedding width, F expert FFN width.
   route_topk  logits (T, E) -> ids (T, k) int32, weights (T, k): moe.route's semantics (stable ties: lower id)
-  stage       ids (R,), location table -> offsets (R,) int64: rows whose expert is warm (pinned host memory)
-              first get a copy of its blob in a staging slot in VRAM: a kernel reading host memory contiguously
-              moves ~51 GB/s on an H100 host, the Q4_K gemv reading it in place ~28 (bench/gpu_host_reads.py)
+  locate      ids (R,), location table -> offsets (3, R) int64: where each row's expert can be read now (hot),
+              later (warm: after stage copies it into a staging slot) and either
+  stage       copies the warm rows' blobs from pinned host memory into their staging slots in VRAM: a kernel
+              reading host memory contiguously moves ~51 GB/s on an H100 host, the Q4_K gemv reading it in place
+              ~28 (bench/gpu_host_reads.py); it runs on a side stream while the hot rows compute
   silu_mul    parts (2, S, R, F) of gate and up -> silu(gate) * up (R, F)
   combine     parts (S, R, D) of down, weights (T, k) -> sum_j weights[t, j] * down[t * k + j] (T, D)
 """
@@ -67,37 +69,55 @@ def route_topk(logits: torch.Tensor, bias: torch.Tensor | None, k: int, gating: 
 
 
 @triton.jit
-def _stage(ids_ptr, loc_ptr, first, base_ptr, arena_bytes, stage_at, slot_bytes, n_words, out_ptr,
-           N_STAGE: tl.constexpr, PROGRAMS: tl.constexpr, WORDS: tl.constexpr, ROUNDS: tl.constexpr):
-    """Program (p, row): copies rounds p, p + PROGRAMS, .. of the row's blob if its expert is warm."""
-    p = tl.program_id(0)
-    r = tl.program_id(1)
-    offset = tl.load(loc_ptr + first + tl.load(ids_ptr + r))
+def _locate(ids_ptr, loc_ptr, first, arena_bytes, stage_at, slot_bytes, out_ptr, R, N_STAGE: tl.constexpr,
+            BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    m = r < R
+    offset = tl.load(loc_ptr + first + tl.load(ids_ptr + r, mask=m, other=0), mask=m, other=0)
     warm = (offset != -4611686018427387904) & ((offset < 0) | (offset >= arena_bytes)) & (r < N_STAGE)  # not SKIP
     dst = stage_at + r.to(tl.int64) * slot_bytes
-    src_words = (base_ptr + tl.where(warm, offset, 0)).to(tl.pointer_type(tl.int32), bitcast=True)
-    dst_words = (base_ptr + dst).to(tl.pointer_type(tl.int32), bitcast=True)
-    i = tl.arange(0, WORDS)
-    if warm:  # hot and skipped rows move nothing (a masked loop over them cost ~130 us a layer on an H100)
+    tl.store(out_ptr + r, tl.where(warm, -4611686018427387904, offset), mask=m)  # now
+    tl.store(out_ptr + R + r, tl.where(warm, dst, -4611686018427387904), mask=m)  # late
+    tl.store(out_ptr + 2 * R + r, tl.where(warm, dst, offset), mask=m)  # every
+
+
+def locate(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor, stage_at: int, n_stage: int,
+           slot_bytes: int) -> torch.Tensor:
+    """(3, R) offsets from arena's start for rows ids (R,) of the layer whose table entries start at loc[first]:
+    now (readable at once: hot slots, rows past n_stage read in place; SKIP for rows to stage), late (row r's
+    staging slot stage_at + r * slot_bytes for a warm row r < n_stage, else SKIP) and every (now, or late)."""
+    R = ids.numel()
+    out = torch.empty((3, R), dtype=torch.int64, device=arena.device)
+    _locate[(1,)](ids, loc, first, arena.numel(), stage_at, slot_bytes, out, R, N_STAGE=n_stage,
+                  BLOCK=triton.next_power_of_2(max(R, 16)))
+    return out
+
+
+@triton.jit
+def _stage(ids_ptr, loc_ptr, first, base_ptr, late_ptr, n_words, PROGRAMS: tl.constexpr, WORDS: tl.constexpr,
+           ROUNDS: tl.constexpr):
+    """Program (p, row): copies rounds p, p + PROGRAMS, .. of the row's blob if the row has a staging slot."""
+    p = tl.program_id(0)
+    r = tl.program_id(1)
+    dst = tl.load(late_ptr + r)
+    if dst != -4611686018427387904:  # the others move nothing (a masked loop over them cost ~130 us a layer)
+        src = tl.load(loc_ptr + first + tl.load(ids_ptr + r))
+        src_words = (base_ptr + src).to(tl.pointer_type(tl.int32), bitcast=True)
+        dst_words = (base_ptr + dst).to(tl.pointer_type(tl.int32), bitcast=True)
+        i = tl.arange(0, WORDS)
         for j in range(ROUNDS):
             at = (p + j * PROGRAMS).to(tl.int64) * WORDS + i
             tl.store(dst_words + at, tl.load(src_words + at, mask=at < n_words), mask=at < n_words)
-    if p == 0:
-        tl.store(out_ptr + r, tl.where(warm, dst, offset))
 
 
-def stage(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor, stage_at: int, n_stage: int,
-          slot_bytes: int, blob_bytes: int) -> torch.Tensor:
-    """offsets (R,) from arena's start for rows ids (R,) of the layer whose table entries start at loc[first]:
-    a hot row's slot, a warm row's staging slot stage_at + r * slot_bytes (r < n_stage) after its copy, else
-    the table's entry (read in place, or SKIP). Warm blobs are 256-byte aligned and padded: whole words copy."""
-    R = ids.numel()
-    out = torch.empty(R, dtype=torch.int64, device=arena.device)
+def stage(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor, late: torch.Tensor, blob_bytes: int,
+          programs: int = STAGE_PROGRAMS) -> None:
+    """Copies each row's warm blob (pinned host memory, at its table entry) to the staging slot late[r] gives it.
+    Warm blobs are 256-byte aligned and padded: whole words copy. programs per row set how many SMs it takes
+    from a matrix-vector product running beside it."""
     n_words = -(-blob_bytes // 4)
-    _stage[(STAGE_PROGRAMS, R)](ids, loc, first, arena, arena.numel(), stage_at, slot_bytes, n_words, out,
-                                N_STAGE=n_stage, PROGRAMS=STAGE_PROGRAMS, WORDS=STAGE_WORDS,
-                                ROUNDS=triton.cdiv(n_words, STAGE_WORDS * STAGE_PROGRAMS), num_warps=4)
-    return out
+    _stage[(programs, ids.numel())](ids, loc, first, arena, late, n_words, PROGRAMS=programs, WORDS=STAGE_WORDS,
+                                    ROUNDS=triton.cdiv(n_words, STAGE_WORDS * programs), num_warps=4)
 
 
 @triton.jit
