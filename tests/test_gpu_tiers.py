@@ -73,6 +73,10 @@ class DequantizedExperts:
         return ExpertWeights(f32("gate"), f32("up"), f32("down"))
 
 
+# Q4_K decode multiplies q8_1-quantized activations, as llama.cpp's mmvq does (kernels/gpu_gemv.py).
+DECODE_TOL = {"Q4_K": 3e-2}
+
+
 def rel_err(got, want) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
@@ -226,7 +230,7 @@ def test_start_up_measures_every_link(models):
 def test_device_decode_reads_slots_and_pinned_copies_and_promotes_without_waiting(models, qtype, policy, stage):
     """Decode with routing on the device: hot experts from slots, the rest from pinned memory (read in place, or
     copied by the stage kernel into the arena's last slots first), misses promoted by copies the compute never
-    waits for; results exact, tables consistent, every use counted."""
+    waits for; results the exact math's (Q4_K: within q8_1 rounding), tables consistent, every use counted."""
     from moe_tier.moe import Routing
     from moe_tier.moe_decode import DeviceMoE, device_path_possible
 
@@ -247,7 +251,7 @@ def test_device_decode_reads_slots_and_pinned_copies_and_promotes_without_waitin
             n_used += len(np.unique(routing.ids))
             on_device = Routing(torch.from_numpy(routing.ids).cuda(), torch.from_numpy(routing.weights).cuda())
             got = moe(torch.from_numpy(x).cuda(), on_device, layer).cpu().numpy()
-            assert rel_err(got, moe_ffn(x, routing, layer, exact)) < 5e-3, (step, layer)
+            assert rel_err(got, moe_ffn(x, routing, layer, exact)) < DECODE_TOL.get(qtype, 5e-3), (step, layer)
         tiers.check()
     moe.account()
     torch.cuda.synchronize()

@@ -48,6 +48,20 @@ def reference(x: np.ndarray, w: np.ndarray, qtype: Q, n_rows: int, n_cols: int) 
     return x.astype(np.float64) @ quants.dequantize(w, qtype).reshape(n_rows, n_cols).astype(np.float64).T
 
 
+def q8_1(x: np.ndarray) -> np.ndarray:
+    """x as llama.cpp's quantize_q8_1 leaves it (blocks of 32: int8 quants times amax / 127 rounded to f16),
+    the activations the Q4_K matrix-vector kernel multiplies."""
+    blocks = x.astype(np.float32).reshape(len(x), -1, 32)
+    d = np.abs(blocks).max(axis=2, keepdims=True) / np.float32(127)
+    v = blocks / np.where(d == 0, 1, d)
+    q = np.sign(v) * np.floor(np.abs(v) + 0.5)
+    return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
+
+
+def gemv_reference(x: np.ndarray, w: np.ndarray, qtype: Q, n_rows: int, n_cols: int) -> np.ndarray:
+    return reference(q8_1(x) if qtype == Q.Q4_K else x, w, qtype, n_rows, n_cols)
+
+
 def rel_err(got, want) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
@@ -170,5 +184,5 @@ def test_gemv_reads_each_rows_own_matrix_and_skips_negative_offsets(qtype, split
         if i < 0:
             assert not got[r].any()
         else:
-            want = reference(x[r : r + 1], weights[i], qtype, n_rows, n_cols)[0]
+            want = gemv_reference(x[r : r + 1], weights[i], qtype, n_rows, n_cols)[0]
             assert rel_err(got[r], want) < TOL, (r, i)

@@ -17,7 +17,7 @@ from moe_tier.config import Gating  # noqa: E402
 from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts, gemv_split  # noqa: E402
 from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage  # noqa: E402
 from moe_tier.moe import route  # noqa: E402
-from tests.test_kernels_gpu import DEVICE, TOL, random_weight, reference, rel_err  # noqa: E402
+from tests.test_kernels_gpu import DEVICE, TOL, gemv_reference, random_weight, rel_err  # noqa: E402
 
 pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
 
@@ -58,7 +58,7 @@ def test_gemv_parts_two_matrices_share_rows_of_x():
             if first is None:
                 assert not got[m, r].any()
             else:
-                want = reference(x[r // 2 : r // 2 + 1], mats[first + m], Q.Q4_K, n_rows, n_cols)[0]
+                want = gemv_reference(x[r // 2 : r // 2 + 1], mats[first + m], Q.Q4_K, n_rows, n_cols)[0]
                 assert rel_err(got[m, r], want) < TOL, (r, m)
 
 

@@ -10,11 +10,13 @@ N = n_rows (outputs), S split-K parts, M matrices per row (gate and up of one ex
                            output is 0: another GPU computes it)
   parts    (M, S, R, N) float32: gemv_parts' split-K partial sums, for a consumer that sums them itself
 
-At batch 1 a token needs a few matrices read once each, so the kernel is built for bandwidth: Q4_K quants are
-read as 32-bit words (8 nibbles) and multiplied in float32 with the activation values they pair with, one
-super-block (256 values, 144 bytes) of BLOCK_N rows per step; sub-block scales and minimums are applied to the
-sub-block sums, as llama.cpp does. A nibble n becomes a float as the bits of 2^23 + n minus 2^23 (exact): an
-integer-to-float conversion issues at 1/8 of the FMA rate on sm_80/sm_90 and would bound the kernel. Other types go through kernels.gpu's grouped kernel (one expert per row).
+At batch 1 a token needs a few matrices read once each, so the kernel must be bound by bandwidth, not by
+instructions. Unpacking each nibble to float32 took ~5 instructions a weight and held the kernel to ~0.9 TB/s on an
+H100. So, as llama.cpp's mmvq: the activations are quantized to q8_1 (32 int8 values and an f16 scale a block,
+quantize_q8_1), and one dp4a multiplies four weight nibbles by four int8 activations and adds them; sub-block
+scales and minimums apply to the integer sub-block sums. Q4_K quants are read as 32-bit words, one super-block
+(256 values, 144 bytes) of BLOCK_N rows per step. Other types go through kernels.gpu's grouped kernel (one
+expert per row).
 """
 
 from __future__ import annotations
@@ -41,26 +43,71 @@ def _byte(u0, u1, u2, j):
 
 
 @triton.jit
-def _q4_k_gemv(x_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_x, stride_out, stride_part, stride_mat,
-               K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + the dot product of a's and b's four signed bytes: one dp4a instruction on the GPU (ASM), shifts in the
+    interpreter, which cannot run PTX."""
+    if ASM:
+        out = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    else:
+        out = c
+        for i in tl.static_range(4):
+            out += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+    return out
+
+
+@triton.jit
+def _quantize_q8_1(x_ptr, q_ptr, d_ptr, s_ptr, K, BLOCKS: tl.constexpr):
+    """Program (row, tile): BLOCKS blocks of 32 values -> int8 quants, scale d = amax / 127 rounded to f16 and
+    d * sum(quants), as llama.cpp's quantize_q8_1 and vec_dot_q4_K_q8_1 use them (round half away from zero)."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    at = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+    m = at < K
+    x = tl.load(x_ptr + row * K + at, mask=m, other=0.0)
+    amax = tl.max(tl.abs(x), axis=1)
+    d = amax / 127.0
+    v = x / tl.where(amax == 0.0, 1.0, d)[:, None]
+    q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v)).to(tl.int32)
+    tl.store(q_ptr + row * K + at, q.to(tl.int8), mask=m)
+    d16 = d.to(tl.float16).to(tl.float32)
+    tl.store(d_ptr + row * (K // 32) + blk, d16, mask=blk < K // 32)
+    tl.store(s_ptr + row * (K // 32) + blk, d16 * tl.sum(q, axis=1).to(tl.float32), mask=blk < K // 32)
+
+
+def quantize_q8_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (R, K) float32 -> quants (R, K) int8, scales (R, K / 32) and scaled sums (R, K / 32) float32."""
+    R, K = x.shape
+    q = torch.empty((R, K), dtype=torch.int8, device=x.device)
+    d = torch.empty((R, K // 32), dtype=torch.float32, device=x.device)
+    s = torch.empty_like(d)
+    BLOCKS = 32
+    if R:
+        _quantize_q8_1[(R, triton.cdiv(K // 32, BLOCKS))](x, q, d, s, K, BLOCKS=BLOCKS)
+    return q, d, s
+
+
+@triton.jit
+def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_out, stride_part, stride_mat,
+               K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
+               STAGES: tl.constexpr, ASM: tl.constexpr):
     """Program (n tile, row, matrix * SPLIT + part): out[matrix, part, row, n] = sum over the part's super-blocks
-    of x[row // X_DIV] . W[n], W the row's matrix at part offset p0 (matrix 0) or p1 (matrix 1)."""
+    of x[row // X_DIV] . W[n], W the row's matrix at part offset p0 (matrix 0) or p1 (matrix 1), x as q8_1."""
     r = tl.program_id(1)
     part = tl.program_id(2) % SPLIT
     mat = tl.program_id(2) // SPLIT
     part_offset = tl.where(mat == 0, p0, p1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offset = tl.load(off_ptr + r)
+    offset = tl.multiple_of(tl.load(off_ptr + r), 16)  # slots, blobs and matrices are 16-byte aligned: wide loads
     nmask = n < N
     row_bytes = (K // 256) * 144
     w_rows = base_ptr + (offset + part_offset) + n.to(tl.int64) * row_bytes  # (BLOCK_N,) uint8 pointers
     c = tl.arange(0, 4)  # 64-value chunk: sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
     w = tl.arange(0, 8)  # word in the chunk's 32 quant bytes
     word_at = (16 + 32 * c[:, None] + 4 * w[None, :])  # (4, 8) byte offsets of quant words in a block
-    value_at = 64 * c[:, None] + 4 * w[None, :]  # (4, 8) first value of byte 0 of the word, low nibble
-    x_row = x_ptr + (r // X_DIV).to(tl.int64) * stride_x
-    # Scaled products stay per lane until the end: no cross-lane reduction inside the loop.
-    acc = tl.zeros((BLOCK_N, 4, 8), dtype=tl.float32)
+    x_row = (r // X_DIV).to(tl.int64)
+    xq_words = (xq_ptr + x_row * K).to(tl.pointer_type(tl.int32), bitcast=True)
+    acc = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
     acc_min = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
     if offset != -4611686018427387904:  # a SKIP row (another GPU's, or staged later) reads nothing, stores 0
         for first in tl.range(0, K // 256, SPLIT, num_stages=STAGES):
@@ -76,25 +123,23 @@ def _q4_k_gemv(x_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_x, stride_ou
             u2 = tl.load(hdr + 3, mask=m, other=0)[:, None]
             d = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             dmin = ((u >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            xb = x_row + sb * 256 + value_at  # (4, 8)
+            ok = sb < K // 256
             for h in tl.static_range(2):
-                dot = tl.zeros((BLOCK_N, 4, 8), dtype=tl.float32)
-                xsum = tl.zeros((4, 8), dtype=tl.float32)
-                for b in tl.static_range(4):
-                    xv = tl.load(xb + 32 * h + b, mask=sb < K // 256, other=0.0)  # (4, 8)
-                    nib = (((q >> (8 * b + 4 * h)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                    dot += nib * xv[None, :, :]
-                    xsum += xv
-                s = 2 * c[None, :] + h  # (1, 4) sub-block index
-                lo = s < 4
-                b_s = _byte(u0, u1, u2, s)
-                b_s4 = _byte(u0, u1, u2, s + 4)
-                b_sm4 = _byte(u0, u1, u2, tl.where(lo, s, s - 4))
-                sc = tl.where(lo, b_s & 63, (b_s4 & 15) | ((b_sm4 >> 6) << 4)).to(tl.float32)
+                s = 2 * c + h  # (4,) sub-block index
+                xw = tl.load(xq_words + sb * 64 + 16 * c[:, None] + 8 * h + w[None, :], mask=ok, other=0)  # (4, 8)
+                xd = tl.load(xd_ptr + x_row * (K // 32) + sb * 8 + s, mask=ok, other=0.0)
+                xs = tl.load(xs_ptr + x_row * (K // 32) + sb * 8 + s, mask=ok, other=0.0)
+                nib = (q >> (4 * h)) & 0x0F0F0F0F
+                dot = tl.sum(_dp4a(nib, tl.broadcast_to(xw[None, :, :], (BLOCK_N, 4, 8)), tl.zeros_like(nib), ASM), axis=2)
+                lo = s[None, :] < 4
+                b_s = _byte(u0, u1, u2, s[None, :])
+                b_s4 = _byte(u0, u1, u2, s[None, :] + 4)
+                b_sm4 = _byte(u0, u1, u2, tl.where(lo, s[None, :], s[None, :] - 4))
+                sc = tl.where(lo, b_s & 63, (b_s4 & 15) | ((b_sm4 >> 6) << 4))
                 mn = tl.where(lo, b_s4 & 63, (b_s4 >> 4) | ((b_s >> 6) << 4)).to(tl.float32)
-                acc += (d[:, None] * sc)[:, :, None] * dot
-                acc_min += (dmin[:, None] * mn) * tl.sum(xsum, axis=1)[None, :]
-    total = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(acc_min, axis=1)
+                acc += d[:, None] * xd[None, :] * (dot * sc).to(tl.float32)
+                acc_min += dmin[:, None] * mn * xs[None, :]
+    total = tl.sum(acc, axis=1) - tl.sum(acc_min, axis=1)
     tl.store(out_ptr + mat * stride_mat + part * stride_part + r.to(tl.int64) * stride_out + n, total, mask=n < N)
 
 
@@ -133,9 +178,10 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
         out = torch.empty((M, split, R, n_rows), dtype=torch.float32, device=x.device)
     if R and n_rows:
         p0, p1 = part_offsets[0], part_offsets[-1]
-        _q4_k_gemv[(tiles, R, split * M)](x, base, offsets, p0, p1, out, n_rows, x.stride(0), out.stride(2), out.stride(1),
+        xq, xd, xs = quantize_q8_1(x)
+        _q4_k_gemv[(tiles, R, split * M)](xq, xd, xs, base, offsets, p0, p1, out, n_rows, out.stride(2), out.stride(1),
                                           out.stride(0), K=n_cols, SPLIT=split, X_DIV=x_div, BLOCK_N=block_n, STAGES=stages,
-                                          num_warps=num_warps)
+                                          ASM=x.is_cuda, num_warps=num_warps)
     return out
 
 
