@@ -73,7 +73,7 @@ class DecodeGraphs:
             torch.cuda.current_stream(ops.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             moe.step = []
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.device(ops.device), torch.cuda.graph(graph, pool=self.pool):  # captures on ops' GPU
                 logits = self._forward(cache)
             routed = list(moe.step)
         finally:

@@ -132,6 +132,8 @@ def _gpus_for(machine: Machine, budget: Budget) -> list[GpuInfo]:
         out = []
         for g in machine.gpus:
             cap = vram[0] if vram and len(vram) == 1 else vram[g.index] if vram else g.total_bytes
+            if cap == 0:  # "--vram 24GiB,0": this GPU is left out
+                continue
             out.append(GpuInfo(g.index, g.name, min(cap, g.total_bytes), min(cap, g.total_bytes) - g.runtime_bytes))
         return out
     # Planned, not measured: free == total marks the runtime context as unknown.

@@ -32,6 +32,17 @@ TOL = {"F32": 2e-3 if not CUDA else 2e-2, "Q8_0": 0.1, "Q4_0": 0.1, "Q4_K": 0.1}
 PROMPT = "The quick brown fox jumps over the lazy dog. def main(): return 42"
 
 
+def on_first_gpu(vram: int) -> tuple[int, ...]:
+    """A budget for GPU 0 alone (0 leaves a GPU out): these tests mean one GPU on a machine with several."""
+    return (vram,) + (0,) * (torch.cuda.device_count() - 1)
+
+
+def first_gpu_plan(desc, ctx: int):
+    """GPU 0's plan when it holds every layer (its fixed part and slot size)."""
+    machine = probe()
+    return plan_tiers(desc, machine, Budget(vram_bytes=on_first_gpu(machine.gpus[0].total_bytes), ctx=ctx)).gpus[0]
+
+
 def assert_close(ours: np.ndarray, ref: np.ndarray, tol_rel: float) -> None:
     """Most positions within the tolerance; a few may differ more where a near-tied expert choice flips under the
     two backends' different activation rounding (llama.cpp's CPU and CUDA backends part the same way)."""
@@ -69,10 +80,10 @@ def test_gpu_engine_matches_cpu_engine(synth_model, arch, qtype, hot):
     desc = open_model(path)
     host = HostOps(desc.config, Weights(desc), HostExperts(desc, [], EngineStats()))
     cpu_model = family(desc.arch, desc.path)(desc.config, host)
-    g = plan_tiers(desc, probe(), Budget(ctx=128)).gpus[0]
+    g = first_gpu_plan(desc, ctx=128)
     n_hot = {"all": len(desc.experts), "half": len(desc.experts) // 2, "none": 0}[hot]
     vram = g.fixed_bytes + n_hot * g.slot_bytes + g.slot_bytes // 2
-    eng = Engine.open(path, ctx=128, vram=vram, ram=0 if hot == "none" else None)
+    eng = Engine.open(path, ctx=128, vram=on_first_gpu(vram), ram=0 if hot == "none" else None)
     assert type(eng.model.ops).__name__ == "GpuOps"
     assert len(eng.plan.hot) == n_hot
     tokens = list(np.random.default_rng(0).integers(3, eng.n_vocab, 32))  # no tokenizer needed on the GPU machine
@@ -99,9 +110,9 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
     path = write_fast(tmp_path / f"{arch}-{qtype}.gguf", tiny(arch, qtype=qtype))
     desc = open_model(path)
     cpu_model = family(desc.arch, desc.path)(desc.config, HostOps(desc.config, Weights(desc), HostExperts(desc, [], EngineStats())))
-    g = plan_tiers(desc, probe(), Budget(ctx=64)).gpus[0]
+    g = first_gpu_plan(desc, ctx=64)
     n_hot = {"all": len(desc.experts), "half": len(desc.experts) // 2, "none": 0}[hot]
-    eng = Engine.open(path, ctx=64, vram=g.fixed_bytes + n_hot * g.slot_bytes + g.slot_bytes // 2)
+    eng = Engine.open(path, ctx=64, vram=on_first_gpu(g.fixed_bytes + n_hot * g.slot_bytes + g.slot_bytes // 2))
     assert isinstance(eng.model.ops.moe, DeviceMoE) and len(eng.plan.hot) == n_hot
     tokens = np.random.default_rng(1).integers(3, eng.n_vocab, 24)
     ref = cpu_model.forward(tokens, [Segment(cpu_model.new_cache(64), 0, len(tokens))])

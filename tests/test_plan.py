@@ -86,6 +86,15 @@ def test_measured_gpus_split_layers_and_pool_slots(synth_model):
         assert sum(1 for v in plan.hot.values() if v == home.index) == home.n_slots
 
 
+def test_a_zero_budget_leaves_that_gpu_out(synth_model):
+    """--vram 1GiB,0 on a two-GPU machine plans GPU 0 alone: every layer there, no slots on GPU 1."""
+    desc = open_model(synth_model("qwen3moe", qtype="Q8_0"))
+    gpus = tuple(GpuInfo(i, f"card{i}", 1024 * MiB, 1024 * MiB - 300 * MiB) for i in range(2))
+    plan = plan_tiers(desc, Machine(gpus, 64 * 1024**3, "test"), Budget(vram_bytes=(1024 * MiB, 0), ctx=256))
+    assert [g.index for g in plan.gpus] == [0]
+    assert list(plan.gpus[0].layers) == list(range(desc.config.n_layer)) and set(plan.hot.values()) <= {0}
+
+
 def test_remembered_fit_caps_the_slots(synth_model, tmp_path):
     desc = open_model(synth_model("qwen3moe", qtype="Q8_0"))
     machine = Machine((GpuInfo(0, "cardA", 1024 * MiB, 900 * MiB),), 64 * 1024**3, "rt1")
