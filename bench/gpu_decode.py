@@ -11,7 +11,7 @@ part and the experts' bytes per layer; llama-bench reports no memory use).
 ONLY, the router's choice is replaced, token after token, by the recorded routing, labelled as such in the output;
 llama.cpp cannot be given another routing, so its row stays the uniform-routing one.
 Usage: python -m bench.gpu_decode [--vram 12GiB,24GiB] [--tokens 256] [--prompt 512] [--out /tmp/mixtral.gguf]
-       [--policy lfu,lru] [--replay TRACE] [--llama-bench /path/to/llama-bench]
+       [--policy lfu,lru] [--lookahead off,on] [--replay TRACE] [--llama-bench /path/to/llama-bench]
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ class ReplayedRouter:
         return routing if self.ops.device_routing else routing.host()
 
 
-def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay: Path | None) -> dict:
+def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay: Path | None, lookahead: bool) -> dict:
     t0 = time.perf_counter()
-    eng = Engine.open(path, vram=vram, ctx=n_prompt + n_tokens + 8, policy=policy)
+    eng = Engine.open(path, vram=vram, ctx=n_prompt + n_tokens + 8, policy=policy, lookahead=lookahead)
     open_s = time.perf_counter() - t0
     model, ops = eng.model, eng.model.ops
     if replay is not None:
@@ -90,12 +90,12 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
     s, speeds = eng.tiers.stats, eng.tiers.speeds
     moved = {link: c.bytes / n_tokens for link, c in s.links.items()}
     # Floor for the bytes this run moved: each link busy the whole token, links in parallel.
-    pcie = moved.get("warm->gpu", 0) + moved.get("warm->gpu read", 0) + moved.get("disk->gpu", 0)
+    pcie = sum(b for link, b in moved.items() if "->gpu" in link)
     disk = moved.get("disk->gpu", 0) + moved.get("disk->cpu", 0)
     hbm = s.tiers["hot"].bytes / n_tokens + dense_bytes if "hot" in s.tiers else 0
     hbm_bytes_per_s = d2d_bytes_per_s()  # a device copy's read + write rate: what HBM moves
     floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s, hbm / hbm_bytes_per_s)
-    result = dict(vram=vram, policy=policy, routing="replayed (benchmark only)" if replay else "model's own",
+    result = dict(vram=vram, policy=policy, lookahead=lookahead, routing="replayed (benchmark only)" if replay else "model's own",
                   device_path=type(ops.moe).__name__ == "DeviceMoE", graphs=eng._graphs is not None, first_s=first_s,
                   slots=sum(g.n_slots for g in eng.plan.gpus), open_s=open_s,
                 fixed_bytes=eng.plan.gpus[0].fixed_bytes, n_layer=eng.desc.config.n_layer,
@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--policy", default="lfu", help="slot policies to run, comma-separated (tiers.slots.POLICIES)")
     ap.add_argument("--replay", type=Path, help="BENCHMARK ONLY: replace the routing by this recorded one")
+    ap.add_argument("--lookahead", default="off,on", help="decode with the gate lookahead's staging off, on or both "
+                    "(replayed rows run off: the lookahead predicts the model's own router, not the replayed one)")
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick check")
     ap.add_argument("--llama-bench", help="llama.cpp's llama-bench built with CUDA: the peer, in the same run")
     ap.add_argument("--out", default="/tmp/moe-tier-mixtral-8x7b-q4k.gguf")
@@ -152,8 +154,9 @@ def main() -> None:
         parse_bytes(vram)
         for replay in [None] + ([args.replay] if args.replay else []):
             for policy in args.policy.split(","):
-                rows.append(run(path, vram, args.prompt, args.tokens, policy, replay))
-                print(rows[-1], flush=True)
+                for lookahead in [a == "on" for a in args.lookahead.split(",") if replay is None or a == "off"]:
+                    rows.append(run(path, vram, args.prompt, args.tokens, policy, replay, lookahead))
+                    print(rows[-1], flush=True)
     for r in rows:  # the peer after ours: nothing of ours is lost if it fails
         if args.llama_bench and r["vram"] not in peers:
             peers[r["vram"]] = llama_cpp_peer(args.llama_bench, path, r["fixed_bytes"], parse_bytes(r["vram"]),
@@ -164,15 +167,15 @@ def main() -> None:
     body = (f"Mixtral-8x7B shape ({args.layers} layers), Q4_K (synthetic, random weights: near-uniform routing), {args.prompt}-token prompt, "
             f"{args.tokens} greedy tokens. Measured links: host->GPU {sp.h2d_bytes_per_s / 1e9:.1f} GB/s, disk "
             f"{sp.disk_bytes_per_s / 1e9:.2f} GB/s, CPU experts {sp.cpu_bytes_per_s / 1e9:.1f} GB/s.\n\n"
-            "| VRAM | routing | policy | slots | open s | prefill tok/s | decode tok/s | floor tok/s | moved per token "
+            "| VRAM | routing | policy | lookahead | slots | open s | prefill tok/s | decode tok/s | floor tok/s | moved per token "
             "| hit rates | llama.cpp (-ncmoe) prefill / decode tok/s | decode ratio |\n"
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |\n")
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |\n")
     for r in rows:
         moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in r["moved"].items()) or "-"
         peer = r.get("peer")
         versus = (f"{peer['prefill_tps']:.1f} / {peer['decode_tps']:.2f} ({peer['ncmoe']}) | "
                   f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else "not run | -")
-        body += (f"| {r['vram']} | {r['routing']} | {r['policy']} | {r['slots']} | {r['open_s']:.0f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
+        body += (f"| {r['vram']} | {r['routing']} | {r['policy']} | {'on' if r['lookahead'] else 'off'} | {r['slots']} | {r['open_s']:.0f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
                  f"{r['floor_tps']:.1f} | {moved} | {r['rates']} | {versus} |\n")
     body += ("\nfloor: tokens/s if each link only carried this run's bytes at its measured rate, links in parallel: "
              "PCIe (warm reads and copies), disk, and HBM (hot experts and dense weights at the device copy rate); "
@@ -180,7 +183,9 @@ def main() -> None:
     body += ("Decode keeps routing on the GPU (" + ("yes" if rows[0]["device_path"] else "no") + "), each step one CUDA "
              "graph replay (" + ("yes" if rows[0]["graphs"] else "no") + f"; its capture, {rows[0]['first_s']:.1f} s, is "
              "outside the timed steps): a warm expert chosen by a token is copied from pinned memory into a staging "
-             "slot by a kernel ('warm->gpu read'), promotions into slots are DMA copies ('warm->gpu'). Replayed rows: the router's "
+             "slot by a kernel ('warm->gpu read'), promotions into slots are DMA copies ('warm->gpu'). Lookahead on: the next "
+             "MoE layer's router on this layer's input predicts its experts, and the warm ones are staged while this layer "
+             "computes ('warm->gpu ahead', all of them, used or not; uses of them count as 'ahead'). Replayed rows: the router's "
              "choice replaced by real Mixtral-8x7B routing (GSM8K), a benchmark-only override; llama.cpp's ratio there "
              "is against its uniform-routing run.\n")
     print(body)

@@ -35,8 +35,9 @@ PREFILL_CHUNK = 512  # tokens per prefill step: bounds the activation scratch th
 
 class Engine:
     def __init__(self, desc: ModelDesc, plan: TierPlan, ctx: int, policy: str = "planner",
-                 expert_freq: np.ndarray | None = None):
+                 expert_freq: np.ndarray | None = None, lookahead: bool = False):
         self.desc, self.plan, self.ctx, self.policy, self.expert_freq = desc, plan, ctx, policy, expert_freq
+        self.lookahead = lookahead
         self.stats = EngineStats()
         self.weights = weights = Weights(desc)
         measured_gpu = bool(plan.gpus) and plan.gpus[0].runtime_measured
@@ -64,15 +65,20 @@ class Engine:
         import torch
 
         from moe_tier.gpu_ops import GpuOps
-        from moe_tier.moe_decode import DeviceMoE, device_path_possible
+        from moe_tier.moe_decode import DeviceMoE, device_path_possible, lookaheads
         from moe_tier.moe_gpu import moe_ffn_gpu
         from moe_tier.tiers.gpu_pool import GpuTiers, TierConfig
 
+        k = self.desc.config.n_expert_used
         config = TierConfig(policy=self.policy, prior=use_per_token(self.desc, self.expert_freq),
-                            stage_slots=self.desc.config.n_expert_used)
+                            stage_slots=3 * k if self.lookahead else k)
         self.tiers = tiers = GpuTiers(self.desc, self.plan, self.stats, config, fits=FitStore())
         on_device = device_path_possible(tiers) is None
-        moe = DeviceMoE(tiers) if on_device else (lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, tiers))
+        if on_device:
+            ahead = lookaheads(weights, self.desc.moe_layers, tiers.layer_gpu) if self.lookahead else None
+            moe = DeviceMoE(tiers, ahead)
+        else:
+            moe = lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, tiers)  # noqa: E731
         layer_devices = {layer: torch.device("cuda", g.index) for g in self.plan.gpus for layer in g.layers}
         return GpuOps(self.desc.config, weights, moe, torch.device("cuda", self.plan.gpus[0].index), on_device,
                       layer_devices)
@@ -89,15 +95,18 @@ class Engine:
 
     @classmethod
     def open(cls, path: str | Path, vram: int | str | None = None, ram: int | str | None = None,
-             ctx: int = 2048, expert_freq: np.ndarray | None = None, policy: str = "planner") -> Engine:
+             ctx: int = 2048, expert_freq: np.ndarray | None = None, policy: str = "planner",
+             lookahead: bool = False) -> Engine:
         """vram/ram: bytes or sizes like "12GiB" (vram may list one per GPU); expert_freq (layer, expert)
-        from a routing profile ranks experts for the tiers; policy (tiers.slots.POLICIES) picks slot victims."""
+        from a routing profile ranks experts for the tiers; policy (tiers.slots.POLICIES) picks slot victims;
+        lookahead: decode on the GPU stages each MoE layer's predicted warm experts while the layer before runs
+        (moe_decode.Lookahead; it takes 2k more staging slots)."""
         desc = open_model(path)
         if ctx <= 0:
             raise MoeTierError(path, f"context length must be positive, got {ctx}")
         budget = Budget(vram_bytes=_sizes(vram), ram_bytes=_sizes(ram)[0] if ram is not None else None, ctx=ctx)
         plan = plan_tiers(desc, probe(), budget, expert_freq=expert_freq, fits=FitStore())
-        return cls(desc, plan, ctx, policy, expert_freq)
+        return cls(desc, plan, ctx, policy, expert_freq, lookahead)
 
     @property
     def n_vocab(self) -> int:

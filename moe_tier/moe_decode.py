@@ -13,17 +13,20 @@ Larger batches (prefill) read the routing back and take moe_gpu.moe_ffn_gpu, whi
 
 from __future__ import annotations
 
+import itertools
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moe_tier.host_tiers import blob_layout
-from moe_tier.kernels.gpu_gemv import gemv_parts, gemv_split
-from moe_tier.kernels.gpu_moe_decode import combine, locate, silu_mul, stage
+from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split
+from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage
 from moe_tier.moe import Routing
 from moe_tier.moe_gpu import moe_ffn_gpu
 from moe_tier.reader import ExpertId
-from moe_tier.tensors import matrix_dims
+from moe_tier.tensors import Weights, matrix_dims
 from moe_tier.tiers.gpu_pool import GpuTiers
 
 DECODE_MAX_ROWS = 8  # tokens x experts per token up to which each row reads its own expert's matrices
@@ -42,59 +45,142 @@ def device_path_possible(tiers: GpuTiers) -> str | None:
     return None
 
 
-class DeviceMoE:
-    """ops.moe for the GPU backend when device_path_possible(): decode on the device, prefill as moe_ffn_gpu."""
+@dataclass(frozen=True)
+class Lookahead:
+    """Layer `target`'s router applied to the FFN input of the MoE layer before it, the norm weights folded in
+    (router_predict/lookahead.py measured it): predicts target's experts one layer early, so that their staging
+    runs while the layer before computes."""
+    target: int
+    matrix: torch.Tensor  # (E, D) float32 on the target layer's GPU
+    bias: torch.Tensor | None  # the router's own bias, added to its logits
+    select_bias: torch.Tensor | None  # a selection bias (exp_probs_b), as route_topk takes it
 
-    def __init__(self, tiers: GpuTiers):
+
+def lookaheads(weights: Weights, moe_layers: list[int], layer_gpu: dict[int, int]) -> dict[int, Lookahead]:
+    """For each MoE layer but the last, the next one's router with both FFN norms folded in (h / w_l * w_next:
+    the router reads a normalised residual scaled by its own layer's norm)."""
+    out = {}
+    for layer, target in itertools.pairwise(moe_layers):
+        norm, norm_next = (weights.vector(f"blk.{il}.ffn_norm.weight") for il in (layer, target))
+        if norm is None or norm_next is None:
+            continue
+        router = weights.matrix(f"blk.{target}.ffn_gate_inp.weight")
+        scale = np.divide(norm_next, norm, out=np.zeros_like(norm_next), where=norm != 0)
+        device = torch.device("cuda", layer_gpu[target])
+        vectors = [weights.vector(f"blk.{target}.{name}.bias") for name in ("ffn_gate_inp", "exp_probs_b")]
+        bias, select_bias = (None if v is None else torch.from_numpy(v).float().to(device) for v in vectors)
+        matrix = router.rows(np.arange(router.n_rows)) * scale[None, :]
+        out[layer] = Lookahead(target, torch.from_numpy(np.ascontiguousarray(matrix, np.float32)).to(device), bias,
+                               select_bias)
+    return out
+
+
+class DeviceMoE:
+    """ops.moe for the GPU backend when device_path_possible(): decode on the device, prefill as moe_ffn_gpu.
+
+    With staging slots for 3k rows and lookaheads: k demand slots, and two buffers of k where the lookahead of
+    each layer stages the next layer's predicted warm experts (alternating, so one is read while the next
+    fills), on a low-priority stream that never holds up a demand copy in its queue."""
+
+    def __init__(self, tiers: GpuTiers, lookahead: dict[int, Lookahead] | None = None):
         self.tiers = tiers
+        c = tiers.desc.config
         self.first_layer = min(e.layer for e in tiers.desc.experts)
         self.parts = {}  # layer -> (gate, up, down parts of one of its experts, their blob offsets, blob bytes)
         for eid, ref in tiers.desc.experts.items():
             if eid.layer not in self.parts:
                 self.parts[eid.layer] = (ref.part("gate"), ref.part("up"), ref.part("down"), blob_layout(ref), ref.n_bytes)
-        self.step: list[tuple[int, torch.Tensor]] = []  # this step's (layer, ids (T, k)) on the device
+        k = c.n_expert_used
+        self.lookahead = {layer: la for layer, la in (lookahead or {}).items()
+                          if tiers.stage_slots.get(tiers.layer_gpu[la.target], 0) >= 3 * k}
+        self.parity = {layer: i % 2 for i, layer in enumerate(sorted(self.parts))}
+        # target layer -> (GPU, predicted ids, their staging offsets or SKIP, event: those known, event: copied)
+        self.ahead: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.cuda.Event, torch.cuda.Event]] = {}
+        # this step's (layer, ids (T, k), experts staged ahead for it (k,) with -1 where none) on the device
+        self.step: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
         self.capturing = False  # inside a CUDA graph capture (gpu_graph.py): no host reads here
-        self._host: torch.Tensor | None = None  # pinned copy of a step's routing (layers, T, k)
+        self._host: torch.Tensor | None = None  # pinned copy of a step's routing and prefetches (layers, R + k)
         self._copied: torch.cuda.Event | None = None
-        self._seen: tuple[list[int], frozenset[ExpertId]] | None = None  # its layers, the experts ready then
-        self.side: dict[torch.device, torch.cuda.Stream] = {}  # per GPU: the stream that stages warm experts
+        self._seen: tuple[list[int], int, frozenset[ExpertId]] | None = None  # its layers, R, the experts ready
+        self.streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
 
     def __call__(self, x: torch.Tensor, routing: Routing, layer: int) -> torch.Tensor:
         if layer == self.first_layer and not self.capturing:
             self.account()
         if routing.ids.numel() > DECODE_MAX_ROWS:
+            self.ahead.clear()
             return moe_ffn_gpu(x, routing.host(), layer, self.tiers)
-        self.step.append((layer, routing.ids))
+        ahead = self.ahead.pop(layer, None)
+        staged_ahead = None
+        if ahead is not None:
+            device = self.tiers.arena[ahead[0]].device
+            torch.cuda.current_stream(device).wait_event(ahead[3])  # the lookahead's choice (not its copy)
+            with torch.cuda.device(device):
+                staged_ahead = torch.where(ahead[2] != SKIP, ahead[1], -1)
+        self.step.append((layer, routing.ids, staged_ahead))
+        if layer in self.lookahead and len(x) == 1:
+            self._predict(x, layer)  # queued first: its stream must not wait for this layer's compute
         out = None
         for gpu, arena in self.tiers.arena.items():  # each expert is computed on one GPU, skipped elsewhere
             with torch.cuda.device(arena.device):  # Triton launches on the current device's stream
-                y = self._rows_on(gpu, x.to(arena.device), routing, layer).to(x.device)
+                y = self._rows_on(gpu, x.to(arena.device), routing, layer,
+                                  ahead if ahead is not None and ahead[0] == gpu else None).to(x.device)
             out = y if out is None else out + y
         return out
 
-    def _rows_on(self, gpu: int, x: torch.Tensor, routing: Routing, layer: int) -> torch.Tensor:
+    def _rows_on(self, gpu: int, x: torch.Tensor, routing: Routing, layer: int, ahead) -> torch.Tensor:
         """(T, D): the layer's experts of each token that GPU gpu computes (the others skipped), weighted and
-        summed in slot order, as llama.cpp. Warm rows are staged on a side stream while the hot rows' gate and up
-        compute (PCIe and HBM busy at once); theirs follow, then every row's down."""
+        summed in slot order, as llama.cpp. Warm rows are staged on a side stream while the hot rows (and those
+        staged ahead) compute their gate and up (PCIe and HBM busy at once); theirs follow, then every row's
+        down."""
         gate, _, down, at, blob_bytes = self.parts[layer]
         n_ff, n_embd = matrix_dims(gate.shape)
         tiers, arena, first = self.tiers, self.tiers.arena[gpu], layer * self.tiers.desc.config.n_expert
         ids, loc, n_stage = routing.ids.reshape(-1).to(arena.device), tiers.locations.loc[gpu], tiers.stage_slots[gpu]
-        now, late, every = locate(ids, loc, first, arena, tiers.stage_at[gpu], n_stage, tiers.slot_bytes)
+        if self.lookahead:
+            n_stage = min(n_stage, tiers.desc.config.n_expert_used)  # the rest are the lookahead's buffers
+        now, late, every = locate(ids, loc, first, arena, tiers.stage_at[gpu], n_stage, tiers.slot_bytes,
+                                  None if ahead is None else ahead[1:3])
         split = gemv_split(gate.qtype, n_ff, n_embd, len(ids), 2)
         gate_up = torch.empty((2, 2 * split if n_stage else split, len(ids), n_ff), dtype=torch.float32, device=x.device)
+        main = torch.cuda.current_stream()
         if n_stage:
-            main, side = torch.cuda.current_stream(), self._side(arena.device)
+            side = self._stream(arena.device, "demand")
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 stage(ids, loc, first, arena, late, blob_bytes)
-            self._gate_up(x, arena, now, layer, gate_up[:, :split])
+        if ahead is not None:
+            main.wait_event(ahead[4])  # the experts staged ahead are read with the hot ones
+        self._gate_up(x, arena, now, layer, gate_up[:, :split])
+        if n_stage:
             main.wait_stream(side)
             self._gate_up(x, arena, late, layer, gate_up[:, split:])
-        else:
-            self._gate_up(x, arena, now, layer, gate_up)
         down_parts = gemv_parts(silu_mul(gate_up), arena, every, down.qtype, n_embd, n_ff, (at["down"],))[0]
         return combine(down_parts, routing.weights.to(arena.device))
+
+    def _predict(self, x: torch.Tensor, layer: int) -> None:
+        """Queue the lookahead of `layer`: the next MoE layer's experts by its router on this layer's input, and
+        the copy of the warm ones into that layer's buffer."""
+        la, tiers, k = self.lookahead[layer], self.tiers, self.tiers.desc.config.n_expert_used
+        gpu = tiers.layer_gpu[la.target]
+        arena, c = tiers.arena[gpu], tiers.desc.config
+        main, side = torch.cuda.current_stream(arena.device), self._stream(arena.device, "ahead")
+        side.wait_stream(main)  # x is ready; the buffer's last readers (two layers back) are queued before it
+        with torch.cuda.device(arena.device), torch.cuda.stream(side):
+            logits = x.to(arena.device) @ la.matrix.T
+            if la.bias is not None:
+                logits = logits + la.bias
+            pred = route_topk(logits, la.select_bias, k, c.gating, False, 1.0).ids.reshape(-1)
+            at = tiers.stage_at[gpu] + k * (1 + self.parity[la.target]) * tiers.slot_bytes
+            first = la.target * c.n_expert
+            late = locate(pred, tiers.locations.loc[gpu], first, arena, at, k, tiers.slot_bytes)[1]
+            chosen, done = torch.cuda.Event(), torch.cuda.Event()
+            chosen.record(side)
+            stage(pred, tiers.locations.loc[gpu], first, arena, late, self.parts[la.target][4])
+            done.record(side)
+        for t in (pred, late):
+            t.record_stream(main)  # read by the target layer on the compute stream
+        self.ahead[la.target] = (gpu, pred, late, chosen, done)
 
     def _gate_up(self, x: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, layer: int, out: torch.Tensor) -> None:
         """Gate and up of each row's expert into out (2, S, R, F): one launch where both have one quant type."""
@@ -107,24 +193,27 @@ class DeviceMoE:
             for m, p in enumerate((gate, up)):
                 gemv_parts(x, arena, offsets, p.qtype, n_ff, n_embd, (at[p.matrix],), x_div=k, out=out[m : m + 1])
 
-    def _side(self, device: torch.device) -> torch.cuda.Stream:
-        if device not in self.side:
-            self.side[device] = torch.cuda.Stream(device)
-        return self.side[device]
+    def _stream(self, device: torch.device, role: str) -> torch.cuda.Stream:
+        """Per GPU: "demand" stages this layer's warm experts (high priority), "ahead" the next layer's."""
+        if (device, role) not in self.streams:
+            self.streams[device, role] = torch.cuda.Stream(device, priority=-1 if role == "demand" else 0)
+        return self.streams[device, role]
 
     def snapshot(self) -> None:
-        """Queue this step's routing to pinned host memory for the next account() (no wait here) and note which
-        experts the step found in slots (the table it was queued with)."""
+        """Queue this step's routing and prefetches to pinned host memory for the next account() (no wait here)
+        and note which experts the step found in slots (the table it was queued with)."""
         if not self.step:
             return
-        device = self.step[0][1].device  # with several GPUs each layer's routing is on its layer's GPU
-        ids = torch.stack([ids.to(device) for _, ids in self.step])
-        if self._host is None or self._host.shape != ids.shape:
-            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-        self._host.copy_(ids, non_blocking=True)
+        device, k = self.step[0][1].device, self.tiers.desc.config.n_expert_used
+        none = torch.full((k,), -1, dtype=torch.int32, device=device)
+        rows = torch.stack([torch.cat([ids.reshape(-1).to(device), none if ahead is None else ahead.to(device, torch.int32)])
+                            for _, ids, ahead in self.step])  # each layer's routing on its layer's GPU
+        if self._host is None or self._host.shape != rows.shape:
+            self._host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        self._host.copy_(rows, non_blocking=True)
         self._copied = torch.cuda.Event()
-        self._copied.record(torch.cuda.current_stream(ids.device))
-        self._seen = ([layer for layer, _ in self.step], frozenset(self.tiers.locations.ready))
+        self._copied.record(torch.cuda.current_stream(device))
+        self._seen = ([layer for layer, _, _ in self.step], self.step[0][1].numel(), frozenset(self.tiers.locations.ready))
         self.step = []
 
     def account(self) -> None:
@@ -136,18 +225,23 @@ class DeviceMoE:
             self.snapshot()  # an eager step: its routing is read now
         used = []
         if self._seen is not None:
-            layers, ready = self._seen
+            layers, n_rows, ready = self._seen
             t0 = time.perf_counter()
             self._copied.synchronize()  # long done when a step's logits were read since
-            ids = self._host.numpy()  # (layers, T, k)
+            rows = self._host.numpy()  # (layers, R + k): routing, then the experts staged ahead (-1: none)
             stats.waited("routing gpu->host", time.perf_counter() - t0)
-            for layer, layer_ids in zip(layers, ids):
-                wanted = [ExpertId(layer, int(e)) for e in sorted(set(layer_ids.reshape(-1).tolist()))]
+            for layer, row in zip(layers, rows):
+                wanted = [ExpertId(layer, int(e)) for e in sorted(set(row[:n_rows].tolist()))]
+                ahead = {ExpertId(layer, int(e)) for e in row[n_rows:] if e >= 0}
+                for eid in ahead:
+                    stats.moved("warm->gpu ahead", tiers.desc.experts[eid].n_bytes)
                 for eid in wanted:
                     n_bytes = tiers.desc.experts[eid].n_bytes
                     tiers.policy.touch(eid)
                     if eid in ready:
                         stats.served("hot", n_bytes)
+                    elif eid in ahead:
+                        stats.served("ahead", n_bytes)  # warm, staged while the layer before ran
                     else:
                         stats.served("warm", n_bytes)
                         stats.moved("warm->gpu read", n_bytes)

@@ -98,9 +98,11 @@ def test_gpu_engine_matches_cpu_engine(synth_model, arch, qtype, hot):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("hot", ["all", "half", "none"])
 @pytest.mark.parametrize("arch,qtype", [("llama", "Q4_K"), ("qwen3moe", "Q8_0")])
-def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monkeypatch, arch, qtype, hot):
+@pytest.mark.parametrize("lookahead", [False, True], ids=["", "lookahead"])
+def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monkeypatch, arch, qtype, hot, lookahead):
     """Token by token, as generation runs: every expert pinned, so the router's choice never leaves the GPU;
-    eagerly and as CUDA graphs (a small bucket, so the step crosses several captured lengths)."""
+    eagerly and as CUDA graphs (a small bucket, so the step crosses several captured lengths); with the gate
+    lookahead staging predicted warm experts a layer early, the same logits."""
     from moe_tier import gpu_graph
     from moe_tier.models import Segment
     from moe_tier.moe_decode import DeviceMoE
@@ -112,7 +114,8 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
     cpu_model = family(desc.arch, desc.path)(desc.config, HostOps(desc.config, Weights(desc), HostExperts(desc, [], EngineStats())))
     g = first_gpu_plan(desc, ctx=64)
     n_hot = {"all": len(desc.experts), "half": len(desc.experts) // 2, "none": 0}[hot]
-    eng = Engine.open(path, ctx=64, vram=on_first_gpu(g.fixed_bytes + n_hot * g.slot_bytes + g.slot_bytes // 2))
+    eng = Engine.open(path, ctx=64, vram=on_first_gpu(g.fixed_bytes + n_hot * g.slot_bytes + g.slot_bytes // 2),
+                      lookahead=lookahead)
     assert isinstance(eng.model.ops.moe, DeviceMoE) and len(eng.plan.hot) == n_hot
     tokens = np.random.default_rng(1).integers(3, eng.n_vocab, 24)
     ref = cpu_model.forward(tokens, [Segment(cpu_model.new_cache(64), 0, len(tokens))])
@@ -126,6 +129,8 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
     np.testing.assert_allclose(graphed, eager, atol=1e-3 * ref.std())
     eng.model.ops.moe.account()
     assert sum(c.hits for c in eng.stats.tiers.values()) >= 2 * len(tokens) * len(desc.moe_layers)
+    if lookahead and hot == "half":  # staging slots for 3k rows: the lookahead runs, and its guesses get used
+        assert eng.model.ops.moe.lookahead and eng.stats.tiers["ahead"].hits > 0
     eng.tiers.check()
 
 

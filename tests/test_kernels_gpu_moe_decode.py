@@ -62,6 +62,27 @@ def test_gemv_parts_two_matrices_share_rows_of_x():
                 assert rel_err(got[m, r], want) < TOL, (r, m)
 
 
+def test_locate_reads_experts_staged_ahead_from_their_buffer():
+    """A warm expert a lookahead staged (its id in the prefetched list with an offset) is read from there at once;
+    a prefetched id whose copy was skipped (SKIP: it was hot) or a warm expert not prefetched is staged as usual;
+    a hot expert keeps its slot even if predicted."""
+    slot_bytes, n_expert, layer = 4096, 8, 1
+    arena = torch.zeros(8 * slot_bytes, dtype=torch.uint8, device=DEVICE)
+    far = -(1 << 40)  # pinned host memory lies outside the arena
+    loc = torch.full((2 * n_expert,), SKIP, dtype=torch.int64)
+    loc[layer * n_expert : (layer + 1) * n_expert] = torch.tensor([0, far, far + 1 * 4096, far + 2 * 4096, slot_bytes,
+                                                                   far + 3 * 4096, far + 4 * 4096, far + 5 * 4096])
+    loc = loc.to(DEVICE)
+    ids = torch.tensor([2, 4, 1, 0], dtype=torch.int32, device=DEVICE)  # warm & prefetched, hot, warm, hot
+    pf_ids = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
+    pf_at = torch.tensor([6 * slot_bytes, SKIP], dtype=torch.int64, device=DEVICE)  # 0 was hot: not copied
+    stage_at = 2 * slot_bytes
+    now, late, every = locate(ids, loc, layer * n_expert, arena, stage_at, 4, slot_bytes, (pf_ids, pf_at)).tolist()
+    assert now == [6 * slot_bytes, slot_bytes, SKIP, 0]
+    assert late == [SKIP, SKIP, stage_at + 2 * slot_bytes, SKIP]
+    assert every == [6 * slot_bytes, slot_bytes, stage_at + 2 * slot_bytes, 0]
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
 def test_two_launches_fill_one_buffer(qtype):
     """As decode runs hot rows and then staged rows: each launch skips the other's rows and writes its own S parts

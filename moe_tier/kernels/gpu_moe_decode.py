@@ -69,27 +69,37 @@ def route_topk(logits: torch.Tensor, bias: torch.Tensor | None, k: int, gating: 
 
 
 @triton.jit
-def _locate(ids_ptr, loc_ptr, first, arena_bytes, stage_at, slot_bytes, out_ptr, R, N_STAGE: tl.constexpr,
-            BLOCK: tl.constexpr):
+def _locate(ids_ptr, loc_ptr, first, arena_bytes, stage_at, slot_bytes, pf_ids_ptr, pf_at_ptr, out_ptr, R,
+            N_STAGE: tl.constexpr, N_PF: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.arange(0, BLOCK)
     m = r < R
-    offset = tl.load(loc_ptr + first + tl.load(ids_ptr + r, mask=m, other=0), mask=m, other=0)
-    warm = (offset != -4611686018427387904) & ((offset < 0) | (offset >= arena_bytes)) & (r < N_STAGE)  # not SKIP
+    e = tl.load(ids_ptr + r, mask=m, other=0)
+    offset = tl.load(loc_ptr + first + e, mask=m, other=0)
+    warm = (offset != -4611686018427387904) & ((offset < 0) | (offset >= arena_bytes))  # not SKIP, not in a slot
+    fetched = tl.full((BLOCK,), -4611686018427387904, tl.int64)
+    for j in tl.static_range(N_PF):  # staged ahead by a lookahead (prefetch): read from there
+        at = tl.load(pf_at_ptr + j)
+        fetched = tl.where((tl.load(pf_ids_ptr + j) == e) & (at != -4611686018427387904), at, fetched)
+    now = tl.where(warm & (fetched != -4611686018427387904), fetched, offset)
+    stage = warm & (fetched == -4611686018427387904) & (r < N_STAGE)
     dst = stage_at + r.to(tl.int64) * slot_bytes
-    tl.store(out_ptr + r, tl.where(warm, -4611686018427387904, offset), mask=m)  # now
-    tl.store(out_ptr + R + r, tl.where(warm, dst, -4611686018427387904), mask=m)  # late
-    tl.store(out_ptr + 2 * R + r, tl.where(warm, dst, offset), mask=m)  # every
+    tl.store(out_ptr + r, tl.where(stage, -4611686018427387904, now), mask=m)  # now
+    tl.store(out_ptr + R + r, tl.where(stage, dst, -4611686018427387904), mask=m)  # late
+    tl.store(out_ptr + 2 * R + r, tl.where(stage, dst, now), mask=m)  # every
 
 
 def locate(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor, stage_at: int, n_stage: int,
-           slot_bytes: int) -> torch.Tensor:
+           slot_bytes: int, prefetched: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(3, R) offsets from arena's start for rows ids (R,) of the layer whose table entries start at loc[first]:
-    now (readable at once: hot slots, rows past n_stage read in place; SKIP for rows to stage), late (row r's
-    staging slot stage_at + r * slot_bytes for a warm row r < n_stage, else SKIP) and every (now, or late)."""
+    now (readable at once: hot slots, experts a lookahead staged ahead, rows past n_stage read in place; SKIP for
+    rows to stage), late (row r's staging slot stage_at + r * slot_bytes for a warm row r < n_stage, else SKIP)
+    and every (now, or late). prefetched: (expert ids, their staged offsets or SKIP), from an earlier locate's
+    late and the stage that filled it."""
     R = ids.numel()
     out = torch.empty((3, R), dtype=torch.int64, device=arena.device)
-    _locate[(1,)](ids, loc, first, arena.numel(), stage_at, slot_bytes, out, R, N_STAGE=n_stage,
-                  BLOCK=triton.next_power_of_2(max(R, 16)))
+    pf_ids, pf_at = prefetched if prefetched is not None else (ids, out)  # unread when N_PF is 0
+    _locate[(1,)](ids, loc, first, arena.numel(), stage_at, slot_bytes, pf_ids, pf_at, out, R, N_STAGE=n_stage,
+                  N_PF=0 if prefetched is None else pf_ids.numel(), BLOCK=triton.next_power_of_2(max(R, 16)))
     return out
 
 
