@@ -129,8 +129,8 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
     np.testing.assert_allclose(graphed, eager, atol=1e-3 * ref.std())
     eng.model.ops.moe.account()
     assert sum(c.hits for c in eng.stats.tiers.values()) >= 2 * len(tokens) * len(desc.moe_layers)
-    if lookahead and hot == "half":  # staging slots for 3k rows: the lookahead runs, and its guesses get used
-        assert eng.model.ops.moe.lookahead and eng.stats.tiers["ahead"].hits > 0
+    if lookahead and eng.tiers.stage_slots[0] >= 3 * desc.config.n_expert_used:  # qwen3moe, half hot
+        assert eng.model.ops.moe.lookahead and eng.stats.tiers["ahead"].hits > 0  # it ran, its guesses got used
     eng.tiers.check()
 
 

@@ -239,6 +239,8 @@ def test_device_decode_reads_slots_and_pinned_copies_and_promotes_without_waitin
     desc = models[qtype]
     cfg = desc.config
     experts = list(desc.experts)
+    if 3 + stage >= len(experts):
+        pytest.skip(f"{len(experts)} experts: a pool of {3 + stage} slots holds them all, so nothing is staged")
     tiers, stats = open_tiers(desc, hot=experts[:2], warm=experts, n_slots=3 + stage, policy=policy, stage_slots=stage)
     assert device_path_possible(tiers) is None and tiers.stage_slots[0] == stage
     moe = DeviceMoE(tiers, lookaheads(Weights(desc), list(desc.moe_layers), tiers.layer_gpu) if stage == 6 else None)
