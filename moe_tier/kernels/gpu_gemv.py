@@ -10,13 +10,14 @@ N = n_rows (outputs), S split-K parts, M matrices per row (gate and up of one ex
                            output is 0: another GPU computes it)
   parts    (M, S, R, N) float32: gemv_parts' split-K partial sums, for a consumer that sums them itself
 
-At batch 1 a token needs a few matrices read once each, so the kernel must be bound by bandwidth, not by
-instructions. Unpacking each nibble to float32 took ~5 instructions a weight and held the kernel to ~0.9 TB/s on an
-H100. So, as llama.cpp's mmvq: the activations are quantized to q8_1 (32 int8 values and an f16 scale a block,
+At batch 1 a token needs a few matrices read once each, so the kernel should be bound by bandwidth. As
+llama.cpp's mmvq: the activations are quantized to q8_1 (32 int8 values and an f16 scale a block,
 quantize_q8_1), and one dp4a multiplies four weight nibbles by four int8 activations and adds them; sub-block
-scales and minimums apply to the integer sub-block sums. Q4_K quants are read as 32-bit words, one super-block
-(256 values, 144 bytes) of BLOCK_N rows per step. Other types go through kernels.gpu's grouped kernel (one
-expert per row).
+scales and minimums apply to the integer sub-block sums. On an H100 that reads ~1.05 TB/s (gate) against ~0.93
+with each nibble unpacked to float32 (bench/gpu_gemv.py): a third of the card's copy rate, so instructions were
+not the main bound; what is (the access pattern, occupancy) is not found yet. Q4_K quants are read as 32-bit
+words, one super-block (256 values, 144 bytes) of BLOCK_N rows per step. Other types go through kernels.gpu's
+grouped kernel (one expert per row).
 """
 
 from __future__ import annotations
