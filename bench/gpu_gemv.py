@@ -2,7 +2,7 @@
 
 Two experts (one token, top-2), gate (14336 x 4096) and down (4096 x 14336), timed with triton.testing.do_bench:
 the grouped tl.dot kernel (kernels/gpu.py) against the matrix-vector kernel (kernels/gpu_gemv.py) over a sweep of
-tile sizes, then the matrix-vector kernel reading the experts in place from pinned host memory (the warm tier at
+tile sizes, warps and split-K parts (the default, then the fastest), then the matrix-vector kernel reading the experts in place from pinned host memory (the warm tier at
 decode), against a pinned host-to-device copy of the same bytes. Ceilings: the device-to-device copy rate.
 Usage: python -m bench.gpu_gemv
 """
@@ -19,11 +19,12 @@ from gguf import GGMLQuantizationType as Q
 from bench.gpu_tiers import d2d_bytes_per_s
 from bench.report import update_section
 from moe_tier.kernels.gpu import matrix_bytes, moe_matmul
-from moe_tier.kernels.gpu_gemv import gemv
+from moe_tier.kernels.gpu_gemv import BLOCK_N, NUM_WARPS, gemv
 from moe_tier.synth.fast import block_pool
 
 D, F = 4096, 14336
 SHAPES = {"gate 14336x4096": (F, D), "down 4096x14336": (D, F)}
+SHOWN = 6  # fastest tiles listed per matrix, after the module's default
 
 
 def ms(fn) -> float:
@@ -45,15 +46,19 @@ def main() -> None:
         gb = 2 * n_bytes / 1e6
         ref = moe_matmul(x, vram, offsets, seg, 1, Q.Q4_K, n_rows, n_cols)
         rows.append((name, "grouped tl.dot (before)", "VRAM", gb / ms(lambda: moe_matmul(x, vram, offsets, seg, 1, Q.Q4_K, n_rows, n_cols))))
-        best = None
-        for block_n, warps, stages in itertools.product((16, 32, 64), (1, 2), (1, 3)):
-            tile = dict(block_n=block_n, num_warps=warps, stages=stages)
+        swept = []
+        for block_n, warps, split in itertools.product((8, 16, 32), (1, 2, 4), (None, 2, 4, 8)):
+            tile = dict(block_n=block_n, num_warps=warps, split=split)
             got = gemv(x, vram, offsets, Q.Q4_K, n_rows, n_cols, **tile)
             err = float((got - ref).norm() / ref.norm())
             rate = gb / ms(lambda: gemv(x, vram, offsets, Q.Q4_K, n_rows, n_cols, **tile))
-            rows.append((name, f"gemv {block_n} rows / {warps} warps / {stages} stages (rel diff {err:.1e})", "VRAM", rate))
-            best = max(best or (0, ()), (rate, tuple(tile.items())))
-        tile = dict(best[1])
+            swept.append((rate, err, tile))
+        default = next(r for r in swept if r[2] == dict(block_n=BLOCK_N, num_warps=NUM_WARPS, split=None))
+        for rate, err, tile in [default] + [r for r in sorted(swept, key=lambda r: -r[0]) if r is not default][:SHOWN]:
+            label = ", ".join(f"{k} {'auto' if v is None else v}" for k, v in tile.items())
+            rows.append((name, f"gemv {label}{' (default)' if tile == default[2] else ''} (rel diff {err:.1e})", "VRAM", rate))
+        best = max(swept, key=lambda r: r[0])
+        tile = best[2]
         far = offsets + (pinned.data_ptr() - vram.data_ptr())  # the same bytes, read over PCIe in place
         got = gemv(x, vram, far, Q.Q4_K, n_rows, n_cols, **tile)
         err = float((got - ref).norm() / ref.norm())
