@@ -70,7 +70,7 @@ def main() -> None:
         rows.append((f"fetch one {name} expert", f"{s * 1e3:.1f} ms ({slot_bytes / s / 1e9:.1f} GB/s)"))
 
     dev = tiers.arena[0].device
-    for matrix, n_tokens, n_experts in (("gate", 1, 2), ("down", 1, 2), ("gate", 8, 8), ("gate", 64, 8)):
+    for matrix, n_tokens, n_experts in (("gate", 1, 2), ("down", 1, 2), ("gate", 8, 8), ("gate", 64, 8), ("gate", 512, 8)):
         part = desc.experts[layer0[0]].part(matrix)
         n_rows, n_cols = matrix_dims(part.shape)
         used = layer0[:n_experts]
@@ -80,12 +80,15 @@ def main() -> None:
         seg = torch.tensor(np.concatenate([[0], np.cumsum(counts)]), dtype=torch.int32, device=dev)
         x = torch.randn(int(counts.sum()), n_cols, device=dev)
         read = n_experts * part.n_bytes
-        for block_n, num_warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
+        tiles = [(16, 32, 4), (16, 64, 4), (16, 64, 8), (16, 128, 4), (16, 128, 8)]
+        if n_tokens >= 64:  # prefill: wider token tiles decode each weight tile for more tokens
+            tiles += [(32, 64, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 128, 8)]
+        for block_t, block_n, num_warps in tiles:
             ms = triton.testing.do_bench(
                 lambda: moe_matmul(x, tiers.arena[0], offsets, seg, int(counts.max()), part.qtype, n_rows, n_cols,
-                                   block_n=block_n, num_warps=num_warps),
+                                   block_n=block_n, num_warps=num_warps, block_t=block_t),
                 warmup=25, rep=100, return_mode="median")
-            rows.append((f"{matrix} T={n_tokens}, {n_experts} experts, block_n {block_n}, {num_warps} warps",
+            rows.append((f"{matrix} T={n_tokens}, {n_experts} experts, block_t {block_t}, block_n {block_n}, {num_warps} warps",
                          f"{ms:.3f} ms, {read / ms / 1e6:.0f} GB/s ({read / ms / 1e6 / (ceiling / 2e9):.0%} of copy read rate)"))
 
     rng = np.random.default_rng(0)

@@ -138,16 +138,17 @@ def test_row_length_not_a_multiple_of_the_tile(qtype):
     assert rel_err(got.cpu().numpy(), reference(x, w, qtype, 17, 96)) < TOL
 
 
-@pytest.mark.parametrize("block_n,num_warps", [(64, 4), (128, 8)])
-def test_wider_row_tiles(block_n, num_warps):
-    """The tuning knobs: a row tile wider than the 40 rows still writes exactly the rows that exist."""
+@pytest.mark.parametrize("block_t,block_n,num_warps", [(16, 64, 4), (16, 128, 8), (64, 64, 8)])
+def test_wider_row_tiles(block_t, block_n, num_warps):
+    """The tuning knobs: 37 tokens over several token tiles or one wider one, row tiles wider than the 40 rows:
+    exactly the outputs that exist are written."""
     rng = np.random.default_rng(block_n)
     w = random_weight(Q.Q4_K, 40, 256, rng)
-    x = rng.standard_normal((3, 256)).astype(np.float32)
-    seg = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
+    x = rng.standard_normal((37, 256)).astype(np.float32)
+    seg = torch.tensor([0, 37], dtype=torch.int32, device=DEVICE)
     out = gpu.moe_matmul(torch.from_numpy(x).to(DEVICE), torch.from_numpy(w.reshape(-1)).to(DEVICE),
-                         torch.zeros(1, dtype=torch.int64, device=DEVICE), seg, 3, Q.Q4_K, 40, 256,
-                         block_n=block_n, num_warps=num_warps)
+                         torch.zeros(1, dtype=torch.int64, device=DEVICE), seg, 37, Q.Q4_K, 40, 256,
+                         block_n=block_n, num_warps=num_warps, block_t=block_t)
     assert rel_err(out.cpu().numpy(), reference(x, w, Q.Q4_K, 40, 256)) < TOL
 
 

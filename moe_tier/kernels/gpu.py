@@ -173,7 +173,7 @@ def matrix_bytes(qtype: Q, n_rows: int, n_cols: int) -> int:
 
 def moe_matmul(
     x: torch.Tensor, arena: torch.Tensor, w_offsets: torch.Tensor, seg: torch.Tensor, max_rows: int,
-    qtype: Q, n_rows: int, n_cols: int, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+    qtype: Q, n_rows: int, n_cols: int, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS, block_t: int = BLOCK_T,
 ) -> torch.Tensor:
     """Grouped x @ W_e.T: rows seg[e]:seg[e+1] of x (M, K) use the matrix at arena[w_offsets[e]:]; (M, N) float32.
     Rows of an expert whose offset is gpu_gemv.SKIP are left unwritten.
@@ -194,11 +194,11 @@ def moe_matmul(
     out = torch.empty((x.shape[0], n_rows), dtype=torch.float32, device=x.device)
     n_experts = w_offsets.numel()
     if x.shape[0] and n_rows and n_experts and max_rows:
-        grid = (triton.cdiv(n_rows, block_n), n_experts, triton.cdiv(max_rows, BLOCK_T))
+        grid = (triton.cdiv(n_rows, block_n), n_experts, triton.cdiv(max_rows, block_t))
         _grouped_matmul[grid](
             x, arena, w_offsets, seg, out, n_rows, x.stride(0), out.stride(0),
             K=n_cols, QTYPE=int(qtype), QK=qk, BB=bb, G=GROUP_VALUES.get(qtype, 32),
-            BLOCK_T=BLOCK_T, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=num_warps,
+            BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=num_warps,
         )
     return out
 
