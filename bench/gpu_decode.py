@@ -11,7 +11,7 @@ part and the experts' bytes per layer; llama-bench reports no memory use).
 ONLY, the router's choice is replaced, token after token, by the recorded routing, labelled as such in the output;
 llama.cpp cannot be given another routing, so its row stays the uniform-routing one.
 Usage: python -m bench.gpu_decode [--vram 12GiB,24GiB] [--tokens 256] [--prompt 512] [--out /tmp/mixtral.gguf]
-       [--policy lfu,lru] [--lookahead off,on] [--replay TRACE] [--llama-bench /path/to/llama-bench]
+       [--policy lfu,lru] [--lookahead 0,1,2] [--replay TRACE] [--llama-bench /path/to/llama-bench]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class ReplayedRouter:
         return routing if self.ops.device_routing else routing.host()
 
 
-def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay: Path | None, lookahead: bool) -> dict:
+def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay: Path | None, lookahead: int) -> dict:
     t0 = time.perf_counter()
     eng = Engine.open(path, vram=vram, ctx=n_prompt + n_tokens + 8, policy=policy, lookahead=lookahead)
     open_s = time.perf_counter() - t0
@@ -138,8 +138,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--policy", default="lfu", help="slot policies to run, comma-separated (tiers.slots.POLICIES)")
     ap.add_argument("--replay", type=Path, help="BENCHMARK ONLY: replace the routing by this recorded one")
-    ap.add_argument("--lookahead", default="off,on", help="decode with the gate lookahead's staging off, on or both "
-                    "(replayed rows run off: the lookahead predicts the model's own router, not the replayed one)")
+    ap.add_argument("--lookahead", default="0,1,2", help="gate lookahead distances to run, 0 = off (replayed rows run "
+                    "0 only: the lookahead predicts the model's own router, not the replayed one)")
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick check")
     ap.add_argument("--llama-bench", help="llama.cpp's llama-bench built with CUDA: the peer, in the same run")
     ap.add_argument("--out", default="/tmp/moe-tier-mixtral-8x7b-q4k.gguf")
@@ -154,7 +154,7 @@ def main() -> None:
         parse_bytes(vram)
         for replay in [None] + ([args.replay] if args.replay else []):
             for policy in args.policy.split(","):
-                for lookahead in [a == "on" for a in args.lookahead.split(",") if replay is None or a == "off"]:
+                for lookahead in [int(d) for d in args.lookahead.split(",") if replay is None or int(d) == 0]:
                     rows.append(run(path, vram, args.prompt, args.tokens, policy, replay, lookahead))
                     print(rows[-1], flush=True)
     for r in rows:  # the peer after ours: nothing of ours is lost if it fails
@@ -175,7 +175,7 @@ def main() -> None:
         peer = r.get("peer")
         versus = (f"{peer['prefill_tps']:.1f} / {peer['decode_tps']:.2f} ({peer['ncmoe']}) | "
                   f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else "not run | -")
-        body += (f"| {r['vram']} | {r['routing']} | {r['policy']} | {'on' if r['lookahead'] else 'off'} | {r['slots']} | {r['open_s']:.0f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
+        body += (f"| {r['vram']} | {r['routing']} | {r['policy']} | {r['lookahead'] or 'off'} | {r['slots']} | {r['open_s']:.0f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
                  f"{r['floor_tps']:.1f} | {moved} | {r['rates']} | {versus} |\n")
     body += ("\nfloor: tokens/s if each link only carried this run's bytes at its measured rate, links in parallel: "
              "PCIe (warm reads and copies), disk, and HBM (hot experts and dense weights at the device copy rate); "
@@ -183,9 +183,9 @@ def main() -> None:
     body += ("Decode keeps routing on the GPU (" + ("yes" if rows[0]["device_path"] else "no") + "), each step one CUDA "
              "graph replay (" + ("yes" if rows[0]["graphs"] else "no") + f"; its capture, {rows[0]['first_s']:.1f} s, is "
              "outside the timed steps): a warm expert chosen by a token is copied from pinned memory into a staging "
-             "slot by a kernel ('warm->gpu read'), promotions into slots are DMA copies ('warm->gpu'). Lookahead on: the next "
-             "MoE layer's router on this layer's input predicts its experts, and the warm ones are staged while this layer "
-             "computes ('warm->gpu ahead', all of them, used or not; uses of them count as 'ahead'). Replayed rows: the router's "
+             "slot by a kernel ('warm->gpu read'), promotions into slots are DMA copies ('warm->gpu'). Lookahead d: the router "
+             "of the MoE layer d later on this layer's input predicts its experts, and the warm ones are staged while the "
+             "layers between compute ('warm->gpu ahead', all of them, used or not; uses of them count as 'ahead'). Replayed rows: the router's "
              "choice replaced by real Mixtral-8x7B routing (GSM8K), a benchmark-only override; llama.cpp's ratio there "
              "is against its uniform-routing run.\n")
     print(body)

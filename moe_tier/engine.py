@@ -35,7 +35,7 @@ PREFILL_CHUNK = 512  # tokens per prefill step: bounds the activation scratch th
 
 class Engine:
     def __init__(self, desc: ModelDesc, plan: TierPlan, ctx: int, policy: str = "planner",
-                 expert_freq: np.ndarray | None = None, lookahead: bool = False):
+                 expert_freq: np.ndarray | None = None, lookahead: int = 0):
         self.desc, self.plan, self.ctx, self.policy, self.expert_freq = desc, plan, ctx, policy, expert_freq
         self.lookahead = lookahead
         self.stats = EngineStats()
@@ -71,11 +71,11 @@ class Engine:
 
         k = self.desc.config.n_expert_used
         config = TierConfig(policy=self.policy, prior=use_per_token(self.desc, self.expert_freq),
-                            stage_slots=3 * k if self.lookahead else k)
+                            stage_slots=(self.lookahead + 2) * k if self.lookahead else k)
         self.tiers = tiers = GpuTiers(self.desc, self.plan, self.stats, config, fits=FitStore())
         on_device = device_path_possible(tiers) is None
         if on_device:
-            ahead = lookaheads(weights, self.desc.moe_layers, tiers.layer_gpu) if self.lookahead else None
+            ahead = lookaheads(weights, self.desc.moe_layers, tiers.layer_gpu, self.lookahead) if self.lookahead else None
             moe = DeviceMoE(tiers, ahead)
         else:
             moe = lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, tiers)  # noqa: E731
@@ -96,11 +96,11 @@ class Engine:
     @classmethod
     def open(cls, path: str | Path, vram: int | str | None = None, ram: int | str | None = None,
              ctx: int = 2048, expert_freq: np.ndarray | None = None, policy: str = "planner",
-             lookahead: bool = False) -> Engine:
+             lookahead: int = 0) -> Engine:
         """vram/ram: bytes or sizes like "12GiB" (vram may list one per GPU); expert_freq (layer, expert)
         from a routing profile ranks experts for the tiers; policy (tiers.slots.POLICIES) picks slot victims;
-        lookahead: decode on the GPU stages each MoE layer's predicted warm experts while the layer before runs
-        (moe_decode.Lookahead; it takes 2k more staging slots)."""
+        lookahead: d > 0: decode on the GPU stages each MoE layer's predicted warm experts while the d layers before
+        it run (moe_decode.Lookahead; it takes (d + 1) k more staging slots); 0: off."""
         desc = open_model(path)
         if ctx <= 0:
             raise MoeTierError(path, f"context length must be positive, got {ctx}")

@@ -13,7 +13,6 @@ Larger batches (prefill) read the routing back and take moe_gpu.moe_ffn_gpu, whi
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass
 
@@ -47,20 +46,22 @@ def device_path_possible(tiers: GpuTiers) -> str | None:
 
 @dataclass(frozen=True)
 class Lookahead:
-    """Layer `target`'s router applied to the FFN input of the MoE layer before it, the norm weights folded in
-    (router_predict/lookahead.py measured it): predicts target's experts one layer early, so that their staging
-    runs while the layer before computes."""
+    """Layer `target`'s router applied to the FFN input of an MoE layer `distance` layers before it, the norm
+    weights folded in (router_predict/lookahead.py measured it): predicts target's experts early, so that their
+    staging runs while the layers before compute."""
     target: int
+    distance: int
     matrix: torch.Tensor  # (E, D) float32 on the target layer's GPU
     bias: torch.Tensor | None  # the router's own bias, added to its logits
     select_bias: torch.Tensor | None  # a selection bias (exp_probs_b), as route_topk takes it
 
 
-def lookaheads(weights: Weights, moe_layers: list[int], layer_gpu: dict[int, int]) -> dict[int, Lookahead]:
-    """For each MoE layer but the last, the next one's router with both FFN norms folded in (h / w_l * w_next:
-    the router reads a normalised residual scaled by its own layer's norm)."""
+def lookaheads(weights: Weights, moe_layers: tuple[int, ...], layer_gpu: dict[int, int],
+               distance: int = 1) -> dict[int, Lookahead]:
+    """For each MoE layer, the router of the MoE layer `distance` after it with both FFN norms folded in
+    (h / w_l * w_target: a router reads a normalised residual scaled by its own layer's norm)."""
     out = {}
-    for layer, target in itertools.pairwise(moe_layers):
+    for layer, target in zip(moe_layers, moe_layers[distance:]):
         norm, norm_next = (weights.vector(f"blk.{il}.ffn_norm.weight") for il in (layer, target))
         if norm is None or norm_next is None:
             continue
@@ -70,17 +71,18 @@ def lookaheads(weights: Weights, moe_layers: list[int], layer_gpu: dict[int, int
         vectors = [weights.vector(f"blk.{target}.{name}.bias") for name in ("ffn_gate_inp", "exp_probs_b")]
         bias, select_bias = (None if v is None else torch.from_numpy(v).float().to(device) for v in vectors)
         matrix = router.rows(np.arange(router.n_rows)) * scale[None, :]
-        out[layer] = Lookahead(target, torch.from_numpy(np.ascontiguousarray(matrix, np.float32)).to(device), bias,
-                               select_bias)
+        out[layer] = Lookahead(target, distance, torch.from_numpy(np.ascontiguousarray(matrix, np.float32)).to(device),
+                               bias, select_bias)
     return out
 
 
 class DeviceMoE:
     """ops.moe for the GPU backend when device_path_possible(): decode on the device, prefill as moe_ffn_gpu.
 
-    With staging slots for 3k rows and lookaheads: k demand slots, and two buffers of k where the lookahead of
-    each layer stages the next layer's predicted warm experts (alternating, so one is read while the next
-    fills), on a low-priority stream that never holds up a demand copy in its queue."""
+    With lookaheads of distance d and staging slots for (d + 2) k rows: k demand slots, and a ring of d + 1
+    buffers of k where the lookahead of each layer stages the predicted warm experts of the layer d later (a
+    buffer is refilled only after the layer that read it last was queued), on a low-priority stream that never
+    holds up a demand copy in its queue."""
 
     def __init__(self, tiers: GpuTiers, lookahead: dict[int, Lookahead] | None = None):
         self.tiers = tiers
@@ -92,8 +94,9 @@ class DeviceMoE:
                 self.parts[eid.layer] = (ref.part("gate"), ref.part("up"), ref.part("down"), blob_layout(ref), ref.n_bytes)
         k = c.n_expert_used
         self.lookahead = {layer: la for layer, la in (lookahead or {}).items()
-                          if tiers.stage_slots.get(tiers.layer_gpu[la.target], 0) >= 3 * k}
-        self.parity = {layer: i % 2 for i, layer in enumerate(sorted(self.parts))}
+                          if tiers.stage_slots.get(tiers.layer_gpu[la.target], 0) >= (la.distance + 2) * k}
+        ring = max((la.distance + 1 for la in self.lookahead.values()), default=1)
+        self.buffer = {layer: i % ring for i, layer in enumerate(sorted(self.parts))}  # its ring buffer as a target
         # target layer -> (GPU, predicted ids, their staging offsets or SKIP, event: those known, event: copied)
         self.ahead: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.cuda.Event, torch.cuda.Event]] = {}
         # this step's (layer, ids (T, k), experts staged ahead for it (k,) with -1 where none) on the device
@@ -159,19 +162,19 @@ class DeviceMoE:
         return combine(down_parts, routing.weights.to(arena.device))
 
     def _predict(self, x: torch.Tensor, layer: int) -> None:
-        """Queue the lookahead of `layer`: the next MoE layer's experts by its router on this layer's input, and
+        """Queue the lookahead of `layer`: a later MoE layer's experts by its router on this layer's input, and
         the copy of the warm ones into that layer's buffer."""
         la, tiers, k = self.lookahead[layer], self.tiers, self.tiers.desc.config.n_expert_used
         gpu = tiers.layer_gpu[la.target]
         arena, c = tiers.arena[gpu], tiers.desc.config
         main, side = torch.cuda.current_stream(arena.device), self._stream(arena.device, "ahead")
-        side.wait_stream(main)  # x is ready; the buffer's last readers (two layers back) are queued before it
+        side.wait_stream(main)  # x is ready; the buffer's last reader (d + 1 layers before the target) is queued
         with torch.cuda.device(arena.device), torch.cuda.stream(side):
             logits = x.to(arena.device) @ la.matrix.T
             if la.bias is not None:
                 logits = logits + la.bias
             pred = route_topk(logits, la.select_bias, k, c.gating, False, 1.0).ids.reshape(-1)
-            at = tiers.stage_at[gpu] + k * (1 + self.parity[la.target]) * tiers.slot_bytes
+            at = tiers.stage_at[gpu] + k * (1 + self.buffer[la.target]) * tiers.slot_bytes
             first = la.target * c.n_expert
             late = locate(pred, tiers.locations.loc[gpu], first, arena, at, k, tiers.slot_bytes)[1]
             chosen, done = torch.cuda.Event(), torch.cuda.Event()

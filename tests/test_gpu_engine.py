@@ -98,7 +98,7 @@ def test_gpu_engine_matches_cpu_engine(synth_model, arch, qtype, hot):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("hot", ["all", "half", "none"])
 @pytest.mark.parametrize("arch,qtype", [("llama", "Q4_K"), ("qwen3moe", "Q8_0")])
-@pytest.mark.parametrize("lookahead", [False, True], ids=["", "lookahead"])
+@pytest.mark.parametrize("lookahead", [0, 1], ids=["", "lookahead"])
 def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monkeypatch, arch, qtype, hot, lookahead):
     """Token by token, as generation runs: every expert pinned, so the router's choice never leaves the GPU;
     eagerly and as CUDA graphs (a small bucket, so the step crosses several captured lengths); with the gate
@@ -129,7 +129,7 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
     np.testing.assert_allclose(graphed, eager, atol=1e-3 * ref.std())
     eng.model.ops.moe.account()
     assert sum(c.hits for c in eng.stats.tiers.values()) >= 2 * len(tokens) * len(desc.moe_layers)
-    if lookahead and eng.tiers.stage_slots[0] >= 3 * desc.config.n_expert_used:  # qwen3moe, half hot
+    if lookahead and eng.tiers.stage_slots[0] >= (lookahead + 2) * desc.config.n_expert_used:  # qwen3moe, half
         assert eng.model.ops.moe.lookahead and eng.stats.tiers["ahead"].hits > 0  # it ran, its guesses got used
     eng.tiers.check()
 

@@ -226,25 +226,31 @@ def test_start_up_measures_every_link(models):
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("policy", ["lru", "lfu", "planner"])
-@pytest.mark.parametrize("stage", [0, 2, 6], ids=["in-place", "staged", "staged-ahead"])
-def test_device_decode_reads_slots_and_pinned_copies_and_promotes_without_waiting(models, qtype, policy, stage):
+@pytest.mark.parametrize("stage", [0, 2, 6, 8], ids=["in-place", "staged", "staged-ahead-1", "staged-ahead-2"])
+def test_device_decode_reads_slots_and_pinned_copies_and_promotes_without_waiting(models, tmp_path, qtype, policy,
+                                                                                   stage):
     """Decode with routing on the device: hot experts from slots, the rest from pinned memory (read in place, or
-    copied by the stage kernel into the arena's last slots first, or, with 3k staging slots, into a buffer while
-    the layer before runs, by the model's gate lookahead), misses promoted by copies the compute never waits for;
-    results the exact math's (Q4_K: within q8_1 rounding), tables consistent, every use counted."""
+    copied by the stage kernel into the arena's last slots first, or, with (d + 2) k staging slots, into a ring
+    buffer while the d layers before run, by the model's gate lookahead of distance d), misses promoted by copies
+    the compute never waits for; results the exact math's (Q4_K: within q8_1 rounding), tables consistent, every
+    use counted."""
     from moe_tier.moe import Routing
     from moe_tier.moe_decode import DeviceMoE, device_path_possible, lookaheads
     from moe_tier.tensors import Weights
 
-    desc = models[qtype]
+    distance = {6: 1, 8: 2}.get(stage, 0)
+    if distance == 2:  # four layers: the lookahead of two layers' distance runs twice a step
+        desc = open_model(write_fast(tmp_path / f"{qtype}.gguf", tiny("qwen3moe", qtype=qtype, n_layer=4)))
+    else:
+        desc = models[qtype]
     cfg = desc.config
     experts = list(desc.experts)
     if 3 + stage >= len(experts):
         pytest.skip(f"{len(experts)} experts: a pool of {3 + stage} slots holds them all, so nothing is staged")
     tiers, stats = open_tiers(desc, hot=experts[:2], warm=experts, n_slots=3 + stage, policy=policy, stage_slots=stage)
     assert device_path_possible(tiers) is None and tiers.stage_slots[0] == stage
-    moe = DeviceMoE(tiers, lookaheads(Weights(desc), list(desc.moe_layers), tiers.layer_gpu) if stage == 6 else None)
-    assert len(moe.lookahead) == (len(desc.moe_layers) - 1 if stage == 6 else 0)
+    moe = DeviceMoE(tiers, lookaheads(Weights(desc), desc.moe_layers, tiers.layer_gpu, distance) if distance else None)
+    assert len(moe.lookahead) == max(len(desc.moe_layers) - distance, 0) if distance else not moe.lookahead
     exact = DequantizedExperts(desc)
     rng = np.random.default_rng(5)
     n_used = 0
@@ -265,7 +271,7 @@ def test_device_decode_reads_slots_and_pinned_copies_and_promotes_without_waitin
     assert sum(c.hits for c in stats.tiers.values()) == n_used
     assert stats.tiers["warm"].hits == stats.links["warm->gpu read"].hits > 0
     assert stats.links["warm->gpu"].hits > 0  # promotions
-    if stage == 6:  # predictions from random inputs: some used, some not; every copy counted
+    if distance and len(desc.moe_layers) > distance:  # predictions from random inputs: some used, some not
         assert stats.tiers["ahead"].hits > 0 and stats.links["warm->gpu ahead"].hits > stats.tiers["ahead"].hits
     assert set(stats.waits) == {"routing gpu->host"}  # the one read-back a step, one step late
     assert len(tiers.table.hot_on(0)) == 3
