@@ -125,13 +125,18 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
             d = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             dmin = ((u >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             ok = sb < K // 256
+            # The activations of both halves before any math: loads issued late wait a second round trip.
+            x_words = xq_words + sb * 64 + 16 * c[:, None] + w[None, :]  # (4, 8): low nibbles' words, high at + 8
+            xws = (tl.load(x_words, mask=ok, other=0), tl.load(x_words + 8, mask=ok, other=0))
+            x_blocks = x_row * (K // 32) + sb * 8 + 2 * c  # (4,) the low nibbles' q8_1 blocks, high at + 1
+            xds = (tl.load(xd_ptr + x_blocks, mask=ok, other=0.0), tl.load(xd_ptr + x_blocks + 1, mask=ok, other=0.0))
+            xss = (tl.load(xs_ptr + x_blocks, mask=ok, other=0.0), tl.load(xs_ptr + x_blocks + 1, mask=ok, other=0.0))
             for h in tl.static_range(2):
                 s = 2 * c + h  # (4,) sub-block index
-                xw = tl.load(xq_words + sb * 64 + 16 * c[:, None] + 8 * h + w[None, :], mask=ok, other=0)  # (4, 8)
-                xd = tl.load(xd_ptr + x_row * (K // 32) + sb * 8 + s, mask=ok, other=0.0)
-                xs = tl.load(xs_ptr + x_row * (K // 32) + sb * 8 + s, mask=ok, other=0.0)
+                xd, xs = xds[h], xss[h]
                 nib = (q >> (4 * h)) & 0x0F0F0F0F
-                dot = tl.sum(_dp4a(nib, tl.broadcast_to(xw[None, :, :], (BLOCK_N, 4, 8)), tl.zeros_like(nib), ASM), axis=2)
+                dot = tl.sum(_dp4a(nib, tl.broadcast_to(xws[h][None, :, :], (BLOCK_N, 4, 8)), tl.zeros_like(nib), ASM),
+                             axis=2)
                 lo = s[None, :] < 4
                 b_s = _byte(u0, u1, u2, s[None, :])
                 b_s4 = _byte(u0, u1, u2, s[None, :] + 4)
