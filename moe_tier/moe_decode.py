@@ -208,9 +208,12 @@ class DeviceMoE:
         if not self.step:
             return
         device, k = self.step[0][1].device, self.tiers.desc.config.n_expert_used
-        none = torch.full((k,), -1, dtype=torch.int32, device=device)
-        rows = torch.stack([torch.cat([ids.reshape(-1).to(device), none if ahead is None else ahead.to(device, torch.int32)])
-                            for _, ids, ahead in self.step])  # each layer's routing on its layer's GPU
+        if all(ahead is None for _, _, ahead in self.step):  # no lookahead: one launch, as before it existed
+            rows = torch.stack([ids.reshape(-1).to(device) for _, ids, _ in self.step])
+        else:
+            none = torch.full((k,), -1, dtype=torch.int32, device=device)
+            rows = torch.stack([torch.cat([ids.reshape(-1).to(device), none if ahead is None else ahead.to(device)])
+                                for _, ids, ahead in self.step])  # each layer's routing on its layer's GPU
         if self._host is None or self._host.shape != rows.shape:
             self._host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
         self._host.copy_(rows, non_blocking=True)
@@ -231,7 +234,7 @@ class DeviceMoE:
             layers, n_rows, ready = self._seen
             t0 = time.perf_counter()
             self._copied.synchronize()  # long done when a step's logits were read since
-            rows = self._host.numpy()  # (layers, R + k): routing, then the experts staged ahead (-1: none)
+            rows = self._host.numpy()  # (layers, R [+ k]): routing, then any experts staged ahead (-1: none)
             stats.waited("routing gpu->host", time.perf_counter() - t0)
             for layer, row in zip(layers, rows):
                 wanted = [ExpertId(layer, int(e)) for e in sorted(set(row[:n_rows].tolist()))]
