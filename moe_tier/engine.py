@@ -75,10 +75,10 @@ class Engine:
         self.tiers = tiers = GpuTiers(self.desc, self.plan, self.stats, config, fits=FitStore())
         on_device = device_path_possible(tiers) is None
         if on_device:
-            ahead = lookaheads(weights, self.desc.moe_layers, tiers.layer_gpu, self.lookahead) if self.lookahead else None
+            ahead = lookaheads(weights, tiers, self.lookahead) if self.lookahead else None
             moe = DeviceMoE(tiers, ahead)
         else:
-            moe = lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, tiers)  # noqa: E731
+            moe = lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, tiers)
         layer_devices = {layer: torch.device("cuda", g.index) for g in self.plan.gpus for layer in g.layers}
         return GpuOps(self.desc.config, weights, moe, torch.device("cuda", self.plan.gpus[0].index), on_device,
                       layer_devices)

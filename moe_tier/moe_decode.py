@@ -56,18 +56,19 @@ class Lookahead:
     select_bias: torch.Tensor | None  # a selection bias (exp_probs_b), as route_topk takes it
 
 
-def lookaheads(weights: Weights, moe_layers: tuple[int, ...], layer_gpu: dict[int, int],
-               distance: int = 1) -> dict[int, Lookahead]:
+def lookaheads(weights: Weights, tiers: GpuTiers, distance: int = 1) -> dict[int, Lookahead]:
     """For each MoE layer, the router of the MoE layer `distance` after it with both FFN norms folded in
-    (h / w_l * w_target: a router reads a normalised residual scaled by its own layer's norm)."""
+    (h / w_l * w_target: a router reads a normalised residual scaled by its own layer's norm), on the GPU that
+    holds the target layer's warm experts' reads."""
     out = {}
+    moe_layers = tiers.desc.moe_layers
     for layer, target in zip(moe_layers, moe_layers[distance:]):
         norm, norm_next = (weights.vector(f"blk.{il}.ffn_norm.weight") for il in (layer, target))
         if norm is None or norm_next is None:
             continue
         router = weights.matrix(f"blk.{target}.ffn_gate_inp.weight")
         scale = np.divide(norm_next, norm, out=np.zeros_like(norm_next), where=norm != 0)
-        device = torch.device("cuda", layer_gpu[target])
+        device = tiers.arena[tiers.layer_gpu[target]].device
         vectors = [weights.vector(f"blk.{target}.{name}.bias") for name in ("ffn_gate_inp", "exp_probs_b")]
         bias, select_bias = (None if v is None else torch.from_numpy(v).float().to(device) for v in vectors)
         matrix = router.rows(np.arange(router.n_rows)) * scale[None, :]

@@ -249,7 +249,7 @@ def test_device_decode_reads_slots_and_pinned_copies_and_promotes_without_waitin
         pytest.skip(f"{len(experts)} experts: a pool of {3 + stage} slots holds them all, so nothing is staged")
     tiers, stats = open_tiers(desc, hot=experts[:2], warm=experts, n_slots=3 + stage, policy=policy, stage_slots=stage)
     assert device_path_possible(tiers) is None and tiers.stage_slots[0] == stage
-    moe = DeviceMoE(tiers, lookaheads(Weights(desc), desc.moe_layers, tiers.layer_gpu, distance) if distance else None)
+    moe = DeviceMoE(tiers, lookaheads(Weights(desc), tiers, distance) if distance else None)
     assert len(moe.lookahead) == max(len(desc.moe_layers) - distance, 0) if distance else not moe.lookahead
     exact = DequantizedExperts(desc)
     rng = np.random.default_rng(5)

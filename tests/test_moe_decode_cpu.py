@@ -1,0 +1,128 @@
+"""DeviceMoE's bookkeeping on CPU tensors: the decode MoE's lookup, staging, lookahead buffers and accounting.
+
+The kernels run under Triton's interpreter; CUDA's streams, events and device contexts become no-ops (the
+interpreter runs every launch at once, in order), and a small slot pool stands in for GpuTiers (which needs
+CUDA for pinned memory and copy streams). So this checks which bytes each row reads and what gets counted,
+against the exact math; stream ordering is left to the GPU tests (tests/test_gpu_tiers.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from moe_tier.config import Gating  # noqa: E402
+from moe_tier.moe import Routing, moe_ffn, route  # noqa: E402
+from moe_tier.reader import open_model  # noqa: E402
+from moe_tier.stats import EngineStats  # noqa: E402
+from moe_tier.synth import tiny, write_fast  # noqa: E402
+from moe_tier.tensors import Weights  # noqa: E402
+from moe_tier.tiers.locations import ExpertLocations  # noqa: E402
+from moe_tier.tiers.warm import align_up  # noqa: E402
+from tests.test_gpu_tiers import DequantizedExperts, rel_err  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the real thing there")
+
+
+class NoStream:
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+
+class NoEvent:
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.fixture
+def no_cuda_streams(monkeypatch):
+    empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: NoStream())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: NoStream())
+    monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: NoEvent())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+
+
+class HostPool:
+    """GpuTiers' surface that DeviceMoE uses, on CPU tensors: the first n_hot experts in slots, every expert in
+    a "pinned" arena, `stage` staging slots after the hot ones, no promotions."""
+
+    def __init__(self, desc, n_hot: int, stage: int):
+        self.desc, self.stats = desc, EngineStats()
+        self.policy = type("Policy", (), {"touch": lambda self, eid: None})()
+        self.slot_bytes = align_up(max(r.n_bytes for r in desc.experts.values()))
+        self.arena = {0: torch.zeros((n_hot + stage) * self.slot_bytes, dtype=torch.uint8)}
+        self.layer_gpu = dict.fromkeys(range(desc.config.n_layer), 0)
+        self.stage_slots, self.stage_at = {0: stage}, {0: n_hot * self.slot_bytes}
+        self.warm = type("Warm", (), {})()
+        self.warm.offset = {}
+        blobs, at = {}, 0
+        for eid, ref in desc.experts.items():
+            self.warm.offset[eid] = at
+            blobs[eid] = np.concatenate([desc.data(p.offset, p.n_bytes) for p in ref.parts])
+            at += align_up(ref.n_bytes)
+        self.warm.arena = torch.zeros(at, dtype=torch.uint8)
+        for eid, blob in blobs.items():
+            self.warm.arena[self.warm.offset[eid] : self.warm.offset[eid] + blob.size] = torch.from_numpy(blob)
+        self.locations = ExpertLocations(desc.config.n_layer, desc.config.n_expert, self.arena, self.warm,
+                                         self.layer_gpu)
+        self.table = type("Table", (), {})()
+        self.table.slot_of = {}
+        for i, eid in enumerate(list(desc.experts)[:n_hot]):
+            self.arena[0][i * self.slot_bytes : i * self.slot_bytes + blobs[eid].size] = torch.from_numpy(blobs[eid])
+            self.locations.hot(eid, 0, i * self.slot_bytes)
+            self.table.slot_of[eid] = i
+
+    def settle(self) -> None:
+        pass
+
+    def promote(self, eid, gpu, protected) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("distance,stage", [(0, 0), (0, 2), (1, 6), (2, 8)],
+                         ids=["in-place", "staged", "lookahead-1", "lookahead-2"])
+def test_each_row_reads_its_experts_bytes_and_every_use_is_counted(no_cuda_streams, tmp_path, distance, stage):
+    """Four MoE layers, three experts hot, the rest warm: read in place, staged, or staged ahead by the gate
+    lookahead (the model's own routers on random inputs, so some guesses are used and some are not). Every
+    output is the exact math's, every use is counted once, and a copy made ahead counts as moved."""
+    from moe_tier.moe_decode import DeviceMoE, lookaheads
+
+    desc = open_model(write_fast(tmp_path / "m.gguf", tiny("qwen3moe", qtype="Q8_0", n_layer=4, n_embd=128, n_ff_exp=128)))
+    pool = HostPool(desc, n_hot=3, stage=stage)
+    moe = DeviceMoE(pool, lookaheads(Weights(desc), pool, distance) if distance else None)
+    assert sorted((layer, la.target) for layer, la in moe.lookahead.items()) == \
+        [(layer, layer + distance) for layer in range(4 - distance)] * bool(distance)
+    exact, cfg = DequantizedExperts(desc), desc.config
+    rng = np.random.default_rng(0)
+    n_used = 0
+    for _ in range(2):
+        for layer in desc.moe_layers:
+            x = rng.standard_normal((1, cfg.n_embd)).astype(np.float32)
+            r = route(rng.standard_normal((1, cfg.n_expert)).astype(np.float32), cfg.n_expert_used, Gating.SOFTMAX,
+                      weights_norm=True)
+            n_used += len(np.unique(r.ids))
+            got = moe(torch.from_numpy(x), Routing(torch.from_numpy(r.ids), torch.from_numpy(r.weights)), layer)
+            assert rel_err(got.numpy(), moe_ffn(x, r, layer, exact)) < 1e-5
+        moe.account()
+    served, moved = pool.stats.tiers, pool.stats.links
+    assert sum(c.hits for c in served.values()) == n_used
+    assert served["warm"].hits == moved["warm->gpu read"].hits > 0
+    if distance:
+        assert 0 < served["ahead"].hits < moved["warm->gpu ahead"].hits
+    else:
+        assert "ahead" not in served and "warm->gpu ahead" not in moved
