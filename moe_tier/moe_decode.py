@@ -5,9 +5,9 @@ D embedding width, F expert FFN width.
 Each row's expert is looked up in the location table (tiers/locations.py) with the routing the GPU computed; a warm
 expert's blob is copied from pinned host memory into a staging slot by a kernel on a side stream (no host
 involved) while the hot rows' gate and up compute from their slots; then the staged rows' gate and up, and every
-row's down. After each step
-its routing is copied to pinned host memory (snapshot); the host counts it while the next step runs (account) and
-lets the policy promote misses into slots with copies that never make compute wait.
+row's down. Optionally a gate lookahead stages a later layer's predicted warm experts ahead of time (Lookahead).
+After each step its routing is copied to pinned host memory (snapshot); the host counts it while the next step
+runs (account) and lets the policy promote misses into slots with copies that never make compute wait.
 Larger batches (prefill) read the routing back and take moe_gpu.moe_ffn_gpu, which streams whole experts.
 """
 
