@@ -1,7 +1,6 @@
 """numba matmul kernels for the 256-value super-block quants (Q2_K..Q6_K, IQ4_XS); activations go to Q8_K.
 
-Shape key: T tokens, K = n_cols, N = n_rows, B = K / 256 super-blocks per row, M = block minimums per row
-(K / 16 for Q2_K..Q6_K, 0 for IQ4_XS).
+Shape key: T tokens, K = n_cols, N = n_rows, B = K / 256 super-blocks per row, M = K / 16 (IQ4_XS reads none).
   w     (N, B * block_bytes) uint8   raw GGUF blocks
   xq    (T, K) int8                  Q8_K values
   xd    (T, B) float32               Q8_K scales
@@ -137,28 +136,27 @@ def _kquant_par(kind, w, qk, block_bytes, xq, xd, bsums, values, out):
 
 
 def prepare_q8_k(x: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Q8_K values, scales and bsums, and an empty (T, 0) bsums for the row functions that read none."""
+    """Q8_K values, scales and bsums (IQ4_XS's row function takes and ignores the bsums)."""
     xq = act.quantize_q8_k(x)
-    return xq.qs, xq.d, xq.extra, np.zeros((len(x), 0), np.int32)
+    return xq.qs, xq.d, xq.extra
 
 
-def _kernel(qtype: Q, kind: int, uses_bsums: bool) -> Kernel:
-    """kind selects the row function in _kquant_par: the bit width (2..6), 0 for IQ4_XS. uses_bsums: the row
-    function reads Q8_K's bsums (block minimums, Q6_K's -32 offset), else it gets an empty array."""
+def _kernel(qtype: Q, kind: int) -> Kernel:
+    """kind selects the row function in _kquant_par: the bit width (2..6), 0 for IQ4_XS."""
     qk, block_bytes = GGML_QUANT_SIZES[qtype]
 
     def run(w: np.ndarray, prepared: tuple[np.ndarray, ...], out: np.ndarray) -> None:
-        xq, xd, bsums, no_bsums = prepared
-        _kquant_par(kind, w, qk, block_bytes, xq, xd, bsums if uses_bsums else no_bsums, IQ4NL_VALUES, out)
+        xq, xd, bsums = prepared
+        _kquant_par(kind, w, qk, block_bytes, xq, xd, bsums, IQ4NL_VALUES, out)
 
     return Kernel(prepare_q8_k, run)
 
 
 KERNELS = {
-    Q.Q2_K: _kernel(Q.Q2_K, 2, uses_bsums=True),
-    Q.Q3_K: _kernel(Q.Q3_K, 3, uses_bsums=True),
-    Q.Q4_K: _kernel(Q.Q4_K, 4, uses_bsums=True),
-    Q.Q5_K: _kernel(Q.Q5_K, 5, uses_bsums=True),
-    Q.Q6_K: _kernel(Q.Q6_K, 6, uses_bsums=True),
-    Q.IQ4_XS: _kernel(Q.IQ4_XS, 0, uses_bsums=False),
+    Q.Q2_K: _kernel(Q.Q2_K, 2),
+    Q.Q3_K: _kernel(Q.Q3_K, 3),
+    Q.Q4_K: _kernel(Q.Q4_K, 4),
+    Q.Q5_K: _kernel(Q.Q5_K, 5),
+    Q.Q6_K: _kernel(Q.Q6_K, 6),
+    Q.IQ4_XS: _kernel(Q.IQ4_XS, 0),
 }
