@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import Iterable, NamedTuple, Protocol
 
 from moe_tier.reader import ExpertId
+from moe_tier.tiers.planner_policy import PlannerPolicy
 
 
 class Tier(enum.Enum):
@@ -149,7 +150,5 @@ class LfuPolicy:
         """More uses by a margin: near-uniform routing would otherwise swap near-equal experts back and forth."""
         return self.uses.get(newcomer, 0) > self.uses.get(victim, 0) + LFU_MARGIN
 
-
-from moe_tier.tiers.planner_policy import PlannerPolicy  # noqa: E402  (it implements the protocol above)
 
 POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy, "planner": PlannerPolicy}
