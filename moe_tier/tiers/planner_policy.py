@@ -54,10 +54,14 @@ class PlannerPolicy:
         self.seen.add(eid)
         age = self.token - self.last.get(eid, 0)
         self.short[eid] = self.short.get(eid, 0.0) * self.ds ** age + 1.0
-        self.long[eid] = self.long.get(eid, self.prior.get(eid, 0.0) / (1 - self.dl)) * self.dl ** age + 1.0
+        self.long[eid] = self.long.get(eid, self._long_start(eid)) * self.dl ** age + 1.0
         self.uses[eid] = self.uses.get(eid, 0) + 1
         self.last[eid] = self.token
         self.rank[eid] = math.log(self.long[eid]) - self.token * math.log(self.dl)
+
+    def _long_start(self, eid: ExpertId) -> float:
+        """The long count of an expert never touched: its profile chance as a steady-state count."""
+        return self.prior.get(eid, 0.0) / (1 - self.dl)
 
     def forget(self, eid: ExpertId) -> None:
         pass  # an evicted expert keeps its counts: they rank it when it misses again
@@ -65,7 +69,7 @@ class PlannerPolicy:
     def next_use_tokens(self, eid: ExpertId) -> float:
         """E[T] of eid, seen AHEAD_TOKENS on."""
         age = self.token + AHEAD_TOKENS - self.last.get(eid, 0)
-        q = self.long.get(eid, self.prior.get(eid, 0.0) / (1 - self.dl)) * self.dl ** age * (1 - self.dl)
+        q = self.long.get(eid, self._long_start(eid)) * self.dl ** age * (1 - self.dl)
         p_short = self.short.get(eid, 0.0) * self.ds ** age * (1 - self.ds)
         p = min(SHORT_WEIGHT * p_short + (1 - SHORT_WEIGHT) * q, 1.0)
         return 1.0 + (1.0 - p) / max(q, EPS)
@@ -78,7 +82,8 @@ class PlannerPolicy:
         for e in candidates:
             r = rank.get(e)
             if r is None:
-                r = rank[e] = math.log(self.prior[e] / (1 - self.dl)) if self.prior.get(e, 0.0) > 0 else -math.inf
+                start = self._long_start(e)
+                r = rank[e] = math.log(start) if start > 0 else -math.inf
             if r < best_r or (r == best_r and e < best):
                 best, best_r = e, r
         return best
