@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from router_predict.next_visit import DECAY
+from router_predict.next_visit import DECAY, features, forget
 from router_predict.online import update
 from router_predict.planner import CPU, FETCH, HIT, next_use_steps, plan_step
 from router_predict.policies import LRU, CacheState, Planner
@@ -167,9 +167,10 @@ def test_online_update_matches_its_numpy_reference():
         want_ahead[0] = 0.5 * np.minimum(gate[0] * K, 1) + 0.5 * want_ahead[0]
         chose = (sel > 0).astype(float)
         reuse_now = sel @ reuse[layer]
-        if visit_weights.size:
-            f = DECAY[:, None] * forgetting[:, layer] + (1 - DECAY[:, None]) * chose
-            want_recent = visit_weights @ np.stack([prior[layer], chose, reuse_now, *f, np.ones(E)])
+        if visit_weights.size:  # the fitting path's own features and forgetting, so the two orders agree
+            f = forgetting[:, layer].astype(float)
+            forget(f, chose)
+            want_recent = features(prior[layer], chose, reuse_now, f) @ visit_weights
         else:
             c = counts[layer] + chose
             d_row = decay * decayed[layer] + (1 - decay) * chose
