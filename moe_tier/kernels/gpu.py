@@ -35,6 +35,8 @@ SUPPORTED: frozenset[Q] = frozenset(
 # bytes in flight (wide loads of the quant bytes, pipelining, split-K for short N). 32 / 4 is the best all-round.
 BLOCK_T, BLOCK_N, BLOCK_K, NUM_WARPS = 16, 32, 64, 4
 GROUP_VALUES = {Q.Q2_K: 16, Q.Q3_K: 16, Q.Q6_K: 16}  # values sharing one scale; 32 for the rest
+SKIP = -(2**62)  # a matrix offset that means "skip this row" (real ones, relative to host memory, may be negative)
+SKIP_C = tl.constexpr(SKIP)  # the same for kernel code, which may read only constexpr globals
 
 
 @triton.jit
@@ -140,7 +142,7 @@ def _grouped_matmul(
     end = tl.load(seg_ptr + e + 1)
     m0 = tl.load(seg_ptr + e) + tl.program_id(2) * BLOCK_T
     w_off = tl.load(w_off_ptr + e)
-    if (m0 < end) & (w_off != -4611686018427387904):  # SKIP (gpu_gemv): the expert is computed on another GPU
+    if (m0 < end) & (w_off != SKIP_C):  # the expert is computed on another GPU
         rows = m0 + tl.arange(0, BLOCK_T)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask, nmask = rows < end, n < N
@@ -176,7 +178,7 @@ def moe_matmul(
     qtype: Q, n_rows: int, n_cols: int, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS, block_t: int = BLOCK_T,
 ) -> torch.Tensor:
     """Grouped x @ W_e.T: rows seg[e]:seg[e+1] of x (M, K) use the matrix at arena[w_offsets[e]:]; (M, N) float32.
-    Rows of an expert whose offset is gpu_gemv.SKIP are left unwritten.
+    Rows of an expert whose offset is SKIP are left unwritten.
 
     max_rows (most rows of any one expert) sizes the grid; the host knows it from the routing.
     """

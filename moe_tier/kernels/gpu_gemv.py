@@ -27,9 +27,8 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
-from moe_tier.kernels.gpu import block_shape, moe_matmul
+from moe_tier.kernels.gpu import SKIP, SKIP_C, block_shape, moe_matmul
 
-SKIP = -(2**62)  # an offset no matrix can have (relative offsets to host memory may be negative)
 QK_K = 256
 Q4_K_BYTES = 144
 BLOCK_N, NUM_WARPS, STAGES = 16, 1, 1  # best of the bench/gpu_gemv.py sweep on an H100 (gate and down)
@@ -110,7 +109,7 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
     xq_words = (xq_ptr + x_row * K).to(tl.pointer_type(tl.int32), bitcast=True)
     acc = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
     acc_min = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
-    if offset != -4611686018427387904:  # a SKIP row (another GPU's, or staged later) reads nothing, stores 0
+    if offset != SKIP_C:  # a SKIP row (another GPU's, or staged later) reads nothing, stores 0
         for first in tl.range(0, K // 256, SPLIT, num_stages=STAGES):
             sb = first + part
             m = nmask & (sb < K // 256)  # the last round may have fewer super-blocks than parts

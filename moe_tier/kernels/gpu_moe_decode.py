@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from moe_tier.config import Gating
+from moe_tier.kernels.gpu import SKIP_C
 from moe_tier.moe import MIN_WEIGHT_SUM, Routing
 
 STAGE_PROGRAMS, STAGE_WORDS = 512, 1024  # copy programs per staged row, 32-bit words per program and round
@@ -75,16 +76,16 @@ def _locate(ids_ptr, loc_ptr, first, arena_bytes, stage_at, slot_bytes, pf_ids_p
     m = r < R
     e = tl.load(ids_ptr + r, mask=m, other=0)
     offset = tl.load(loc_ptr + first + e, mask=m, other=0)
-    warm = (offset != -4611686018427387904) & ((offset < 0) | (offset >= arena_bytes))  # not SKIP, not in a slot
-    fetched = tl.full((BLOCK,), -4611686018427387904, tl.int64)
+    warm = (offset != SKIP_C) & ((offset < 0) | (offset >= arena_bytes))  # not skipped, not in a slot
+    fetched = tl.full((BLOCK,), SKIP_C, tl.int64)
     for j in tl.static_range(N_PF):  # staged ahead by a lookahead (prefetch): read from there
         at = tl.load(pf_at_ptr + j)
-        fetched = tl.where((tl.load(pf_ids_ptr + j) == e) & (at != -4611686018427387904), at, fetched)
-    now = tl.where(warm & (fetched != -4611686018427387904), fetched, offset)
-    stage = warm & (fetched == -4611686018427387904) & (r < N_STAGE)
+        fetched = tl.where((tl.load(pf_ids_ptr + j) == e) & (at != SKIP_C), at, fetched)
+    now = tl.where(warm & (fetched != SKIP_C), fetched, offset)
+    stage = warm & (fetched == SKIP_C) & (r < N_STAGE)
     dst = stage_at + r.to(tl.int64) * slot_bytes
-    tl.store(out_ptr + r, tl.where(stage, -4611686018427387904, now), mask=m)  # now
-    tl.store(out_ptr + R + r, tl.where(stage, dst, -4611686018427387904), mask=m)  # late
+    tl.store(out_ptr + r, tl.where(stage, SKIP_C, now), mask=m)  # now
+    tl.store(out_ptr + R + r, tl.where(stage, dst, SKIP_C), mask=m)  # late
     tl.store(out_ptr + 2 * R + r, tl.where(stage, dst, now), mask=m)  # every
 
 
@@ -110,7 +111,7 @@ def _stage(ids_ptr, loc_ptr, first, base_ptr, late_ptr, n_words, PROGRAMS: tl.co
     p = tl.program_id(0)
     r = tl.program_id(1)
     dst = tl.load(late_ptr + r)
-    if dst != -4611686018427387904:  # the others move nothing (a masked loop over them cost ~130 us a layer)
+    if dst != SKIP_C:  # the others move nothing (a masked loop over them cost ~130 us a layer)
         src = tl.load(loc_ptr + first + tl.load(ids_ptr + r))
         src_words = (base_ptr + src).to(tl.pointer_type(tl.int32), bitcast=True)
         dst_words = (base_ptr + dst).to(tl.pointer_type(tl.int32), bitcast=True)
