@@ -13,11 +13,12 @@ N = n_rows (outputs), S split-K parts, M matrices per row (gate and up of one ex
 At batch 1 a token needs a few matrices read once each, so the kernel should be bound by bandwidth. As
 llama.cpp's mmvq: the activations are quantized to q8_1 (32 int8 values and an f16 scale a block,
 quantize_q8_1), and one dp4a multiplies four weight nibbles by four int8 activations and adds them; sub-block
-scales and minimums apply to the integer sub-block sums. On an H100 that reads ~1.05 TB/s (gate) against ~0.93
-with each nibble unpacked to float32 (bench/gpu_gemv.py): a third of the card's copy rate, so instructions were
-not the main bound; what is (the access pattern, occupancy) is not found yet. Q4_K quants are read as 32-bit
-words, one super-block (256 values, 144 bytes) of BLOCK_N rows per step. Other types go through kernels.gpu's
-grouped kernel (one expert per row).
+scales and minimums apply to the integer sub-block sums. Q4_K quants are addressed as 32-bit words, one
+super-block (256 values, 144 bytes) of BLOCK_N rows per step, through word pointers: the compiler then sees
+runs of eight contiguous, 16-byte aligned words and issues 128-bit loads. With byte pointers cast to words it
+issued one 32-bit load per word and the kernel read ~1.1 TB/s on an H100; with 128-bit loads ~2.3 TB/s
+(bench/gpu_gemv.py, timed in a CUDA graph). Other types go through kernels.gpu's grouped kernel (one expert
+per row).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from moe_tier.kernels.gpu import SKIP, SKIP_C, block_shape, moe_matmul
 
 QK_K = 256
 Q4_K_BYTES = 144
-BLOCK_N, NUM_WARPS, STAGES = 16, 1, 1  # best of the bench/gpu_gemv.py sweep on an H100 (gate and down)
-TARGET_PROGRAMS = 2048  # split-K up to this many programs: enough in flight to hide HBM (and PCIe) latency
+BLOCK_N, NUM_WARPS, STAGES = 8, 1, 1  # the fastest of bench/gpu_gemv.py's sweep on an H100 (gate + up, then down)
+TARGET_PROGRAMS = 4096  # split-K up to this many programs: enough in flight to hide HBM (and PCIe) latency
 
 
 @triton.jit
@@ -40,6 +41,14 @@ def _byte(u0, u1, u2, j):
     """Byte j (0..11, a tensor) of the 12 scale bytes held as three little-endian words."""
     word = tl.where(j < 4, u0, tl.where(j < 8, u1, u2))
     return (word >> (8 * (j % 4))) & 255
+
+
+@triton.jit
+def _words4(hdr):
+    """The four columns of a (BLOCK_N, 4) tensor of words, taken apart by masked sums (no layout shuffles)."""
+    i = tl.arange(0, 4)[None, :]
+    return (tl.sum(tl.where(i == 0, hdr, 0), axis=1), tl.sum(tl.where(i == 1, hdr, 0), axis=1),
+            tl.sum(tl.where(i == 2, hdr, 0), axis=1), tl.sum(tl.where(i == 3, hdr, 0), axis=1))
 
 
 @triton.jit
@@ -100,11 +109,14 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offset = tl.multiple_of(tl.load(off_ptr + r), 16)  # slots, blobs and matrices are 16-byte aligned: wide loads
     nmask = n < N
-    row_bytes = (K // 256) * 144
-    w_rows = base_ptr + (offset + part_offset) + n.to(tl.int64) * row_bytes  # (BLOCK_N,) uint8 pointers
+    row_words = (K // 256) * 36  # a row of super-blocks, in 32-bit words (144 bytes a block)
+    # Word pointers (not byte pointers cast late) so that the compiler sees runs of contiguous, 16-byte aligned words
+    # and loads them 128 bits at a time.
+    mat_words = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int32), bitcast=True)
+    w_rows = mat_words + n.to(tl.int64) * row_words  # (BLOCK_N,) int32 pointers
     c = tl.arange(0, 4)  # 64-value chunk: sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
     w = tl.arange(0, 8)  # word in the chunk's 32 quant bytes
-    word_at = (16 + 32 * c[:, None] + 4 * w[None, :])  # (4, 8) byte offsets of quant words in a block
+    word_at = 4 + 8 * c[:, None] + w[None, :]  # (4, 8) word offsets of the quants in a block
     x_row = (r // X_DIV).to(tl.int64)
     xq_words = (xq_ptr + x_row * K).to(tl.pointer_type(tl.int32), bitcast=True)
     acc = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
@@ -113,14 +125,11 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
         for first in tl.range(0, K // 256, SPLIT, num_stages=STAGES):
             sb = first + part
             m = nmask & (sb < K // 256)  # the last round may have fewer super-blocks than parts
-            bp = w_rows + sb * 144
-            q = tl.load((bp[:, None, None] + word_at[None, :, :]).to(tl.pointer_type(tl.int32), bitcast=True),
-                        mask=m[:, None, None], other=0)  # (BLOCK_N, 4, 8)
-            hdr = bp.to(tl.pointer_type(tl.int32), bitcast=True)
-            u = tl.load(hdr, mask=m, other=0)  # d | dmin
-            u0 = tl.load(hdr + 1, mask=m, other=0)[:, None]
-            u1 = tl.load(hdr + 2, mask=m, other=0)[:, None]
-            u2 = tl.load(hdr + 3, mask=m, other=0)[:, None]
+            bp = w_rows + sb * 36
+            q = tl.load(bp[:, None, None] + word_at[None, :, :], mask=m[:, None, None], other=0)  # (BLOCK_N, 4, 8)
+            hdr = tl.load(bp[:, None] + tl.arange(0, 4)[None, :], mask=m[:, None], other=0)  # d | dmin, 12 scale bytes
+            u, u0, u1, u2 = _words4(hdr)
+            u0, u1, u2 = u0[:, None], u1[:, None], u2[:, None]
             d = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             dmin = ((u >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             ok = sb < K // 256
@@ -148,11 +157,12 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
     tl.store(out_ptr + mat * stride_mat + part * stride_part + r.to(tl.int64) * stride_out + n, total, mask=n < N)
 
 
-def gemv_split(qtype: Q, n_rows: int, n_cols: int, R: int, M: int = 1, block_n: int = BLOCK_N) -> int:
+def gemv_split(qtype: Q, n_rows: int, n_cols: int, R: int, M: int = 1, block_n: int = BLOCK_N,
+               target: int = TARGET_PROGRAMS) -> int:
     """How many parts gemv_parts splits K into by default (1 for the grouped kernel's types)."""
     if Q(qtype) != Q.Q4_K:
         return 1
-    return max(1, min(n_cols // QK_K, TARGET_PROGRAMS // max(1, triton.cdiv(n_rows, block_n) * R * M)))
+    return max(1, min(n_cols // QK_K, target // max(1, triton.cdiv(n_rows, block_n) * R * M)))
 
 
 def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype: Q, n_rows: int, n_cols: int,
