@@ -59,7 +59,8 @@ def main() -> None:
             stage(ids, loc, 0, arena, late, 3 * mat, programs)
             buf[:, split:].zero_()
             gemv_parts(x, arena, every, Q.Q4_K, F, D, (0, mat), x_div=K, out=buf[:, :split])
-        down = gemv_parts(silu_mul(buf), arena, every, Q.Q4_K, D, F, (2 * mat,))[0]
+        h, hq = silu_mul(buf)
+        down = gemv_parts(h, arena, every, Q.Q4_K, D, F, (2 * mat,), xq=hq)[0]
         return combine(down, weights)
 
     def captured(ids, overlap, programs):

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as Q
 
 from moe_tier.host_tiers import blob_layout
-from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split
+from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split, quantize_q8_1
 from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage
 from moe_tier.moe import Routing
 from moe_tier.moe_gpu import moe_ffn_gpu
@@ -155,11 +156,13 @@ class DeviceMoE:
                 stage(ids, loc, first, arena, late, blob_bytes)
         if ahead is not None:
             main.wait_event(ahead[4])  # the experts staged ahead are read with the hot ones
-        self._gate_up(x, arena, now, layer, gate_up[:, :split])
+        xq = quantize_q8_1(x.float().contiguous()) if gate.qtype == Q.Q4_K else None  # once for both launches
+        self._gate_up(x, xq, arena, now, layer, gate_up[:, :split])
         if n_stage:
             main.wait_stream(side)
-            self._gate_up(x, arena, late, layer, gate_up[:, split:])
-        down_parts = gemv_parts(silu_mul(gate_up), arena, every, down.qtype, n_embd, n_ff, (at["down"],))[0]
+            self._gate_up(x, xq, arena, late, layer, gate_up[:, split:])
+        h, hq = silu_mul(gate_up)
+        down_parts = gemv_parts(h, arena, every, down.qtype, n_embd, n_ff, (at["down"],), xq=hq)[0]
         return combine(down_parts, routing.weights.to(arena.device))
 
     def _predict(self, x: torch.Tensor, layer: int) -> None:
@@ -186,16 +189,19 @@ class DeviceMoE:
             t.record_stream(main)  # read by the target layer on the compute stream
         self.ahead[la.target] = (gpu, pred, late, chosen, done)
 
-    def _gate_up(self, x: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, layer: int, out: torch.Tensor) -> None:
-        """Gate and up of each row's expert into out (2, S, R, F): one launch where both have one quant type."""
+    def _gate_up(self, x: torch.Tensor, xq, arena: torch.Tensor, offsets: torch.Tensor, layer: int,
+                 out: torch.Tensor) -> None:
+        """Gate and up of each row's expert into out (2, S, R, F): one launch where both have one quant type
+        (xq: x as q8_1, for Q4_K)."""
         gate, up, _, at, _ = self.parts[layer]
         n_ff, n_embd = matrix_dims(gate.shape)
         k = len(offsets) // len(x)
         if gate.qtype == up.qtype:
-            gemv_parts(x, arena, offsets, gate.qtype, n_ff, n_embd, (at["gate"], at["up"]), x_div=k, out=out)
+            gemv_parts(x, arena, offsets, gate.qtype, n_ff, n_embd, (at["gate"], at["up"]), x_div=k, out=out, xq=xq)
         else:
             for m, p in enumerate((gate, up)):
-                gemv_parts(x, arena, offsets, p.qtype, n_ff, n_embd, (at[p.matrix],), x_div=k, out=out[m : m + 1])
+                gemv_parts(x, arena, offsets, p.qtype, n_ff, n_embd, (at[p.matrix],), x_div=k, out=out[m : m + 1],
+                           xq=xq if p.qtype == gate.qtype else None)
 
     def _stream(self, device: torch.device, role: str) -> torch.cuda.Stream:
         """Per GPU: "demand" stages this layer's warm experts (high priority), "ahead" the next layer's."""

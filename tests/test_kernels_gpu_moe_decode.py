@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from moe_tier.config import Gating  # noqa: E402
-from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts, gemv_split  # noqa: E402
+from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts, gemv_split, quantize_q8_1  # noqa: E402
 from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage  # noqa: E402
 from moe_tier.moe import route  # noqa: E402
 from tests.test_kernels_gpu import DEVICE, TOL, gemv_reference, random_weight, rel_err  # noqa: E402
@@ -60,6 +60,9 @@ def test_gemv_parts_two_matrices_share_rows_of_x():
             else:
                 want = gemv_reference(x[r // 2 : r // 2 + 1], mats[first + m], Q.Q4_K, n_rows, n_cols)[0]
                 assert rel_err(got[m, r], want) < TOL, (r, m)
+    xt = torch.from_numpy(x).to(DEVICE)  # x quantized beforehand (xq): the same sums, no quantizing launch
+    again = gemv_parts(xt, base, offsets, Q.Q4_K, n_rows, n_cols, (0, size), x_div=2, split=2, xq=quantize_q8_1(xt))
+    assert torch.equal(again, parts)
 
 
 def test_locate_reads_experts_staged_ahead_from_their_buffer():
@@ -104,12 +107,19 @@ def test_two_launches_fill_one_buffer(qtype):
     torch.testing.assert_close(buf.sum(dim=1), want, rtol=1e-5, atol=1e-5)
 
 
-def test_silu_mul_and_combine_sum_split_parts():
+@pytest.mark.parametrize("n_ff", [1500, 1504])
+def test_silu_mul_and_combine_sum_split_parts(n_ff):
+    """silu_mul also writes its output as q8_1 (as quantize_q8_1 would) where F is whole blocks of 32; F is not a
+    multiple of its tile either way."""
     rng = np.random.default_rng(4)
-    gate_up = rng.standard_normal((2, 3, 4, 1500)).astype(np.float32)  # (2, S, R, F): F not a multiple of BLOCK
+    gate_up = rng.standard_normal((2, 3, 4, n_ff)).astype(np.float32)  # (2, S, R, F)
     g, u = gate_up.sum(axis=1)
-    got = silu_mul(torch.from_numpy(gate_up).to(DEVICE)).cpu().numpy()
-    np.testing.assert_allclose(got, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+    h, hq = silu_mul(torch.from_numpy(gate_up).to(DEVICE))
+    np.testing.assert_allclose(h.cpu().numpy(), g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+    assert (hq is None) == (n_ff % 32 != 0)
+    if hq is not None:
+        for got, want in zip(hq, quantize_q8_1(h)):
+            assert torch.equal(got, want)
     down = rng.standard_normal((3, 4, 1100)).astype(np.float32)  # (S, R=T*k, D)
     w = rng.random((2, 2)).astype(np.float32)
     got = combine(torch.from_numpy(down).to(DEVICE), torch.from_numpy(w).to(DEVICE)).cpu().numpy()

@@ -66,30 +66,40 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 
 @triton.jit
-def _quantize_q8_1(x_ptr, q_ptr, d_ptr, s_ptr, K, BLOCKS: tl.constexpr):
-    """Program (row, tile): BLOCKS blocks of 32 values -> int8 quants, scale d = amax / 127 rounded to f16 and
-    d * sum(quants), as llama.cpp's quantize_q8_1 and vec_dot_q4_K_q8_1 use them (round half away from zero)."""
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
-    at = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
-    m = at < K
-    x = tl.load(x_ptr + row * K + at, mask=m, other=0.0)
+def q8_1_blocks(x):
+    """x (BLOCKS, 32) float32 -> int8-valued quants (int32), scale d = amax / 127 rounded to f16, and d *
+    sum(quants): llama.cpp's quantize_q8_1 (round half away from zero), as vec_dot_q4_K_q8_1 uses them."""
     amax = tl.max(tl.abs(x), axis=1)
     d = amax / 127.0
     v = x / tl.where(amax == 0.0, 1.0, d)[:, None]
     q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v)).to(tl.int32)
-    tl.store(q_ptr + row * K + at, q.to(tl.int8), mask=m)
     d16 = d.to(tl.float16).to(tl.float32)
-    tl.store(d_ptr + row * (K // 32) + blk, d16, mask=blk < K // 32)
-    tl.store(s_ptr + row * (K // 32) + blk, d16 * tl.sum(q, axis=1).to(tl.float32), mask=blk < K // 32)
+    return q, d16, d16 * tl.sum(q, axis=1).to(tl.float32)
+
+
+@triton.jit
+def _quantize_q8_1(x_ptr, q_ptr, d_ptr, s_ptr, K, BLOCKS: tl.constexpr):
+    """Program (row, tile): BLOCKS blocks of 32 values."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    at = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+    m = at < K
+    q, d, s = q8_1_blocks(tl.load(x_ptr + row * K + at, mask=m, other=0.0))
+    tl.store(q_ptr + row * K + at, q.to(tl.int8), mask=m)
+    tl.store(d_ptr + row * (K // 32) + blk, d, mask=blk < K // 32)
+    tl.store(s_ptr + row * (K // 32) + blk, s, mask=blk < K // 32)
+
+
+def q8_1_empty(R: int, K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Room for R rows of K values as q8_1: quants (R, K) int8, scales and scaled sums (R, K / 32) float32."""
+    d = torch.empty((R, K // 32), dtype=torch.float32, device=device)
+    return torch.empty((R, K), dtype=torch.int8, device=device), d, torch.empty_like(d)
 
 
 def quantize_q8_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (R, K) float32 -> quants (R, K) int8, scales (R, K / 32) and scaled sums (R, K / 32) float32."""
     R, K = x.shape
-    q = torch.empty((R, K), dtype=torch.int8, device=x.device)
-    d = torch.empty((R, K // 32), dtype=torch.float32, device=x.device)
-    s = torch.empty_like(d)
+    q, d, s = q8_1_empty(R, K, x.device)
     BLOCKS = 32
     if R:
         _quantize_q8_1[(R, triton.cdiv(K // 32, BLOCKS))](x, q, d, s, K, BLOCKS=BLOCKS)
@@ -167,10 +177,12 @@ def gemv_split(qtype: Q, n_rows: int, n_cols: int, R: int, M: int = 1, block_n: 
 
 def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype: Q, n_rows: int, n_cols: int,
                part_offsets: tuple[int, ...] = (0,), x_div: int = 1, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-               split: int | None = None, stages: int = STAGES, out: torch.Tensor | None = None) -> torch.Tensor:
+               split: int | None = None, stages: int = STAGES, out: torch.Tensor | None = None,
+               xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """parts (M, S, R, n_rows): row r's products x[r // x_div] @ W.T with W (n_rows, n_cols) at base + offsets[r] +
     part_offsets[m], split over S parts of K (sum over S for the product). No host sync: offsets stay on the device.
-    out: where to write them (a view with S from gemv_split, so that two launches can fill one buffer)."""
+    out: where to write them (a view with S from gemv_split, so that two launches can fill one buffer).
+    xq: x already as q8_1 (quantize_q8_1(x), or a kernel that produced x wrote it): one launch fewer."""
     qtype = Q(qtype)
     x = x.float().contiguous()
     R, M = offsets.shape[0], len(part_offsets)
@@ -193,7 +205,7 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
         out = torch.empty((M, split, R, n_rows), dtype=torch.float32, device=x.device)
     if R and n_rows:
         p0, p1 = part_offsets[0], part_offsets[-1]
-        xq, xd, xs = quantize_q8_1(x)
+        xq, xd, xs = quantize_q8_1(x) if xq is None else xq
         _q4_k_gemv[(tiles, R, split * M)](xq, xd, xs, base, offsets, p0, p1, out, n_rows, out.stride(2), out.stride(1),
                                           out.stride(0), K=n_cols, SPLIT=split, X_DIV=x_div, BLOCK_N=block_n, STAGES=stages,
                                           ASM=x.is_cuda, num_warps=num_warps)

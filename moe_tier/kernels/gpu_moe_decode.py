@@ -8,7 +8,8 @@ expert), S split-K parts, D embedding width, F expert FFN width.
   stage       copies the warm rows' blobs from pinned host memory into their staging slots in VRAM: a kernel
               reading host memory contiguously moves ~51 GB/s on an H100 host, the Q4_K gemv reading it in place
               ~28 (bench/gpu_host_reads.py); it runs on a side stream while the hot rows compute
-  silu_mul    parts (2, S, R, F) of gate and up -> silu(gate) * up (R, F)
+  silu_mul    parts (2, S, R, F) of gate and up -> silu(gate) * up (R, F), and the same as q8_1 for the down
+              projection's Q4_K kernel (no separate quantizing launch)
   combine     parts (S, R, D) of down, weights (T, k) -> sum_j weights[t, j] * down[t * k + j] (T, D)
 """
 
@@ -20,6 +21,7 @@ import triton.language as tl
 
 from moe_tier.config import Gating
 from moe_tier.kernels.gpu import SKIP_C
+from moe_tier.kernels.gpu_gemv import q8_1_blocks, q8_1_empty
 from moe_tier.moe import MIN_WEIGHT_SUM, Routing
 
 STAGE_PROGRAMS, STAGE_WORDS = 512, 1024  # copy programs per staged row, 32-bit words per program and round
@@ -132,7 +134,8 @@ def stage(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor,
 
 
 @triton.jit
-def _silu_mul(parts_ptr, out_ptr, F, stride_mat, stride_part, S: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul(parts_ptr, out_ptr, q_ptr, d_ptr, s_ptr, F, stride_mat, stride_part, S: tl.constexpr,
+              BLOCK: tl.constexpr, Q8: tl.constexpr):
     r = tl.program_id(1)
     f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = f < F
@@ -141,15 +144,27 @@ def _silu_mul(parts_ptr, out_ptr, F, stride_mat, stride_part, S: tl.constexpr, B
     for s in tl.static_range(S):
         g += tl.load(parts_ptr + s * stride_part + r * F + f, mask=m, other=0.0)
         u += tl.load(parts_ptr + stride_mat + s * stride_part + r * F + f, mask=m, other=0.0)
-    tl.store(out_ptr + r * F + f, g / (1.0 + tl.exp(-g)) * u, mask=m)
+    h = g / (1.0 + tl.exp(-g)) * u
+    tl.store(out_ptr + r * F + f, h, mask=m)
+    if Q8:  # F is a multiple of 32: whole q8_1 blocks, masked by block
+        q, d, sums = q8_1_blocks(tl.reshape(h, (BLOCK // 32, 32)))
+        at = tl.reshape(f, (BLOCK // 32, 32))
+        tl.store(q_ptr + r * F + at, q.to(tl.int8), mask=at < F)
+        blk = tl.program_id(0) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
+        tl.store(d_ptr + r * (F // 32) + blk, d, mask=blk < F // 32)
+        tl.store(s_ptr + r * (F // 32) + blk, sums, mask=blk < F // 32)
 
 
-def silu_mul(parts: torch.Tensor) -> torch.Tensor:
+def silu_mul(parts: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """(silu(gate) * up (R, F), the same as q8_1 (gemv_parts' xq), or None where F is not whole q8_1 blocks)."""
     _, S, R, F = parts.shape
     out = torch.empty((R, F), dtype=torch.float32, device=parts.device)
+    xq = q8_1_empty(R, F, parts.device) if F % 32 == 0 else None
+    q, d, s = xq or (out, out, out)  # unused pointers when there is no q8_1 output
     BLOCK = 1024
-    _silu_mul[(triton.cdiv(F, BLOCK), R)](parts, out, F, parts.stride(0), parts.stride(1), S=S, BLOCK=BLOCK)
-    return out
+    _silu_mul[(triton.cdiv(F, BLOCK), R)](parts, out, q, d, s, F, parts.stride(0), parts.stride(1), S=S, BLOCK=BLOCK,
+                                          Q8=xq is not None)
+    return out, xq
 
 
 @triton.jit
