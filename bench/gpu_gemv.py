@@ -57,13 +57,14 @@ def main() -> None:
         if (bn, warps, splits) in seen:
             continue
         seen.add((bn, warps, splits))
-        swept.append((gb / ms(lambda: run(experts, bn, warps, target)), (bn, warps, target), splits))
+        tile = (bn, warps, target)
+        swept.append((gb / ms(lambda tile=tile: run(experts, *tile)), tile, splits))
     default_splits = (gemv_split(Q.Q4_K, F, D, 2, 2), gemv_split(Q.Q4_K, D, F, 2, 1))
     default = next(r for r in swept if r[1][:2] == (BLOCK_N, NUM_WARPS) and r[2] == default_splits)
     best = max(swept, key=lambda r: r[0])
     shown = [default] + [r for r in sorted(swept, key=lambda r: -r[0]) if r is not default][:SHOWN]
-    rows = [(f"gemv block_n {r[1][0]}, warps {r[1][1]}, target {r[1][2]} (splits {r[2][0]}, {r[2][1]})"
-             f"{' (default)' if r is default else ''}", "VRAM", r[0]) for r in shown]
+    rows = [((f"gemv block_n {r[1][0]}, warps {r[1][1]}, target {r[1][2]} (splits {r[2][0]}, {r[2][1]})"
+              f"{' (default)' if r is default else ''}"), "VRAM", r[0]) for r in shown]
     seg = torch.tensor([0, 1, 2], dtype=torch.int32, device=dev)
     xx = x.expand(2, D).contiguous()
 

@@ -1,8 +1,10 @@
 """Where a decode step's GPU time goes: the kernels of one captured step, by name, per token.
 
-A Mixtral-8x7B-shaped Q4_K file with few layers (every layer is alike), all experts hot, decoded as CUDA graph
-replays; torch.profiler lists the kernels of a few steps. Per kernel name: launches and microseconds per token and
-per layer, beside the step's wall time. Usage: python -m bench.gpu_step_profile [--layers 4] [--tokens 64]
+A Mixtral-8x7B-shaped Q4_K file with few layers (every layer is alike), decoded as CUDA graph replays;
+torch.profiler lists the kernels of a few steps. Per kernel name: launches and microseconds per token and per
+layer, beside the step's wall time. The default budget holds every expert; a smaller --vram leaves some warm
+(staged at decode: the step then shows the stage kernel and the waits it causes).
+Usage: python -m bench.gpu_step_profile [--layers 4] [--tokens 64] [--vram 40GiB]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.report import update_section
 from moe_tier.engine import Engine
+from moe_tier.stats import EngineStats
 from moe_tier.synth import mixtral_8x7b, write_fast
 
 
@@ -37,11 +40,17 @@ def main() -> None:
     token = lambda: np.array([int(np.argmax(logits[-1]))])  # noqa: E731
     for _ in range(3):  # capture and warm up
         logits = eng.step(cache, token())
+    count = getattr(eng.model.ops.moe, "account", lambda: None)  # the device path counts a step one step late
+    count()
     torch.cuda.synchronize()
+    eng.stats = eng.tiers.stats = EngineStats()  # count the timed steps only
     t0 = time.perf_counter()
     for _ in range(args.tokens):
         logits = eng.step(cache, token())
     step_ms = (time.perf_counter() - t0) / args.tokens * 1e3
+    count()
+    rates = {k: round(v, 3) for k, v in eng.tiers.stats.hit_rates().items()}
+    n_slots, n_experts = sum(g.n_slots for g in eng.plan.gpus), len(eng.desc.experts)
     n_prof = 8
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n_prof):
@@ -55,8 +64,8 @@ def main() -> None:
     rows.sort(reverse=True)
     kernel_us = sum(r[0] for r in rows)
     L = args.layers
-    body = (f"{torch.cuda.get_device_name(0)}; Mixtral-8x7B shape with {L} layers, Q4_K, all experts hot "
-            f"(graphs: {eng._graphs is not None}); step wall time {step_ms:.3f} ms, kernel time {kernel_us / 1e3:.3f} ms, "
+    body = (f"{torch.cuda.get_device_name(0)}; Mixtral-8x7B shape with {L} layers, Q4_K, --vram {args.vram}: {n_slots} "
+            f"slots for {n_experts} experts, uses served {rates} (graphs: {eng._graphs is not None}); step wall time {step_ms:.3f} ms, kernel time {kernel_us / 1e3:.3f} ms, "
             f"{sum(r[1] for r in rows):.0f} kernels a token ({sum(r[1] for r in rows) / L:.1f} a layer).\n\n"
             "| kernel | per token | per layer | us per token | us per layer |\n| --- | ---: | ---: | ---: | ---: |\n")
     body += "".join(f"| `{name}` | {n:.0f} | {n / L:.1f} | {us:.1f} | {us / L:.1f} |\n" for us, n, name in rows[:40])
