@@ -83,12 +83,14 @@ def main() -> None:
         tiles = [(16, 32, 4), (16, 64, 4), (16, 64, 8), (16, 128, 4), (16, 128, 8)]
         if n_tokens >= 64:  # prefill: wider token tiles decode each weight tile for more tokens
             tiles += [(32, 64, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 128, 8)]
-        for block_t, block_n, num_warps in tiles:
+        # Slots are 16-byte aligned: Q4_K / Q5_K quants read as words (aligned); the first tile also byte-wise.
+        for (block_t, block_n, num_warps), aligned in [(tiles[0], False)] + [(t, True) for t in tiles]:
             ms = triton.testing.do_bench(
                 lambda: moe_matmul(x, tiers.arena[0], offsets, seg, int(counts.max()), part.qtype, n_rows, n_cols,
-                                   block_n=block_n, num_warps=num_warps, block_t=block_t),
+                                   block_n=block_n, num_warps=num_warps, block_t=block_t, aligned=aligned),  # noqa: B023
                 warmup=25, rep=100, return_mode="median")
-            rows.append((f"{matrix} T={n_tokens}, {n_experts} experts, block_t {block_t}, block_n {block_n}, {num_warps} warps",
+            rows.append((f"{matrix} T={n_tokens}, {n_experts} experts, block_t {block_t}, block_n {block_n}, {num_warps} warps"
+                         f"{', words' if aligned else ', bytes'}",
                          f"{ms:.3f} ms, {read / ms / 1e6:.0f} GB/s ({read / ms / 1e6 / (ceiling / 2e9):.0%} of copy read rate)"))
 
     rng = np.random.default_rng(0)

@@ -68,8 +68,9 @@ def _grouped_swiglu(x, routing: Routing, group, arena: torch.Tensor, tiers: GpuT
 
     def matmul(h: torch.Tensor, matrix: str) -> torch.Tensor:
         part = ref.part(matrix)
-        offsets = _dev(np.array([off + layout[matrix] for _, off in group], np.int64), dev)
-        return moe_matmul(h, arena, offsets, seg_t, max_rows, part.qtype, *matrix_dims(part.shape))
+        at = np.array([off + layout[matrix] for _, off in group], np.int64)
+        return moe_matmul(h, arena, _dev(at, dev), seg_t, max_rows, part.qtype, *matrix_dims(part.shape),
+                          aligned=bool(np.all(at % 16 == 0)))
 
     xg = x.to(dev)[_dev(tok, dev)]  # (M, D)
     y = matmul(F.silu(matmul(xg, "gate")) * matmul(xg, "up"), "down")  # (M, D)

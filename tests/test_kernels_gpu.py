@@ -91,16 +91,18 @@ def test_bfloat16_activations():
     assert rel_err(got, want) < TOL
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.BF16], ids=lambda q: q.name)
-def test_grouped_matmul_serves_every_expert_in_one_launch(qtype):
-    """Experts at odd offsets of one arena, tokens grouped by expert (one expert with none, one past a row tile)."""
+@pytest.mark.parametrize("aligned", [False, True], ids=["odd offsets", "aligned"])
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.BF16], ids=lambda q: q.name)
+def test_grouped_matmul_serves_every_expert_in_one_launch(qtype, aligned):
+    """Experts at odd offsets of one arena (read byte-wise), or at multiples of 16 (Q4_K / Q5_K quants read as
+    words), tokens grouped by expert (one expert with none, one past a row tile)."""
     rng = np.random.default_rng(int(qtype))
     n_rows, n_cols = 48, 256
     counts = [3, 0, 1, 18, 2]  # rows per expert; 18 spans two BLOCK_T tiles
     weights = [random_weight(qtype, n_rows, n_cols, rng) for _ in counts]
     offsets, arena, at = [], [], 0
     for w in weights:
-        pad = int(rng.integers(1, 40))  # blobs need no alignment
+        pad = 16 * int(rng.integers(1, 4)) if aligned else int(rng.integers(1, 40))
         arena += [np.zeros(pad, np.uint8), w.reshape(-1)]
         offsets.append(at + pad)
         at += pad + w.size
@@ -109,7 +111,7 @@ def test_grouped_matmul_serves_every_expert_in_one_launch(qtype):
     out = gpu.moe_matmul(
         torch.from_numpy(x).to(DEVICE), torch.from_numpy(np.concatenate(arena)).to(DEVICE),
         torch.tensor(offsets, dtype=torch.int64, device=DEVICE), torch.from_numpy(seg).to(DEVICE),
-        max(counts), qtype, n_rows, n_cols,
+        max(counts), qtype, n_rows, n_cols, aligned=aligned,
     ).cpu().numpy()
     for e, w in enumerate(weights):
         rows = slice(seg[e], seg[e + 1])

@@ -10,7 +10,8 @@ E experts in use, QK values per block, BB bytes per block (gguf.GGML_QUANT_SIZES
 Blocks are decoded in registers inside the product, never into a dequantized copy in memory: per group of G
 values sharing one scale (32, or 16 for Q2_K/Q3_K/Q6_K), the integer quants q (G, BLOCK_N) go through tl.dot
 and each row's scale a and offset b are applied after it: acc += (x_g @ q) * a + sum(x_g) * b, as llama.cpp's
-kernels do. Layouts follow gguf.quants' dequantizers. Weights are read byte-wise, so blobs need no alignment.
+kernels do. Layouts follow gguf.quants' dequantizers. Weights are read byte-wise, so blobs need no alignment,
+except Q4_K / Q5_K quants where the caller vouches that matrices start 16-byte aligned: 32-bit words then.
 The product runs at Triton's default float32 dot precision (tf32 on tensor cores): about 1e-3 relative error.
 Runs under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors too.
 """
@@ -33,6 +34,8 @@ SUPPORTED: frozenset[Q] = frozenset(
 # (bench/gpu_tiers.py, Mixtral-shaped Q4_K, T=1, 2 experts): about 180 GB/s at 32 / 4, 12% of the copy read rate
 # and 2.4x slower than the instruction count predicts, so latency, not issue, bounds it: the next step is more
 # bytes in flight (wide loads of the quant bytes, pipelining, split-K for short N). 32 / 4 is the best all-round.
+# Since then (not yet timed on a GPU): aligned Q4_K / Q5_K quants load as 32-bit words, which the compiler
+# moves with cp.async instead of single-byte loads (the matrix-vector kernel gained 2x from the same change).
 BLOCK_T, BLOCK_N, BLOCK_K, NUM_WARPS = 16, 32, 64, 4
 GROUP_VALUES = {Q.Q2_K: 16, Q.Q3_K: 16, Q.Q6_K: 16}  # values sharing one scale; 32 for the rest
 SKIP = -(2**62)  # a matrix offset that means "skip this row" (real ones, relative to host memory, may be negative)
@@ -63,11 +66,12 @@ def _scale_min_k4(sb, s, mask):
 
 
 @triton.jit
-def _group(bp, sb, j, m, nm, QTYPE: tl.constexpr):
+def _group(bp, sb, j, m, nm, QTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """Sub-block sb (G values sharing one scale) of each row's block at bp: (q (G, BLOCK_N), a, b (BLOCK_N,))
     with weight = a * q + b. q holds the small integer quants (exact in tf32), so the scales are applied once per
     row after the dot, as llama.cpp's kernels do, instead of once per value. Float types: q = value, a = 1, b = 0.
     bp points at each row's block; sb (scalar) counts G-value groups inside it; j = 0..G-1 down the rows.
+    ALIGNED: the matrix starts 16-byte aligned, so Q4_K / Q5_K quants can be read as words.
     """
     R = bp[None, :]
     zero = tl.zeros_like(_f16(bp, nm))
@@ -109,7 +113,13 @@ def _group(bp, sb, j, m, nm, QTYPE: tl.constexpr):
         high = (_u8(bp + 104 + sb % 4, nm) >> (2 * (sb // 4))) & 3
         a, b = _f16(bp + 108, nm) * ((low | (high << 4)) - 32).to(tl.float32), zero
     elif QTYPE == 12 or QTYPE == 13:  # Q4_K: d | dmin | scales[12] | qs[128];  Q5_K: ... | qh[32] | qs[128]
-        byte = _u8(R + (16 if QTYPE == 12 else 48) + 32 * (sb // 2) + j, m)  # sub-blocks 2c, 2c+1 share bytes
+        qs = R + (16 if QTYPE == 12 else 48) + 32 * (sb // 2)  # sub-blocks 2c, 2c + 1 share 32 bytes
+        if ALIGNED:  # as eight 32-bit words a row (wide loads), spread back into bytes in registers
+            w = tl.load(qs.to(tl.pointer_type(tl.int32), bitcast=True) + tl.arange(0, 8)[:, None], mask=nm[None, :],
+                        other=0)  # (8, BLOCK_N)
+            byte = tl.reshape(w[:, None, :] >> (8 * tl.arange(0, 4))[None, :, None], (32, R.shape[1])) & 255
+        else:
+            byte = _u8(qs + j, m)
         q = (byte >> (4 * (sb % 2))) & 15
         if QTYPE == 13:
             q = q | (((_u8(R + 16 + j, m) >> sb) & 1) << 4)
@@ -132,7 +142,7 @@ def _group(bp, sb, j, m, nm, QTYPE: tl.constexpr):
 def _grouped_matmul(
     x_ptr, arena_ptr, w_off_ptr, seg_ptr, out_ptr, N, stride_x, stride_out,
     K: tl.constexpr, QTYPE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr, G: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """Program (n tile, expert, row tile): out[rows, n] = x[rows] @ W_e[n].T for expert e's rows.
 
@@ -142,6 +152,8 @@ def _grouped_matmul(
     end = tl.load(seg_ptr + e + 1)
     m0 = tl.load(seg_ptr + e) + tl.program_id(2) * BLOCK_T
     w_off = tl.load(w_off_ptr + e)
+    if ALIGNED:
+        w_off = tl.multiple_of(w_off, 16)
     if (m0 < end) & (w_off != SKIP_C):  # the expert is computed on another GPU
         rows = m0 + tl.arange(0, BLOCK_T)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -157,7 +169,8 @@ def _grouped_matmul(
                 kmask = kg + j < K
                 xt = tl.load(x_rows + (kg + j)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
                 bp = w_rows + (kg // QK) * BB
-                q, a, b = _group(bp, (kg % QK) // G, j[:, None], kmask[:, None] & nmask[None, :], nmask & (kg < K), QTYPE)
+                q, a, b = _group(bp, (kg % QK) // G, j[:, None], kmask[:, None] & nmask[None, :], nmask & (kg < K), QTYPE,
+                                 ALIGNED)
                 acc += tl.dot(xt, q) * a[None, :] + tl.sum(xt, axis=1)[:, None] * b[None, :]
         out = out_ptr + rows[:, None].to(tl.int64) * stride_out + n[None, :]
         tl.store(out, acc, mask=rmask[:, None] & nmask[None, :])
@@ -176,9 +189,11 @@ def matrix_bytes(qtype: Q, n_rows: int, n_cols: int) -> int:
 def moe_matmul(
     x: torch.Tensor, arena: torch.Tensor, w_offsets: torch.Tensor, seg: torch.Tensor, max_rows: int,
     qtype: Q, n_rows: int, n_cols: int, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS, block_t: int = BLOCK_T,
+    aligned: bool = False,
 ) -> torch.Tensor:
     """Grouped x @ W_e.T: rows seg[e]:seg[e+1] of x (M, K) use the matrix at arena[w_offsets[e]:]; (M, N) float32.
-    Rows of an expert whose offset is SKIP are left unwritten.
+    Rows of an expert whose offset is SKIP are left unwritten. aligned: the caller knows every offset is a
+    multiple of 16 (slots and blobs are), so quants may be read as words; else they are read byte-wise.
 
     max_rows (most rows of any one expert) sizes the grid; the host knows it from the routing.
     """
@@ -200,7 +215,8 @@ def moe_matmul(
         _grouped_matmul[grid](
             x, arena, w_offsets, seg, out, n_rows, x.stride(0), out.stride(0),
             K=n_cols, QTYPE=int(qtype), QK=qk, BB=bb, G=GROUP_VALUES.get(qtype, 32),
-            BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=num_warps,
+            BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=BLOCK_K, ALIGNED=aligned and arena.data_ptr() % 16 == 0,
+            num_warps=num_warps,
         )
     return out
 
@@ -214,4 +230,4 @@ def matmul(x: torch.Tensor, w: torch.Tensor, qtype: Q, n_rows: int, n_cols: int)
         raise MoeTierError(None, f"{qtype.name} weight of {n_rows}x{n_cols} needs {expected} bytes, got {w.numel()}")
     offsets = torch.zeros(1, dtype=torch.int64, device=w.device)
     seg = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=w.device)
-    return moe_matmul(x, w, offsets, seg, x.shape[0], qtype, n_rows, n_cols)
+    return moe_matmul(x, w, offsets, seg, x.shape[0], qtype, n_rows, n_cols, aligned=True)
