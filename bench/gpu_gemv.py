@@ -70,10 +70,19 @@ def main() -> None:
 
     def grouped():
         for m in range(2):
-            moe_matmul(xx, vram, experts + m * n_bytes, seg, 1, Q.Q4_K, F, D)
-        moe_matmul(h, vram, experts + 2 * n_bytes, seg, 1, Q.Q4_K, D, F)
+            moe_matmul(xx, vram, experts + m * n_bytes, seg, 1, Q.Q4_K, F, D, aligned=True)
+        moe_matmul(h, vram, experts + 2 * n_bytes, seg, 1, Q.Q4_K, D, F, aligned=True)
 
-    rows.append(("grouped tl.dot (the prefill kernel)", "VRAM", gb / ms(grouped)))
+    rows.append(("Q4_K, grouped tl.dot (the prefill kernel)", "VRAM", gb / ms(grouped)))
+    # Q4_K_M files keep half the layers' down projections (and the output matrix) in Q6_K: its own kernel.
+    q6_bytes = matrix_bytes(Q.Q6_K, D, F)
+    q6 = torch.from_numpy(block_pool(Q.Q6_K, 0.01, 0, 2 * q6_bytes)[: 2 * q6_bytes]).to(dev)
+    q6_at = torch.tensor([0, q6_bytes], dtype=torch.int64, device=dev)
+    q6_gb = 2 * q6_bytes / 1e6
+    rows.append(("Q6_K down, gemv (default tile)", "VRAM",
+                 q6_gb / ms(lambda: gemv_parts(h, q6, q6_at, Q.Q6_K, D, F, (0,)))))
+    rows.append(("Q6_K down, grouped tl.dot (the prefill kernel)", "VRAM",
+                 q6_gb / ms(lambda: moe_matmul(h, q6, q6_at, seg, 1, Q.Q6_K, D, F, aligned=True))))
     far = experts + (pinned.data_ptr() - vram.data_ptr())  # the same bytes, read over PCIe in place
     rows.append(("gemv, fastest tile", "pinned host, in place", gb / ms(lambda: run(far, *best[1]))))
     body = (f"{torch.cuda.get_device_name(0)}; two Q4_K experts (gate + up in one launch, then down; "

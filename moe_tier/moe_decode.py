@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as Q
 
 from moe_tier.host_tiers import blob_layout
-from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split, quantize_q8_1
+from moe_tier.kernels.gpu_gemv import KERNELS, SKIP, gemv_parts, gemv_split, quantize_q8_1
 from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage
 from moe_tier.moe import Routing
 from moe_tier.moe_gpu import moe_ffn_gpu
@@ -156,7 +155,7 @@ class DeviceMoE:
                 stage(ids, loc, first, arena, late, blob_bytes)
         if ahead is not None:
             main.wait_event(ahead[4])  # the experts staged ahead are read with the hot ones
-        xq = quantize_q8_1(x.float().contiguous()) if gate.qtype == Q.Q4_K else None  # once for both launches
+        xq = quantize_q8_1(x.float().contiguous()) if gate.qtype in KERNELS else None  # once for both launches
         self._gate_up(x, xq, arena, now, layer, gate_up[:, :split])
         if n_stage:
             main.wait_stream(side)

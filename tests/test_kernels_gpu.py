@@ -50,7 +50,7 @@ def reference(x: np.ndarray, w: np.ndarray, qtype: Q, n_rows: int, n_cols: int) 
 
 def q8_1(x: np.ndarray) -> np.ndarray:
     """x as llama.cpp's quantize_q8_1 leaves it (blocks of 32: int8 quants times amax / 127 rounded to f16),
-    the activations the Q4_K matrix-vector kernel multiplies."""
+    the activations the Q4_K and Q6_K matrix-vector kernels multiply."""
     blocks = x.astype(np.float32).reshape(len(x), -1, 32)
     d = np.abs(blocks).max(axis=2, keepdims=True) / np.float32(127)
     v = blocks / np.where(d == 0, 1, d)
@@ -59,7 +59,7 @@ def q8_1(x: np.ndarray) -> np.ndarray:
 
 
 def gemv_reference(x: np.ndarray, w: np.ndarray, qtype: Q, n_rows: int, n_cols: int) -> np.ndarray:
-    return reference(q8_1(x) if qtype == Q.Q4_K else x, w, qtype, n_rows, n_cols)
+    return reference(q8_1(x) if qtype in (Q.Q4_K, Q.Q6_K) else x, w, qtype, n_rows, n_cols)
 
 
 def rel_err(got, want) -> float:
@@ -154,7 +154,7 @@ def test_wider_row_tiles(block_t, block_n, num_warps):
     assert rel_err(out.cpu().numpy(), reference(x, w, Q.Q4_K, 40, 256)) < TOL
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
 def test_skipped_rows_read_nothing(qtype):
     """A GPU with no slots has an empty arena (address 0) and skips every row of a layer computed elsewhere: no
     kernel may read from it (a read at offset 0 there was an illegal address on the two-GPU device run)."""

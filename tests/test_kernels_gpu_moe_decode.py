@@ -86,7 +86,7 @@ def test_locate_reads_experts_staged_ahead_from_their_buffer():
     assert every == [6 * slot_bytes, slot_bytes, stage_at + 2 * slot_bytes, 0]
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
 def test_two_launches_fill_one_buffer(qtype):
     """As decode runs hot rows and then staged rows: each launch skips the other's rows and writes its own S parts
     of one buffer; the sum over all parts is the one-launch product."""

@@ -17,8 +17,8 @@ scales and minimums apply to the integer sub-block sums. Q4_K quants are address
 super-block (256 values, 144 bytes) of BLOCK_N rows per step, through word pointers: the compiler then sees
 runs of eight contiguous, 16-byte aligned words and issues 128-bit loads. With byte pointers cast to words it
 issued one 32-bit load per word and the kernel read ~1.1 TB/s on an H100; with 128-bit loads ~2.3 TB/s
-(bench/gpu_gemv.py, timed in a CUDA graph). Other types go through kernels.gpu's grouped kernel (one expert
-per row).
+(bench/gpu_gemv.py, timed in a CUDA graph). Q6_K (210-byte blocks, only 2-byte aligned) is read as 16-bit
+halfwords. Other types go through kernels.gpu's grouped kernel (one expert per row).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from gguf import GGMLQuantizationType as Q
 from moe_tier.kernels.gpu import SKIP, SKIP_C, block_shape, moe_matmul
 
 QK_K = 256
-Q4_K_BYTES = 144
 BLOCK_N, NUM_WARPS, STAGES = 8, 1, 1  # the fastest of bench/gpu_gemv.py's sweep on an H100 (gate + up, then down)
 TARGET_PROGRAMS = 4096  # split-K up to this many programs: enough in flight to hide HBM (and PCIe) latency
 
@@ -107,17 +106,24 @@ def quantize_q8_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 @triton.jit
+def _program(off_ptr, p0, p1, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (n tile, row, matrix * SPLIT + part): its row r, split part, matrix, output rows n, the row's matrix
+    offset and part offset, and the row of x it multiplies."""
+    r = tl.program_id(1)
+    part = tl.program_id(2) % SPLIT
+    mat = tl.program_id(2) // SPLIT
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offset = tl.multiple_of(tl.load(off_ptr + r), 16)  # slots, blobs and matrices are 16-byte aligned: wide loads
+    return r, part, mat, n, offset, tl.where(mat == 0, p0, p1), (r // X_DIV).to(tl.int64)
+
+
+@triton.jit
 def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_out, stride_part, stride_mat,
                K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
                STAGES: tl.constexpr, ASM: tl.constexpr):
     """Program (n tile, row, matrix * SPLIT + part): out[matrix, part, row, n] = sum over the part's super-blocks
     of x[row // X_DIV] . W[n], W the row's matrix at part offset p0 (matrix 0) or p1 (matrix 1), x as q8_1."""
-    r = tl.program_id(1)
-    part = tl.program_id(2) % SPLIT
-    mat = tl.program_id(2) // SPLIT
-    part_offset = tl.where(mat == 0, p0, p1)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offset = tl.multiple_of(tl.load(off_ptr + r), 16)  # slots, blobs and matrices are 16-byte aligned: wide loads
+    r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
     nmask = n < N
     row_words = (K // 256) * 36  # a row of super-blocks, in 32-bit words (144 bytes a block)
     # Word pointers (not byte pointers cast late) so that the compiler sees runs of contiguous, 16-byte aligned words
@@ -127,7 +133,6 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
     c = tl.arange(0, 4)  # 64-value chunk: sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
     w = tl.arange(0, 8)  # word in the chunk's 32 quant bytes
     word_at = 4 + 8 * c[:, None] + w[None, :]  # (4, 8) word offsets of the quants in a block
-    x_row = (r // X_DIV).to(tl.int64)
     xq_words = (xq_ptr + x_row * K).to(tl.pointer_type(tl.int32), bitcast=True)
     acc = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
     acc_min = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
@@ -167,10 +172,66 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
     tl.store(out_ptr + mat * stride_mat + part * stride_part + r.to(tl.int64) * stride_out + n, total, mask=n < N)
 
 
+@triton.jit
+def _q6_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_out, stride_part, stride_mat,
+               K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
+               STAGES: tl.constexpr, ASM: tl.constexpr):
+    """As _q4_k_gemv for Q6_K (ql[128] low nibbles | qh[64] high bit pairs | scales[16] int8 | d f16, 210 bytes):
+    blocks are only 2-byte aligned, so they are read as 16-bit halfwords, paired into words in registers. As
+    llama.cpp's vec_dot_q6_K_q8_1: dp4a of the unsigned 6-bit quants, minus 32 times the activations' sum."""
+    r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
+    nmask = n < N
+    row_halves = (K // 256) * 105
+    w_rows = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int16), bitcast=True) + n.to(tl.int64) * row_halves
+    c = tl.arange(0, 4)  # chunk: half c // 2 of the block (128 values), ql bytes 64 (c // 2) + 32 (c % 2) ..
+    t = tl.arange(0, 8)  # word of the chunk
+    i2 = tl.arange(0, 2)  # halfword of the word
+    pair = 2 * t[None, :, None] + i2[None, None, :]
+    ql_at = (32 * (c // 2) + 16 * (c % 2))[:, None, None] + pair  # (4, 8, 2) halfword offsets in a block
+    qh_at = (64 + 16 * tl.arange(0, 2))[:, None, None] + pair  # (2, 8, 2): qh bytes of each half (its two chunks')
+    xq_words = (xq_ptr + x_row * K).to(tl.pointer_type(tl.int32), bitcast=True)
+    ones = tl.full((4, 8), 0x01010101, tl.int32)
+    acc = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
+    if offset != SKIP_C:
+        for first in tl.range(0, K // 256, SPLIT, num_stages=STAGES):
+            sb = first + part
+            m = nmask & (sb < K // 256)
+            ok = sb < K // 256
+            bp = w_rows + sb * 105
+            m4 = m[:, None, None, None]
+            qlw = _words(tl.load(bp[:, None, None, None] + ql_at[None], mask=m4, other=0))  # (BLOCK_N, 4, 8)
+            qhw = _words(tl.load(bp[:, None, None, None] + qh_at[None], mask=m4, other=0))  # (BLOCK_N, 2, 8)
+            qhw = tl.reshape(tl.broadcast_to(qhw[:, :, None, :], (BLOCK_N, 2, 2, 8)), (BLOCK_N, 4, 8))  # per chunk
+            d = tl.load(bp + 104, mask=m, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+            for h in tl.static_range(2):  # sub-block j = c % 2 + 2 h of half c // 2: 32 values, two scales
+                j = c % 2 + 2 * h
+                q = ((qlw >> (4 * h)) & 0x0F0F0F0F) | (((qhw >> (2 * j)[None, :, None]) & 0x03030303) << 4)
+                xw = tl.load(xq_words + sb * 64 + (32 * (c // 2) + 8 * j)[:, None] + t[None, :], mask=ok, other=0)
+                dot = _dp4a(q, tl.broadcast_to(xw[None], (BLOCK_N, 4, 8)), tl.zeros_like(q), ASM)
+                xsum = _dp4a(ones, xw, tl.zeros_like(xw), ASM)
+                halves = (tl.sum(tl.reshape(dot, (BLOCK_N, 4, 2, 4)), axis=3)
+                          - 32 * tl.sum(tl.reshape(xsum, (4, 2, 4)), axis=2)[None])  # (BLOCK_N, 4, 2): 16 values each
+                sc2 = tl.load(bp[:, None] + (96 + 4 * (c // 2) + j)[None, :], mask=m[:, None], other=0).to(tl.int32)
+                sc = ((sc2[:, :, None] << (24 - 8 * i2)[None, None, :]) >> 24)  # the two int8 scales, sign-extended
+                xd = tl.load(xd_ptr + x_row * (K // 32) + sb * 8 + 4 * (c // 2) + j, mask=ok, other=0.0)
+                acc += d[:, None] * xd[None, :] * tl.sum(sc * halves, axis=2).to(tl.float32)
+    tl.store(out_ptr + mat * stride_mat + part * stride_part + r.to(tl.int64) * stride_out + n, tl.sum(acc, axis=1),
+             mask=nmask)
+
+
+@triton.jit
+def _words(halves):
+    """(..., 2) 16-bit halfwords (little-endian pairs) -> (...) 32-bit words."""
+    return tl.sum((halves.to(tl.int32) & 0xFFFF) << (16 * tl.arange(0, 2)), axis=len(halves.shape) - 1)
+
+
+KERNELS = {Q.Q4_K: _q4_k_gemv, Q.Q6_K: _q6_k_gemv}  # the types with a matrix-vector kernel of their own
+
+
 def gemv_split(qtype: Q, n_rows: int, n_cols: int, R: int, M: int = 1, block_n: int = BLOCK_N,
                target: int = TARGET_PROGRAMS) -> int:
     """How many parts gemv_parts splits K into by default (1 for the grouped kernel's types)."""
-    if Q(qtype) != Q.Q4_K:
+    if Q(qtype) not in KERNELS:
         return 1
     return max(1, min(n_cols // QK_K, target // max(1, triton.cdiv(n_rows, block_n) * R * M)))
 
@@ -187,15 +248,14 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
     x = x.float().contiguous()
     R, M = offsets.shape[0], len(part_offsets)
     assert M in (1, 2) and x.shape[0] * x_div == R
-    if qtype != Q.Q4_K:  # one "expert" per row for the grouped kernel
+    if qtype not in KERNELS:  # one "expert" per row for the grouped kernel
         xr = x.repeat_interleave(x_div, dim=0) if x_div > 1 else x
         seg = torch.arange(R + 1, dtype=torch.int32, device=x.device)
         skip = offsets == SKIP
         parts = torch.stack([torch.where(skip[:, None], 0.0, moe_matmul(
             xr, base, torch.where(skip, SKIP, offsets + p), seg, 1, qtype, n_rows, n_cols)) for p in part_offsets])[:, None]
         return parts if out is None else out.copy_(parts)
-    qk, bb = block_shape(qtype)
-    assert (qk, bb) == (QK_K, Q4_K_BYTES) and n_cols % QK_K == 0
+    assert block_shape(qtype)[0] == QK_K and n_cols % QK_K == 0
     tiles = triton.cdiv(n_rows, block_n)
     if out is not None:
         split = out.shape[1]
@@ -206,7 +266,7 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
     if R and n_rows:
         p0, p1 = part_offsets[0], part_offsets[-1]
         xq, xd, xs = quantize_q8_1(x) if xq is None else xq
-        _q4_k_gemv[(tiles, R, split * M)](xq, xd, xs, base, offsets, p0, p1, out, n_rows, out.stride(2), out.stride(1),
+        KERNELS[qtype][(tiles, R, split * M)](xq, xd, xs, base, offsets, p0, p1, out, n_rows, out.stride(2), out.stride(1),
                                           out.stride(0), K=n_cols, SPLIT=split, X_DIV=x_div, BLOCK_N=block_n, STAGES=stages,
                                           ASM=x.is_cuda, num_warps=num_warps)
     return out
