@@ -50,7 +50,7 @@ def reference(x: np.ndarray, w: np.ndarray, qtype: Q, n_rows: int, n_cols: int) 
 
 def q8_1(x: np.ndarray) -> np.ndarray:
     """x as llama.cpp's quantize_q8_1 leaves it (blocks of 32: int8 quants times amax / 127 rounded to f16),
-    the activations the Q4_K and Q6_K matrix-vector kernels multiply."""
+    the activations the Q4_K, Q5_K and Q6_K matrix-vector kernels multiply."""
     blocks = x.astype(np.float32).reshape(len(x), -1, 32)
     d = np.abs(blocks).max(axis=2, keepdims=True) / np.float32(127)
     v = blocks / np.where(d == 0, 1, d)
@@ -59,7 +59,7 @@ def q8_1(x: np.ndarray) -> np.ndarray:
 
 
 def gemv_reference(x: np.ndarray, w: np.ndarray, qtype: Q, n_rows: int, n_cols: int) -> np.ndarray:
-    return reference(q8_1(x) if qtype in (Q.Q4_K, Q.Q6_K) else x, w, qtype, n_rows, n_cols)
+    return reference(q8_1(x) if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else x, w, qtype, n_rows, n_cols)
 
 
 def rel_err(got, want) -> float:
@@ -166,7 +166,7 @@ def test_skipped_rows_read_nothing(qtype):
     assert got.shape[0] == 2 and not got.sum(dim=1).any()
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
 @pytest.mark.parametrize("split", [1, 3, None])
 def test_gemv_reads_each_rows_own_matrix_and_skips_negative_offsets(qtype, split):
     """Decode's kernel: row r of x times the matrix at base + offsets[r] + part_offset; SKIP gives zeros."""

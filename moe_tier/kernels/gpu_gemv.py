@@ -17,8 +17,8 @@ scales and minimums apply to the integer sub-block sums. Q4_K quants are address
 super-block (256 values, 144 bytes) of BLOCK_N rows per step, through word pointers: the compiler then sees
 runs of eight contiguous, 16-byte aligned words and issues 128-bit loads. With byte pointers cast to words it
 issued one 32-bit load per word and the kernel read ~1.1 TB/s on an H100; with 128-bit loads ~2.3 TB/s
-(bench/gpu_gemv.py, timed in a CUDA graph). Q6_K (210-byte blocks, only 2-byte aligned) is read as 16-bit
-halfwords. Other types go through kernels.gpu's grouped kernel (one expert per row).
+(bench/gpu_gemv.py, timed in a CUDA graph). Q5_K is Q4_K with a fifth bit per value; Q6_K (210-byte blocks,
+only 2-byte aligned) is read as 16-bit halfwords. Other types go through kernels.gpu's grouped kernel (one expert per row).
 """
 
 from __future__ import annotations
@@ -120,19 +120,20 @@ def _program(off_ptr, p0, p1, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N:
 @triton.jit
 def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_out, stride_part, stride_mat,
                K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
-               STAGES: tl.constexpr, ASM: tl.constexpr):
+               STAGES: tl.constexpr, ASM: tl.constexpr, Q5: tl.constexpr = False):
     """Program (n tile, row, matrix * SPLIT + part): out[matrix, part, row, n] = sum over the part's super-blocks
-    of x[row // X_DIV] . W[n], W the row's matrix at part offset p0 (matrix 0) or p1 (matrix 1), x as q8_1."""
+    of x[row // X_DIV] . W[n], W the row's matrix at part offset p0 (matrix 0) or p1 (matrix 1), x as q8_1.
+    Q5: Q5_K, whose blocks (176 bytes) hold a fifth bit per value (qh[32]) between the scales and the nibbles."""
     r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
     nmask = n < N
-    row_words = (K // 256) * 36  # a row of super-blocks, in 32-bit words (144 bytes a block)
+    row_words = (K // 256) * (44 if Q5 else 36)  # 176 or 144 bytes a super-block
     # Word pointers (not byte pointers cast late) so that the compiler sees runs of contiguous, 16-byte aligned words
     # and loads them 128 bits at a time.
     mat_words = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int32), bitcast=True)
     w_rows = mat_words + n.to(tl.int64) * row_words  # (BLOCK_N,) int32 pointers
     c = tl.arange(0, 4)  # 64-value chunk: sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
     w = tl.arange(0, 8)  # word in the chunk's 32 quant bytes
-    word_at = 4 + 8 * c[:, None] + w[None, :]  # (4, 8) word offsets of the quants in a block
+    word_at = (12 if Q5 else 4) + 8 * c[:, None] + w[None, :]  # (4, 8) word offsets of the nibbles in a block
     xq_words = (xq_ptr + x_row * K).to(tl.pointer_type(tl.int32), bitcast=True)
     acc = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
     acc_min = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
@@ -140,8 +141,10 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
         for first in tl.range(0, K // 256, SPLIT, num_stages=STAGES):
             sb = first + part
             m = nmask & (sb < K // 256)  # the last round may have fewer super-blocks than parts
-            bp = w_rows + sb * 36
+            bp = w_rows + sb * (44 if Q5 else 36)
             q = tl.load(bp[:, None, None] + word_at[None, :, :], mask=m[:, None, None], other=0)  # (BLOCK_N, 4, 8)
+            if Q5:  # bit s of qh[l] is the fifth bit of value l of sub-block s
+                qh = tl.load(bp[:, None, None] + 4 + w[None, None, :], mask=m[:, None, None], other=0)  # (BLOCK_N, 1, 8)
             hdr = tl.load(bp[:, None] + tl.arange(0, 4)[None, :], mask=m[:, None], other=0)  # d | dmin, 12 scale bytes
             u, u0, u1, u2 = _words4(hdr)
             u0, u1, u2 = u0[:, None], u1[:, None], u2[:, None]
@@ -158,6 +161,8 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
                 s = 2 * c + h  # (4,) sub-block index
                 xd, xs = xds[h], xss[h]
                 nib = (q >> (4 * h)) & 0x0F0F0F0F
+                if Q5:
+                    nib = nib | (((qh >> s[None, :, None]) & 0x01010101) << 4)
                 dot = tl.sum(_dp4a(nib, tl.broadcast_to(xws[h][None, :, :], (BLOCK_N, 4, 8)), tl.zeros_like(nib), ASM),
                              axis=2)
                 lo = s[None, :] < 4
@@ -225,7 +230,8 @@ def _words(halves):
     return tl.sum((halves.to(tl.int32) & 0xFFFF) << (16 * tl.arange(0, 2)), axis=len(halves.shape) - 1)
 
 
-KERNELS = {Q.Q4_K: _q4_k_gemv, Q.Q6_K: _q6_k_gemv}  # the types with a matrix-vector kernel of their own
+# The types with a matrix-vector kernel: the kernel and its type's constants.
+KERNELS = {Q.Q4_K: (_q4_k_gemv, {}), Q.Q5_K: (_q4_k_gemv, {"Q5": True}), Q.Q6_K: (_q6_k_gemv, {})}
 
 
 def gemv_split(qtype: Q, n_rows: int, n_cols: int, R: int, M: int = 1, block_n: int = BLOCK_N,
@@ -266,9 +272,10 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
     if R and n_rows:
         p0, p1 = part_offsets[0], part_offsets[-1]
         xq, xd, xs = quantize_q8_1(x) if xq is None else xq
-        KERNELS[qtype][(tiles, R, split * M)](xq, xd, xs, base, offsets, p0, p1, out, n_rows, out.stride(2), out.stride(1),
-                                          out.stride(0), K=n_cols, SPLIT=split, X_DIV=x_div, BLOCK_N=block_n, STAGES=stages,
-                                          ASM=x.is_cuda, num_warps=num_warps)
+        kernel, consts = KERNELS[qtype]
+        kernel[(tiles, R, split * M)](xq, xd, xs, base, offsets, p0, p1, out, n_rows, out.stride(2), out.stride(1),
+                                      out.stride(0), K=n_cols, SPLIT=split, X_DIV=x_div, BLOCK_N=block_n, STAGES=stages,
+                                      ASM=x.is_cuda, num_warps=num_warps, **consts)
     return out
 
 
