@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_tier.host_tiers import blob_layout
-from moe_tier.kernels.gpu import moe_matmul
+from moe_tier.kernels.gpu import DEQUANT_MIN_ROWS, matmul_dequantized, moe_matmul
 from moe_tier.moe import Routing, swiglu_ffn
 from moe_tier.reader import ExpertId
 from moe_tier.tensors import matrix_dims
@@ -69,6 +69,9 @@ def _grouped_swiglu(x, routing: Routing, group, arena: torch.Tensor, tiers: GpuT
     def matmul(h: torch.Tensor, matrix: str) -> torch.Tensor:
         part = ref.part(matrix)
         at = np.array([off + layout[matrix] for _, off in group], np.int64)
+        if max_rows >= DEQUANT_MIN_ROWS:  # prefill: each expert's matrix decoded to float16 for cuBLAS
+            return torch.cat([matmul_dequantized(h[seg[i] : seg[i + 1]], arena, int(a), part.qtype,
+                                                 *matrix_dims(part.shape)) for i, a in enumerate(at)])
         return moe_matmul(h, arena, _dev(at, dev), seg_t, max_rows, part.qtype, *matrix_dims(part.shape),
                           aligned=bool(np.all(at % 16 == 0)))
 

@@ -21,6 +21,7 @@ from moe_tier.units import format_bytes
 
 KV_BYTES_PER_ELEMENT = 2  # f16 KV cache, as llama.cpp's default
 RUNTIME_GUESS_BYTES = 512 * 1024**2  # only when planning for a GPU that is not here to measure
+DEQUANT_SCRATCH_BYTES = 32 << 20  # kernels.gpu.DEQUANT_CHUNK_VALUES float16 values: prefill's decoded weight chunk
 
 
 @dataclass(frozen=True)
@@ -175,11 +176,12 @@ def _kv_bytes(desc: ModelDesc, n_layers: int, ctx: int) -> int:
 
 
 def _scratch_bytes(desc: ModelDesc, budget: Budget, last: bool) -> int:
-    """Largest live activations of one prefill chunk (f32): hidden states, FFN, attention scores, logits."""
+    """Largest live activations of one prefill chunk (f32): hidden states, FFN, attention scores, logits; and the
+    float16 weight chunk that prefill's matmuls decode for cuBLAS."""
     c = desc.config
     ff = max(c.n_ff, c.n_ff_exp * c.n_expert_used, c.n_ff_shexp)
     per_token = 8 * c.n_embd + 3 * ff + c.n_head * budget.ctx + (c.n_vocab if last else 0)
-    return budget.ubatch * per_token * 4
+    return budget.ubatch * per_token * 4 + DEQUANT_SCRATCH_BYTES
 
 
 def _rank(desc: ModelDesc, expert_freq: np.ndarray | None) -> list[ExpertId]:

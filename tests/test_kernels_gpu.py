@@ -22,6 +22,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []  # `pytest -m gpu` on the GPU machine runs them too
 # Relative error of x @ W.T against float64: exact float32 in the interpreter, tf32 dots on the GPU.
 TOL = 5e-3 if DEVICE == "cuda" else 1e-5
+FP16_TOL = 5e-3  # float16 weights and activations (the prefill path), on either device
 # Where each type keeps its f16 scales (d, dmin, m): random bytes there would give inf/NaN or huge values.
 F16_FIELDS = {
     Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
@@ -67,8 +68,9 @@ def rel_err(got, want) -> float:
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("n_tokens", [1, 7])
+@pytest.mark.parametrize("n_tokens", [1, 7, 40])
 def test_matmul_matches_gguf_dequantize_and_cpu_kernel(qtype, n_tokens):
+    """Few tokens: the grouped kernel; from DEQUANT_MIN_ROWS (40 here) float16 weights through cuBLAS."""
     rng = np.random.default_rng([int(qtype), n_tokens])
     n_rows, n_cols = 40, 512  # a partial BLOCK_N tile; two K-quant super-blocks, sixteen Q8_0 blocks per row
     w = random_weight(qtype, n_rows, n_cols, rng)
@@ -77,9 +79,23 @@ def test_matmul_matches_gguf_dequantize_and_cpu_kernel(qtype, n_tokens):
     got = got.cpu().numpy()
     assert got.shape == (n_tokens, n_rows) and np.isfinite(got).all()
     want = reference(x, w, qtype, n_rows, n_cols)
-    assert rel_err(got, want) < TOL
+    assert rel_err(got, want) < (TOL if n_tokens < gpu.DEQUANT_MIN_ROWS else FP16_TOL)
     # The CPU kernels round x as llama.cpp does (to Q8_0/Q8_K for quantized weights): ~1e-2 apart.
     assert rel_err(got, kernels.matmul(x, w, qtype, n_rows, n_cols)) < 3e-2
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("pad", [0, 3], ids=["aligned", "odd offset"])
+def test_dequantize_gives_gguf_values_as_float16(qtype, pad):
+    """The prefill path's decode: rows 5 .. 5 + 70 of a matrix (two row tiles, the last partial), exactly gguf's
+    values rounded to float16."""
+    rng = np.random.default_rng(int(qtype) + pad)
+    n_rows, n_cols = 80, 512
+    w = random_weight(qtype, n_rows, n_cols, rng)
+    arena = torch.from_numpy(np.concatenate([np.zeros(pad, np.uint8), w.reshape(-1)])).to(DEVICE)
+    got = gpu.dequantize(arena, pad, qtype, n_rows, n_cols, row0=5, rows=70).cpu().numpy()
+    want = quants.dequantize(w, qtype).reshape(n_rows, n_cols)[5:75].astype(np.float16)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_bfloat16_activations():

@@ -18,10 +18,11 @@ pytest.importorskip("triton")
 
 from moe_tier.config import Gating  # noqa: E402
 from moe_tier.moe import Routing, moe_ffn, route  # noqa: E402
-from moe_tier.reader import open_model  # noqa: E402
+from moe_tier.reader import ExpertId, open_model  # noqa: E402
 from moe_tier.stats import EngineStats  # noqa: E402
 from moe_tier.synth import tiny, write_fast  # noqa: E402
 from moe_tier.tensors import Weights  # noqa: E402
+from moe_tier.tiers.gpu_pool import Acquired  # noqa: E402
 from moe_tier.tiers.locations import ExpertLocations  # noqa: E402
 from moe_tier.tiers.warm import align_up  # noqa: E402
 from tests.test_gpu_tiers import DequantizedExperts, rel_err  # noqa: E402
@@ -54,6 +55,7 @@ def no_cuda_streams(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
 
 
@@ -86,6 +88,16 @@ class HostPool:
             self.arena[0][i * self.slot_bytes : i * self.slot_bytes + blobs[eid].size] = torch.from_numpy(blobs[eid])
             self.locations.hot(eid, 0, i * self.slot_bytes)
             self.table.slot_of[eid] = i
+
+    def acquire(self, layer: int, counts: dict[int, int]) -> Acquired:
+        """Every expert where it is: its slot, or its warm blob (read in place, by an offset from the arena)."""
+        out = Acquired()
+        far = self.warm.arena.data_ptr() - self.arena[0].data_ptr()
+        for e in counts:
+            eid = ExpertId(layer, e)
+            at = self.table.slot_of[eid] * self.slot_bytes if eid in self.table.slot_of else far + self.warm.offset[eid]
+            out.gpu.setdefault(0, []).append((eid, at))
+        return out
 
     def settle(self) -> None:
         pass
@@ -126,3 +138,21 @@ def test_each_row_reads_its_experts_bytes_and_every_use_is_counted(no_cuda_strea
         assert 0 < served["ahead"].hits < moved["warm->gpu ahead"].hits
     else:
         assert "ahead" not in served and "warm->gpu ahead" not in moved
+
+
+@pytest.mark.parametrize("n_tokens", [12, 160], ids=["grouped kernel", "float16 cuBLAS"])
+def test_prefill_batches_stream_whole_experts(no_cuda_streams, tmp_path, n_tokens):
+    """More rows than decode's take moe_ffn_gpu: a few tokens an expert through the grouped kernel, from
+    DEQUANT_MIN_ROWS an expert's matrices decoded to float16 for cuBLAS; hot and warm experts alike."""
+    from moe_tier.kernels.gpu import DEQUANT_MIN_ROWS
+    from moe_tier.moe_decode import DeviceMoE
+
+    desc = open_model(write_fast(tmp_path / "m.gguf", tiny("qwen3moe", qtype="Q4_K", n_layer=2, n_embd=256, n_ff_exp=256)))
+    moe, exact, cfg = DeviceMoE(HostPool(desc, n_hot=3, stage=0)), DequantizedExperts(desc), desc.config
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n_tokens, cfg.n_embd)).astype(np.float32)
+    r = route(rng.standard_normal((n_tokens, cfg.n_expert)).astype(np.float32), cfg.n_expert_used, Gating.SOFTMAX,
+              weights_norm=True)
+    assert (np.bincount(r.ids.ravel()).max() >= DEQUANT_MIN_ROWS) == (n_tokens > 100)
+    got = moe(torch.from_numpy(x), Routing(torch.from_numpy(r.ids), torch.from_numpy(r.weights)), desc.moe_layers[0])
+    assert rel_err(got.numpy(), moe_ffn(x, r, desc.moe_layers[0], exact)) < (1e-5 if n_tokens < 100 else 5e-3)

@@ -37,6 +37,9 @@ SUPPORTED: frozenset[Q] = frozenset(
 # Since then (not yet timed on a GPU): aligned Q4_K / Q5_K quants load as 32-bit words, which the compiler
 # moves with cp.async instead of single-byte loads (the matrix-vector kernel gained 2x from the same change).
 BLOCK_T, BLOCK_N, BLOCK_K, NUM_WARPS = 16, 32, 64, 4
+DEQUANT_MIN_ROWS = 32  # from this many token rows a matrix is decoded to float16 and multiplied by cuBLAS
+DEQUANT_CHUNK_VALUES = 1 << 24  # float16 values decoded at a time: 32 MiB (plan.DEQUANT_SCRATCH_BYTES holds it)
+DEQUANT_BLOCK_N = 64
 GROUP_VALUES = {Q.Q2_K: 16, Q.Q3_K: 16, Q.Q6_K: 16}  # values sharing one scale; 32 for the rest
 SKIP = -(2**62)  # a matrix offset that means "skip this row" (real ones, relative to host memory, may be negative)
 SKIP_C = tl.constexpr(SKIP)  # the same for kernel code, which may read only constexpr globals
@@ -176,6 +179,58 @@ def _grouped_matmul(
         tl.store(out, acc, mask=rmask[:, None] & nmask[None, :])
 
 
+@triton.jit
+def _dequantize(arena_ptr, w_off, out_ptr, row0, N, K: tl.constexpr, QTYPE: tl.constexpr, QK: tl.constexpr,
+                BB: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    """Program (n tile, k tile): out[n - row0, k] = W[n, k] as float16, W's rows row0 .. N, decoded by _group."""
+    n = row0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    w_rows = arena_ptr + w_off + n.to(tl.int64) * ((K // QK) * BB)
+    j = tl.arange(0, G)
+    for i in tl.static_range(BLOCK_K // G):
+        kg = tl.program_id(1) * BLOCK_K + i * G
+        kmask = kg + j < K
+        q, a, b = _group(w_rows + (kg // QK) * BB, (kg % QK) // G, j[:, None], kmask[:, None] & nmask[None, :],
+                         nmask & (kg < K), QTYPE, ALIGNED)
+        v = tl.trans(q * a[None, :] + b[None, :])  # (BLOCK_N, G): consecutive k along a row, as stored
+        at = (n - row0)[:, None].to(tl.int64) * K + (kg + j)[None, :]
+        tl.store(out_ptr + at, v.to(tl.float16), mask=nmask[:, None] & kmask[None, :])
+
+
+def dequantize(arena: torch.Tensor, offset: int, qtype: Q, n_rows: int, n_cols: int, row0: int = 0,
+               rows: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows row0 .. row0 + rows of the matrix at arena[offset:] decoded to float16 (rows, n_cols), on the device
+    (out: where to write them)."""
+    qtype = Q(qtype)
+    qk, bb = block_shape(qtype)
+    rows = n_rows - row0 if rows is None else rows
+    out = torch.empty((rows, n_cols), dtype=torch.float16, device=arena.device) if out is None else out
+    block_k = max(qk, 64)
+    if rows and n_cols:
+        _dequantize[(triton.cdiv(rows, DEQUANT_BLOCK_N), triton.cdiv(n_cols, block_k))](
+            arena, offset, out, row0, row0 + rows, K=n_cols, QTYPE=int(qtype), QK=qk, BB=bb,
+            G=GROUP_VALUES.get(qtype, 32), BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=block_k,
+            ALIGNED=(arena.data_ptr() + offset) % 16 == 0, num_warps=4)
+    return out
+
+
+def matmul_dequantized(x: torch.Tensor, arena: torch.Tensor, offset: int, qtype: Q, n_rows: int,
+                       n_cols: int) -> torch.Tensor:
+    """x (T, K) @ W.T for W at arena[offset:], (T, N) float32: at prefill sizes the product is bound by compute,
+    not by reading the weights once, so W is decoded to float16 a chunk of rows at a time (DEQUANT_CHUNK_VALUES
+    of scratch) and multiplied by cuBLAS on tensor cores, as llama.cpp's CUDA backend does for large batches."""
+    x16 = x.to(torch.float16)
+    out = torch.empty((x.shape[0], n_rows), dtype=torch.float32, device=x.device)
+    chunk = max(DEQUANT_BLOCK_N, DEQUANT_CHUNK_VALUES // max(n_cols, 1) // DEQUANT_BLOCK_N * DEQUANT_BLOCK_N)
+    buf = torch.empty((min(chunk, n_rows), n_cols), dtype=torch.float16, device=x.device)
+    for r0 in range(0, n_rows, chunk):
+        r = min(chunk, n_rows - r0)
+        w = dequantize(arena, offset, qtype, n_rows, n_cols, r0, r, out=buf[:r])
+        out[:, r0 : r0 + r] = x16 @ w.T
+    return out
+
+
 def block_shape(qtype: Q) -> tuple[int, int]:
     """(values per block, bytes per block)."""
     return GGML_QUANT_SIZES[Q(qtype)]
@@ -222,12 +277,15 @@ def moe_matmul(
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, qtype: Q, n_rows: int, n_cols: int) -> torch.Tensor:
-    """x (T, K) @ W.T for W (N, K) held as raw GGUF blocks in the uint8 tensor w; (T, N) float32."""
+    """x (T, K) @ W.T for W (N, K) held as raw GGUF blocks in the uint8 tensor w; (T, N) float32. From
+    DEQUANT_MIN_ROWS tokens W is decoded to float16 in chunks for cuBLAS."""
     qtype = Q(qtype)
     expected = matrix_bytes(qtype, n_rows, n_cols) if qtype in SUPPORTED else None
     w = w.reshape(-1)
     if expected is not None and w.numel() != expected:
         raise MoeTierError(None, f"{qtype.name} weight of {n_rows}x{n_cols} needs {expected} bytes, got {w.numel()}")
+    if x.shape[0] >= DEQUANT_MIN_ROWS and qtype in SUPPORTED:
+        return matmul_dequantized(x, w, 0, qtype, n_rows, n_cols)
     offsets = torch.zeros(1, dtype=torch.int64, device=w.device)
     seg = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=w.device)
     return moe_matmul(x, w, offsets, seg, x.shape[0], qtype, n_rows, n_cols, aligned=True)
