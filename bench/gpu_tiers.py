@@ -18,7 +18,7 @@ import triton.testing
 
 from bench.report import update_section
 from moe_tier.config import Gating
-from moe_tier.kernels.gpu import moe_matmul
+from moe_tier.kernels.gpu import DEQUANT_MIN_ROWS, matmul_dequantized, moe_matmul
 from moe_tier.moe import route
 from moe_tier.host_tiers import blob_layout
 from moe_tier.moe_gpu import moe_ffn_gpu
@@ -92,9 +92,20 @@ def main() -> None:
             rows.append((f"{matrix} T={n_tokens}, {n_experts} experts, block_t {block_t}, block_n {block_n}, {num_warps} warps"
                          f"{', words' if aligned else ', bytes'}",
                          f"{ms:.3f} ms, {read / ms / 1e6:.0f} GB/s ({read / ms / 1e6 / (ceiling / 2e9):.0%} of copy read rate)"))
+        if counts.max() >= DEQUANT_MIN_ROWS:  # what prefill runs at this size: float16 chunks through cuBLAS
+            at, per = offsets.tolist(), np.concatenate([[0], np.cumsum(counts)])
+
+            def dequantized():
+                for i, a in enumerate(at):
+                    matmul_dequantized(x[per[i] : per[i + 1]], tiers.arena[0], a, part.qtype, n_rows, n_cols)  # noqa: B023
+
+            ms = triton.testing.do_bench(dequantized, warmup=10, rep=50, return_mode="median")
+            flops = 2 * int(counts.sum()) * n_rows * n_cols
+            rows.append((f"{matrix} T={n_tokens}, {n_experts} experts, float16 chunks + cuBLAS",
+                         f"{ms:.3f} ms, {read / ms / 1e6:.0f} GB/s, {flops / ms / 1e9:.0f} TFLOP/s"))
 
     rng = np.random.default_rng(0)
-    for n_tokens in (1, 16):
+    for n_tokens in (1, 16, 512):
         logits = rng.standard_normal((n_tokens, 8)).astype(np.float32)
         routing = route(logits, 2, Gating.SOFTMAX, weights_norm=True)
         x = torch.randn(n_tokens, desc.config.n_embd, device=dev)
