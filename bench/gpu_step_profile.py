@@ -70,7 +70,9 @@ def main() -> None:
             "| kernel | per token | per layer | us per token | us per layer |\n| --- | ---: | ---: | ---: | ---: |\n")
     body += "".join(f"| `{name}` | {n:.0f} | {n / L:.1f} | {us:.1f} | {us / L:.1f} |\n" for us, n, name in rows[:40])
     print(body)
-    update_section("GPU decode step profile", "python -m bench.gpu_step_profile " + " ".join(sys.argv[1:]), body)
+    every_expert_hot = n_slots >= n_experts
+    update_section("GPU decode step profile" + ("" if every_expert_hot else ", some experts warm"),
+                   "python -m bench.gpu_step_profile " + " ".join(sys.argv[1:]), body)
 
 
 if __name__ == "__main__":
