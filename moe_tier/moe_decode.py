@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from moe_tier.host_tiers import blob_layout
-from moe_tier.kernels.gpu_gemv import KERNELS, SKIP, gemv_parts, gemv_split, quantize_q8_1
+from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split, has_kernel, quantize_q8_1
 from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage
 from moe_tier.moe import Routing
 from moe_tier.moe_gpu import moe_ffn_gpu
@@ -155,7 +155,7 @@ class DeviceMoE:
                 stage(ids, loc, first, arena, late, blob_bytes)
         if ahead is not None:
             main.wait_event(ahead[4])  # the experts staged ahead are read with the hot ones
-        xq = quantize_q8_1(x.float().contiguous()) if gate.qtype in KERNELS else None  # once for both launches
+        xq = quantize_q8_1(x.float().contiguous()) if has_kernel(gate.qtype, n_embd) else None  # once for both
         self._gate_up(x, xq, arena, now, layer, gate_up[:, :split])
         if n_stage:
             main.wait_stream(side)

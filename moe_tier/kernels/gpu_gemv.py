@@ -17,8 +17,8 @@ scales and minimums apply to the integer sub-block sums. Q4_K quants are address
 super-block (256 values, 144 bytes) of BLOCK_N rows per step, through word pointers: the compiler then sees
 runs of eight contiguous, 16-byte aligned words and issues 128-bit loads. With byte pointers cast to words it
 issued one 32-bit load per word and the kernel read ~1.1 TB/s on an H100; with 128-bit loads ~2.3 TB/s
-(bench/gpu_gemv.py, timed in a CUDA graph). Q5_K is Q4_K with a fifth bit per value; Q6_K (210-byte blocks,
-only 2-byte aligned) is read as 16-bit halfwords. Other types go through kernels.gpu's grouped kernel (one expert per row).
+(bench/gpu_gemv.py, timed in a CUDA graph). Q5_K is Q4_K with a fifth bit per value; Q6_K (210-byte blocks)
+and Q8_0 (34) are only 2-byte aligned, so they are read as 16-bit halfwords. Other types go through kernels.gpu's grouped kernel (one expert per row).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
-from moe_tier.kernels.gpu import SKIP, SKIP_C, block_shape, moe_matmul
+from moe_tier.kernels.gpu import SKIP, SKIP_C, moe_matmul
 
 QK_K = 256
 BLOCK_N, NUM_WARPS, STAGES = 8, 1, 1  # the fastest of bench/gpu_gemv.py's sweep on an H100 (gate + up, then down)
@@ -225,19 +225,55 @@ def _q6_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
 
 
 @triton.jit
+def _q8_0_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_out, stride_part, stride_mat,
+               K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
+               STAGES: tl.constexpr, ASM: tl.constexpr):
+    """As _q4_k_gemv for Q8_0 (d f16 | qs[32] int8, 34 bytes, 2-byte aligned: read as halfwords), eight blocks
+    (256 values) a step: dp4a of the int8 quants, times both scales, as llama.cpp's vec_dot_q8_0_q8_1."""
+    r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
+    nmask = n < N
+    w_rows = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int16), bitcast=True) + n.to(tl.int64) * ((K // 32) * 17)
+    b = tl.arange(0, 8)  # block of the step
+    t = tl.arange(0, 8)  # word of the block's quants
+    q_at = (17 * b + 1)[:, None, None] + 2 * t[None, :, None] + tl.arange(0, 2)[None, None, :]  # (8, 8, 2) halfwords
+    xq_words = (xq_ptr + x_row * K).to(tl.pointer_type(tl.int32), bitcast=True)
+    acc = tl.zeros((BLOCK_N, 8), dtype=tl.float32)
+    if offset != SKIP_C:
+        for first in tl.range(0, K // 256, SPLIT, num_stages=STAGES):
+            step = first + part
+            m = nmask & (step < K // 256)
+            ok = step < K // 256
+            bp = w_rows + step * (8 * 17)
+            q = _words(tl.load(bp[:, None, None, None] + q_at[None], mask=m[:, None, None, None], other=0))  # (BLOCK_N, 8, 8)
+            d = tl.load(bp[:, None] + 17 * b[None, :], mask=m[:, None], other=0).to(tl.float16, bitcast=True).to(tl.float32)
+            xw = tl.load(xq_words + step * 64 + 8 * b[:, None] + t[None, :], mask=ok, other=0)  # (8, 8)
+            xd = tl.load(xd_ptr + x_row * (K // 32) + step * 8 + b, mask=ok, other=0.0)
+            dot = tl.sum(_dp4a(q, tl.broadcast_to(xw[None], (BLOCK_N, 8, 8)), tl.zeros_like(q), ASM), axis=2)
+            acc += d * xd[None, :] * dot.to(tl.float32)
+    tl.store(out_ptr + mat * stride_mat + part * stride_part + r.to(tl.int64) * stride_out + n, tl.sum(acc, axis=1),
+             mask=nmask)
+
+
+@triton.jit
 def _words(halves):
     """(..., 2) 16-bit halfwords (little-endian pairs) -> (...) 32-bit words."""
     return tl.sum((halves.to(tl.int32) & 0xFFFF) << (16 * tl.arange(0, 2)), axis=len(halves.shape) - 1)
 
 
 # The types with a matrix-vector kernel: the kernel and its type's constants.
-KERNELS = {Q.Q4_K: (_q4_k_gemv, {}), Q.Q5_K: (_q4_k_gemv, {"Q5": True}), Q.Q6_K: (_q6_k_gemv, {})}
+KERNELS = {Q.Q4_K: (_q4_k_gemv, {}), Q.Q5_K: (_q4_k_gemv, {"Q5": True}), Q.Q6_K: (_q6_k_gemv, {}),
+           Q.Q8_0: (_q8_0_gemv, {})}  # each steps over 256 values: a row of another length takes the grouped kernel
+
+
+def has_kernel(qtype: Q, n_cols: int) -> bool:
+    """Whether a matrix of this type and row length has a matrix-vector kernel (else: the grouped kernel)."""
+    return Q(qtype) in KERNELS and n_cols % QK_K == 0
 
 
 def gemv_split(qtype: Q, n_rows: int, n_cols: int, R: int, M: int = 1, block_n: int = BLOCK_N,
                target: int = TARGET_PROGRAMS) -> int:
     """How many parts gemv_parts splits K into by default (1 for the grouped kernel's types)."""
-    if Q(qtype) not in KERNELS:
+    if not has_kernel(qtype, n_cols):
         return 1
     return max(1, min(n_cols // QK_K, target // max(1, triton.cdiv(n_rows, block_n) * R * M)))
 
@@ -254,14 +290,13 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
     x = x.float().contiguous()
     R, M = offsets.shape[0], len(part_offsets)
     assert M in (1, 2) and x.shape[0] * x_div == R
-    if qtype not in KERNELS:  # one "expert" per row for the grouped kernel
+    if not has_kernel(qtype, n_cols):  # one "expert" per row for the grouped kernel
         xr = x.repeat_interleave(x_div, dim=0) if x_div > 1 else x
         seg = torch.arange(R + 1, dtype=torch.int32, device=x.device)
         skip = offsets == SKIP
         parts = torch.stack([torch.where(skip[:, None], 0.0, moe_matmul(
             xr, base, torch.where(skip, SKIP, offsets + p), seg, 1, qtype, n_rows, n_cols)) for p in part_offsets])[:, None]
         return parts if out is None else out.copy_(parts)
-    assert block_shape(qtype)[0] == QK_K and n_cols % QK_K == 0
     tiles = triton.cdiv(n_rows, block_n)
     if out is not None:
         split = out.shape[1]
