@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from moe_tier.host_tiers import blob_layout
-from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split, has_kernel, quantize_q8_1
+from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split, has_kernel
 from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage
+from moe_tier.kernels.gpu_q8_1 import quantize_q8_1
 from moe_tier.moe import Routing
 from moe_tier.moe_gpu import moe_ffn_gpu
 from moe_tier.reader import ExpertId

@@ -14,8 +14,9 @@ pytest.importorskip("triton")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from moe_tier.config import Gating  # noqa: E402
-from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts, gemv_split, quantize_q8_1  # noqa: E402
+from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts, gemv_split  # noqa: E402
 from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage  # noqa: E402
+from moe_tier.kernels.gpu_q8_1 import quantize_q8_1  # noqa: E402
 from moe_tier.moe import route  # noqa: E402
 from tests.test_kernels_gpu import DEVICE, TOL, gemv_reference, random_weight, rel_err  # noqa: E402
 

@@ -29,6 +29,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
 from moe_tier.kernels.gpu import SKIP, SKIP_C, moe_matmul
+from moe_tier.kernels.gpu_q8_1 import dp4a, quantize_q8_1
 
 QK_K = 256
 BLOCK_N, NUM_WARPS, STAGES = 8, 1, 1  # the fastest of bench/gpu_gemv.py's sweep on an H100 (gate + up, then down)
@@ -48,61 +49,6 @@ def _words4(hdr):
     i = tl.arange(0, 4)[None, :]
     return (tl.sum(tl.where(i == 0, hdr, 0), axis=1), tl.sum(tl.where(i == 1, hdr, 0), axis=1),
             tl.sum(tl.where(i == 2, hdr, 0), axis=1), tl.sum(tl.where(i == 3, hdr, 0), axis=1))
-
-
-@triton.jit
-def _dp4a(a, b, c, ASM: tl.constexpr):
-    """c + the dot product of a's and b's four signed bytes: one dp4a instruction on the GPU (ASM), shifts in the
-    interpreter, which cannot run PTX."""
-    if ASM:
-        out = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
-                                        is_pure=True, pack=1)
-    else:
-        out = c
-        for i in tl.static_range(4):
-            out += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
-    return out
-
-
-@triton.jit
-def q8_1_blocks(x):
-    """x (BLOCKS, 32) float32 -> int8-valued quants (int32), scale d = amax / 127 rounded to f16, and d *
-    sum(quants): llama.cpp's quantize_q8_1 (round half away from zero), as vec_dot_q4_K_q8_1 uses them."""
-    amax = tl.max(tl.abs(x), axis=1)
-    d = amax / 127.0
-    v = x / tl.where(amax == 0.0, 1.0, d)[:, None]
-    q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v)).to(tl.int32)
-    d16 = d.to(tl.float16).to(tl.float32)
-    return q, d16, d16 * tl.sum(q, axis=1).to(tl.float32)
-
-
-@triton.jit
-def _quantize_q8_1(x_ptr, q_ptr, d_ptr, s_ptr, K, BLOCKS: tl.constexpr):
-    """Program (row, tile): BLOCKS blocks of 32 values."""
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
-    at = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
-    m = at < K
-    q, d, s = q8_1_blocks(tl.load(x_ptr + row * K + at, mask=m, other=0.0))
-    tl.store(q_ptr + row * K + at, q.to(tl.int8), mask=m)
-    tl.store(d_ptr + row * (K // 32) + blk, d, mask=blk < K // 32)
-    tl.store(s_ptr + row * (K // 32) + blk, s, mask=blk < K // 32)
-
-
-def q8_1_empty(R: int, K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Room for R rows of K values as q8_1: quants (R, K) int8, scales and scaled sums (R, K / 32) float32."""
-    d = torch.empty((R, K // 32), dtype=torch.float32, device=device)
-    return torch.empty((R, K), dtype=torch.int8, device=device), d, torch.empty_like(d)
-
-
-def quantize_q8_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (R, K) float32 -> quants (R, K) int8, scales (R, K / 32) and scaled sums (R, K / 32) float32."""
-    R, K = x.shape
-    q, d, s = q8_1_empty(R, K, x.device)
-    BLOCKS = 32
-    if R:
-        _quantize_q8_1[(R, triton.cdiv(K // 32, BLOCKS))](x, q, d, s, K, BLOCKS=BLOCKS)
-    return q, d, s
 
 
 @triton.jit
@@ -163,7 +109,7 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
                 nib = (q >> (4 * h)) & 0x0F0F0F0F
                 if Q5:
                     nib = nib | (((qh >> s[None, :, None]) & 0x01010101) << 4)
-                dot = tl.sum(_dp4a(nib, tl.broadcast_to(xws[h][None, :, :], (BLOCK_N, 4, 8)), tl.zeros_like(nib), ASM),
+                dot = tl.sum(dp4a(nib, tl.broadcast_to(xws[h][None, :, :], (BLOCK_N, 4, 8)), tl.zeros_like(nib), ASM),
                              axis=2)
                 lo = s[None, :] < 4
                 b_s = _byte(u0, u1, u2, s[None, :])
@@ -212,8 +158,8 @@ def _q6_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
                 j = c % 2 + 2 * h
                 q = ((qlw >> (4 * h)) & 0x0F0F0F0F) | (((qhw >> (2 * j)[None, :, None]) & 0x03030303) << 4)
                 xw = tl.load(xq_words + sb * 64 + (32 * (c // 2) + 8 * j)[:, None] + t[None, :], mask=ok, other=0)
-                dot = _dp4a(q, tl.broadcast_to(xw[None], (BLOCK_N, 4, 8)), tl.zeros_like(q), ASM)
-                xsum = _dp4a(ones, xw, tl.zeros_like(xw), ASM)
+                dot = dp4a(q, tl.broadcast_to(xw[None], (BLOCK_N, 4, 8)), tl.zeros_like(q), ASM)
+                xsum = dp4a(ones, xw, tl.zeros_like(xw), ASM)
                 halves = (tl.sum(tl.reshape(dot, (BLOCK_N, 4, 2, 4)), axis=3)
                           - 32 * tl.sum(tl.reshape(xsum, (4, 2, 4)), axis=2)[None])  # (BLOCK_N, 4, 2): 16 values each
                 sc2 = tl.load(bp[:, None] + (96 + 4 * (c // 2) + j)[None, :], mask=m[:, None], other=0).to(tl.int32)
@@ -248,7 +194,7 @@ def _q8_0_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
             d = tl.load(bp[:, None] + 17 * b[None, :], mask=m[:, None], other=0).to(tl.float16, bitcast=True).to(tl.float32)
             xw = tl.load(xq_words + step * 64 + 8 * b[:, None] + t[None, :], mask=ok, other=0)  # (8, 8)
             xd = tl.load(xd_ptr + x_row * (K // 32) + step * 8 + b, mask=ok, other=0.0)
-            dot = tl.sum(_dp4a(q, tl.broadcast_to(xw[None], (BLOCK_N, 8, 8)), tl.zeros_like(q), ASM), axis=2)
+            dot = tl.sum(dp4a(q, tl.broadcast_to(xw[None], (BLOCK_N, 8, 8)), tl.zeros_like(q), ASM), axis=2)
             acc += d * xd[None, :] * dot.to(tl.float32)
     tl.store(out_ptr + mat * stride_mat + part * stride_part + r.to(tl.int64) * stride_out + n, tl.sum(acc, axis=1),
              mask=nmask)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from moe_tier.config import Gating
 from moe_tier.kernels.gpu import SKIP_C
-from moe_tier.kernels.gpu_gemv import q8_1_blocks, q8_1_empty
+from moe_tier.kernels.gpu_q8_1 import q8_1_blocks, q8_1_empty
 from moe_tier.moe import MIN_WEIGHT_SUM, Routing
 
 STAGE_PROGRAMS, STAGE_WORDS = 512, 1024  # copy programs per staged row, 32-bit words per program and round
