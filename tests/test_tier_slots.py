@@ -179,3 +179,24 @@ def test_cost_model_fetches_when_the_link_wins_and_computes_on_cpu_otherwise():
     # Many tokens make the CPU (one weight pass per token) lose to one copy.
     many = [Miss(EXPERTS[0], 100 << 20, Tier.COLD, 64)]
     assert decide(many, slow_link, can_fetch=1).fetch
+
+
+def test_cpu_rate_is_timed_over_every_sampled_expert_in_turn(monkeypatch):
+    """measure_cpu passes one token through each expert once a round (a cache cannot serve the repeats) and
+    divides all their bytes by a round's time."""
+    from types import SimpleNamespace
+
+    from moe_tier.tiers import links
+
+    def expert(n_bytes):
+        part = SimpleNamespace(data=np.zeros(n_bytes, np.uint8))
+        return SimpleNamespace(gate=part, up=part, down=part)
+
+    experts = [expert(1000), expert(3000)]
+    seen = []
+    monkeypatch.setattr(links, "swiglu_ffn", lambda x, gate, up, down: seen.append(gate.data.nbytes))
+    clock = iter(np.arange(0.0, 100.0, 0.5))  # every round takes 0.5 s
+    monkeypatch.setattr(links.time, "perf_counter", lambda: float(next(clock)))
+    rate = links.measure_cpu(experts, n_embd=8, repeats=3)
+    assert seen == [1000, 3000] * 4  # a warm-up round, then three timed ones
+    assert rate == pytest.approx(3 * 4000 / 0.5)

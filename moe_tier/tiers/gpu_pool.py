@@ -266,6 +266,15 @@ class GpuTiers:
         h2d = links.measure_h2d(torch.device("cuda", first))
         ranges = [(p.offset, p.n_bytes) for r in self.desc.experts.values() for p in r.parts]
         disk = links.measure_disk(self.reader, ranges)
-        eid = next(iter(self.desc.experts))
-        cpu = links.measure_cpu(self.host_weights(eid), self.desc.config.n_embd)
+        cpu = links.measure_cpu([self.host_weights(e) for e in self._cpu_sample()], self.desc.config.n_embd)
         return LinkSpeeds(h2d, disk, cpu)
+
+    def _cpu_sample(self) -> list[ExpertId]:
+        """Warm experts (in pinned memory, no disk read) up to links.CPU_SAMPLE_BYTES; the first expert if none."""
+        sample, total = [], 0
+        for eid in self.warm.offset:
+            if total >= links.CPU_SAMPLE_BYTES:
+                break
+            sample.append(eid)
+            total += self.desc.experts[eid].n_bytes
+        return sample or [next(iter(self.desc.experts))]

@@ -20,6 +20,7 @@ from moe_tier.tiers.slots import Tier
 
 DISK_SAMPLE_BYTES = 256 << 20
 H2D_SAMPLE_BYTES = 256 << 20
+CPU_SAMPLE_BYTES = 512 << 20  # experts' bytes timed on the CPU: past any last-level cache
 
 
 @dataclass(frozen=True)
@@ -110,14 +111,18 @@ def measure_disk(reader, ranges: Sequence[tuple[int, int]], repeats: int = 3) ->
     return _median_rate(total, once, repeats)
 
 
-def measure_cpu(expert, n_embd: int, repeats: int = 5) -> float:
-    """One token through one expert's SwiGLU on the CPU kernels (numba), after a warm-up that compiles."""
+def measure_cpu(experts: Sequence, n_embd: int, repeats: int = 5) -> float:
+    """One token through each expert's SwiGLU in turn on the CPU kernels (numba), after a warm-up pass that
+    compiles. Several experts, so that the last-level cache cannot serve the repeats: one 94 MiB expert run again
+    and again measured 51 GB/s on the H100 host (its L3 holds most of it), sixteen in turn 20 GB/s
+    (bench/host_links.py)."""
     x = np.random.default_rng(0).standard_normal((1, n_embd)).astype(np.float32)
-    n_bytes = sum(t.data.nbytes for t in (expert.gate, expert.up, expert.down))
+    n_bytes = sum(t.data.nbytes for e in experts for t in (e.gate, e.up, e.down))
 
     def once() -> float:
         t0 = time.perf_counter()
-        swiglu_ffn(x, expert.gate, expert.up, expert.down)
+        for e in experts:
+            swiglu_ffn(x, e.gate, e.up, e.down)
         return time.perf_counter() - t0
 
     once()
