@@ -33,10 +33,15 @@ DECODE_MAX_ROWS = 8  # tokens x experts per token up to which each row reads its
 
 
 def device_path_possible(tiers: GpuTiers) -> str | None:
-    """None if every expert can be reached from a kernel (hot or pinned) and each layer's experts share one blob
-    layout; else why not (then the engine reads routing back every layer)."""
+    """None if every expert can be reached from a kernel (hot or pinned), each layer's experts share one blob
+    layout and the link copies a missing expert sooner than the CPU computes it (the device path stages every
+    miss); else why not (then the engine reads routing back every layer and the cost model places each miss)."""
     if len(tiers.warm.offset) < len(tiers.desc.experts):
         return "some experts are cold (not pinned): a kernel cannot read the file"
+    speeds = tiers.speeds
+    if len(tiers.table.slot_of) < len(tiers.desc.experts) and speeds.cpu_bytes_per_s > speeds.h2d_bytes_per_s:
+        return (f"the CPU runs a warm expert ({speeds.cpu_bytes_per_s / 1e9:.1f} GB/s) sooner than the link copies "
+                f"it ({speeds.h2d_bytes_per_s / 1e9:.1f} GB/s): misses are computed on the CPU")
     layers: dict[int, set] = {}
     for eid, ref in tiers.desc.experts.items():
         layers.setdefault(eid.layer, set()).add(tuple((p.matrix, p.qtype, p.shape) for p in ref.parts))

@@ -156,3 +156,19 @@ def test_prefill_batches_stream_whole_experts(no_cuda_streams, tmp_path, n_token
     assert (np.bincount(r.ids.ravel()).max() >= DEQUANT_MIN_ROWS) == (n_tokens > 100)
     got = moe(torch.from_numpy(x), Routing(torch.from_numpy(r.ids), torch.from_numpy(r.weights)), desc.moe_layers[0])
     assert rel_err(got.numpy(), moe_ffn(x, r, desc.moe_layers[0], exact)) < (1e-5 if n_tokens < 100 else 5e-3)
+
+
+def test_the_device_path_stages_misses_only_where_the_link_beats_the_cpu(no_cuda_streams, tmp_path):
+    """With warm experts, decode keeps routing on the device (and stages every miss) only if the measured link
+    copies an expert sooner than the CPU computes it; with every expert in a slot the CPU's speed does not matter."""
+    from moe_tier.moe_decode import device_path_possible
+    from moe_tier.tiers.links import LinkSpeeds
+
+    desc = open_model(write_fast(tmp_path / "m.gguf", tiny("qwen3moe", qtype="Q8_0", n_layer=2)))
+    fast_link = LinkSpeeds(h2d_bytes_per_s=50e9, disk_bytes_per_s=1e9, cpu_bytes_per_s=20e9)
+    fast_cpu = LinkSpeeds(h2d_bytes_per_s=25e9, disk_bytes_per_s=1e9, cpu_bytes_per_s=30e9)
+    some_warm, all_hot = HostPool(desc, n_hot=3, stage=2), HostPool(desc, n_hot=len(desc.experts), stage=0)
+    for pool, speeds, why in [(some_warm, fast_link, None), (some_warm, fast_cpu, "CPU"), (all_hot, fast_cpu, None)]:
+        pool.speeds = speeds
+        reason = device_path_possible(pool)
+        assert reason is None if why is None else why in reason
