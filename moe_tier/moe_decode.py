@@ -24,12 +24,10 @@ from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split, has_kernel
 from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage
 from moe_tier.kernels.gpu_q8_1 import quantize_q8_1
 from moe_tier.moe import Routing
-from moe_tier.moe_gpu import moe_ffn_gpu
+from moe_tier.moe_gpu import DECODE_MAX_ROWS, gate_up_parts, moe_ffn_gpu
 from moe_tier.reader import ExpertId
 from moe_tier.tensors import Weights, matrix_dims
 from moe_tier.tiers.gpu_pool import GpuTiers
-
-DECODE_MAX_ROWS = 8  # tokens x experts per token up to which each row reads its own expert's matrices
 
 
 def device_path_possible(tiers: GpuTiers) -> str | None:
@@ -162,10 +160,11 @@ class DeviceMoE:
         if ahead is not None:
             main.wait_event(ahead[4])  # the experts staged ahead are read with the hot ones
         xq = quantize_q8_1(x.float().contiguous()) if has_kernel(gate.qtype, n_embd) else None  # once for both
-        self._gate_up(x, xq, arena, now, layer, gate_up[:, :split])
+        gate, up = self.parts[layer][:2]
+        gate_up_parts(x, xq, arena, now, gate, up, at, gate_up[:, :split])
         if n_stage:
             main.wait_stream(side)
-            self._gate_up(x, xq, arena, late, layer, gate_up[:, split:])
+            gate_up_parts(x, xq, arena, late, gate, up, at, gate_up[:, split:])
         h, hq = silu_mul(gate_up)
         down_parts = gemv_parts(h, arena, every, down.qtype, n_embd, n_ff, (at["down"],), xq=hq)[0]
         return combine(down_parts, routing.weights.to(arena.device))
@@ -193,20 +192,6 @@ class DeviceMoE:
         for t in (pred, late):
             t.record_stream(main)  # read by the target layer on the compute stream
         self.ahead[la.target] = (gpu, pred, late, chosen, done)
-
-    def _gate_up(self, x: torch.Tensor, xq, arena: torch.Tensor, offsets: torch.Tensor, layer: int,
-                 out: torch.Tensor) -> None:
-        """Gate and up of each row's expert into out (2, S, R, F): one launch where both have one quant type
-        (xq: x as q8_1, for Q4_K)."""
-        gate, up, _, at, _ = self.parts[layer]
-        n_ff, n_embd = matrix_dims(gate.shape)
-        k = len(offsets) // len(x)
-        if gate.qtype == up.qtype:
-            gemv_parts(x, arena, offsets, gate.qtype, n_ff, n_embd, (at["gate"], at["up"]), x_div=k, out=out, xq=xq)
-        else:
-            for m, p in enumerate((gate, up)):
-                gemv_parts(x, arena, offsets, p.qtype, n_ff, n_embd, (at[p.matrix],), x_div=k, out=out[m : m + 1],
-                           xq=xq if p.qtype == gate.qtype else None)
 
     def _stream(self, device: torch.device, role: str) -> torch.cuda.Stream:
         """Per GPU: "demand" stages this layer's warm experts (high priority), "ahead" the next layer's."""

@@ -15,10 +15,14 @@ import torch.nn.functional as F
 
 from moe_tier.host_tiers import blob_layout
 from moe_tier.kernels.gpu import DEQUANT_MIN_ROWS, matmul_dequantized, moe_matmul
+from moe_tier.kernels.gpu_gemv import gemv_parts, gemv_split
+from moe_tier.kernels.gpu_moe_decode import silu_mul
 from moe_tier.moe import Routing, swiglu_ffn
-from moe_tier.reader import ExpertId
+from moe_tier.reader import ExpertId, ExpertPart
 from moe_tier.tensors import matrix_dims
 from moe_tier.tiers.gpu_pool import GpuTiers
+
+DECODE_MAX_ROWS = 8  # tokens x experts per token up to which each row reads its own expert's matrices
 
 
 def moe_ffn_gpu(x: torch.Tensor, routing: Routing, layer: int, tiers: GpuTiers) -> torch.Tensor:
@@ -52,7 +56,9 @@ def _groups(tiers: GpuTiers, held: list[tuple[ExpertId, int]]) -> list[list[tupl
 
 
 def _grouped_swiglu(x, routing: Routing, group, arena: torch.Tensor, tiers: GpuTiers, per_slot) -> None:
-    """down(silu(gate x) * up x) for every expert of the group: three launches, rows sorted by expert."""
+    """down(silu(gate x) * up x) for every expert of the group, rows sorted by expert: a few rows through the
+    matrix-vector kernels (each row its expert's matrices), more through the grouped kernel, prefill-sized ones
+    through float16 cuBLAS."""
     dev = arena.device
     toks, slots, seg = [], [], [0]
     for eid, _ in group:
@@ -76,9 +82,33 @@ def _grouped_swiglu(x, routing: Routing, group, arena: torch.Tensor, tiers: GpuT
                           aligned=bool(np.all(at % 16 == 0)))
 
     xg = x.to(dev)[_dev(tok, dev)]  # (M, D)
-    y = matmul(F.silu(matmul(xg, "gate")) * matmul(xg, "up"), "down")  # (M, D)
+    if len(tok) <= DECODE_MAX_ROWS:  # decode: each row reads its own expert's matrices (the matrix-vector kernels)
+        rows = _dev(np.repeat(np.array([off for _, off in group], np.int64), np.diff(seg)), dev)
+        gate, up, down = (ref.part(m) for m in ("gate", "up", "down"))
+        h, hq = silu_mul(gate_up_parts(xg, None, arena, rows, gate, up, layout))
+        y = gemv_parts(h, arena, rows, down.qtype, *matrix_dims(down.shape), (layout["down"],), xq=hq)[0].sum(dim=0)
+    else:
+        y = matmul(F.silu(matmul(xg, "gate")) * matmul(xg, "up"), "down")  # (M, D)
     y = y * _dev(routing.weights[tok, slot], dev)[:, None]
     per_slot[_dev(slot, per_slot.device), _dev(tok, per_slot.device)] = y.to(per_slot.device)
+
+
+def gate_up_parts(x: torch.Tensor, xq, arena: torch.Tensor, offsets: torch.Tensor, gate: ExpertPart, up: ExpertPart,
+                  at: dict[str, int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """(2, S, R, F): gate and up of each row's expert, x's rows shared by R / len(x) rows each (a token's k
+    experts); one launch where both have one quant type. xq: x as q8_1 where a kernel takes it; out: where to
+    write (its S fixed by the caller)."""
+    n_ff, n_embd = matrix_dims(gate.shape)
+    k = len(offsets) // len(x)
+    if out is None:
+        out = torch.empty((2, gemv_split(gate.qtype, n_ff, n_embd, len(offsets), 2), len(offsets), n_ff),
+                          dtype=torch.float32, device=x.device)
+    if gate.qtype == up.qtype:
+        return gemv_parts(x, arena, offsets, gate.qtype, n_ff, n_embd, (at["gate"], at["up"]), x_div=k, out=out, xq=xq)
+    for m, p in enumerate((gate, up)):
+        gemv_parts(x, arena, offsets, p.qtype, n_ff, n_embd, (at[p.matrix],), x_div=k, out=out[m : m + 1],
+                   xq=xq if p.qtype == gate.qtype else None)
+    return out
 
 
 def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:

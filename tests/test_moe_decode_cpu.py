@@ -140,22 +140,32 @@ def test_each_row_reads_its_experts_bytes_and_every_use_is_counted(no_cuda_strea
         assert "ahead" not in served and "warm->gpu ahead" not in moved
 
 
-@pytest.mark.parametrize("n_tokens", [12, 160], ids=["grouped kernel", "float16 cuBLAS"])
-def test_prefill_batches_stream_whole_experts(no_cuda_streams, tmp_path, n_tokens):
-    """More rows than decode's take moe_ffn_gpu: a few tokens an expert through the grouped kernel, from
+@pytest.mark.parametrize("n_tokens", [3, 12, 160], ids=["matrix-vector", "grouped kernel", "float16 cuBLAS"])
+def test_routing_read_back_streams_whole_experts(no_cuda_streams, monkeypatch, tmp_path, n_tokens):
+    """moe_ffn_gpu (prefill, or decode where routing is read back): up to DECODE_MAX_ROWS rows through the
+    matrix-vector kernels (q8_1 activations), a few tokens an expert through the grouped kernel, from
     DEQUANT_MIN_ROWS an expert's matrices decoded to float16 for cuBLAS; hot and warm experts alike."""
+    from moe_tier import moe_gpu
     from moe_tier.kernels.gpu import DEQUANT_MIN_ROWS
-    from moe_tier.moe_decode import DeviceMoE
+    from moe_tier.moe_gpu import DECODE_MAX_ROWS, moe_ffn_gpu
+
+    kernels = []  # which kernel family each matmul took
+    for name in ("gemv_parts", "moe_matmul", "matmul_dequantized"):
+        real = getattr(moe_gpu, name)
+        monkeypatch.setattr(moe_gpu, name, lambda *a, real=real, name=name, **k: kernels.append(name) or real(*a, **k))
 
     desc = open_model(write_fast(tmp_path / "m.gguf", tiny("qwen3moe", qtype="Q4_K", n_layer=2, n_embd=256, n_ff_exp=256)))
-    moe, exact, cfg = DeviceMoE(HostPool(desc, n_hot=3, stage=0)), DequantizedExperts(desc), desc.config
+    pool, exact, cfg = HostPool(desc, n_hot=3, stage=0), DequantizedExperts(desc), desc.config
     rng = np.random.default_rng(1)
     x = rng.standard_normal((n_tokens, cfg.n_embd)).astype(np.float32)
     r = route(rng.standard_normal((n_tokens, cfg.n_expert)).astype(np.float32), cfg.n_expert_used, Gating.SOFTMAX,
               weights_norm=True)
     assert (np.bincount(r.ids.ravel()).max() >= DEQUANT_MIN_ROWS) == (n_tokens > 100)
-    got = moe(torch.from_numpy(x), Routing(torch.from_numpy(r.ids), torch.from_numpy(r.weights)), desc.moe_layers[0])
-    assert rel_err(got.numpy(), moe_ffn(x, r, desc.moe_layers[0], exact)) < (1e-5 if n_tokens < 100 else 5e-3)
+    assert (r.ids.size <= DECODE_MAX_ROWS) == (n_tokens < 10)
+    got = moe_ffn_gpu(torch.from_numpy(x), r, desc.moe_layers[0], pool)
+    tol, kernel = {3: (3e-2, "gemv_parts"), 12: (1e-5, "moe_matmul"), 160: (5e-3, "matmul_dequantized")}[n_tokens]
+    assert set(kernels) == {kernel}  # q8_1 activations; the exact math; float16
+    assert rel_err(got.numpy(), moe_ffn(x, r, desc.moe_layers[0], exact)) < tol
 
 
 def test_the_device_path_stages_misses_only_where_the_link_beats_the_cpu(no_cuda_streams, tmp_path):
