@@ -24,7 +24,7 @@ from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split, has_kernel
 from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage
 from moe_tier.kernels.gpu_q8_1 import quantize_q8_1
 from moe_tier.moe import Routing
-from moe_tier.moe_gpu import DECODE_MAX_ROWS, gate_up_parts, moe_ffn_gpu
+from moe_tier.moe_gpu import DECODE_MAX_ROWS, aligned, gate_up_parts, moe_ffn_gpu
 from moe_tier.reader import ExpertId
 from moe_tier.tensors import Weights, matrix_dims
 from moe_tier.tiers.gpu_pool import GpuTiers
@@ -45,6 +45,8 @@ def device_path_possible(tiers: GpuTiers) -> str | None:
         layers.setdefault(eid.layer, set()).add(tuple((p.matrix, p.qtype, p.shape) for p in ref.parts))
     if any(len(kinds) > 1 for kinds in layers.values()):
         return "a layer's experts differ in quant type or shape"
+    if not all(aligned(blob_layout(ref).values()) for ref in tiers.desc.experts.values()):
+        return "an expert's matrices do not start 16-byte aligned in its blob (the decode kernels' wide loads)"
     return None
 
 

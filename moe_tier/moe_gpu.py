@@ -8,6 +8,7 @@ Experts the cost model leaves on the CPU run through the numba kernels on their 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -79,10 +80,11 @@ def _grouped_swiglu(x, routing: Routing, group, arena: torch.Tensor, tiers: GpuT
             return torch.cat([matmul_dequantized(h[seg[i] : seg[i + 1]], arena, int(a), part.qtype,
                                                  *matrix_dims(part.shape)) for i, a in enumerate(at)])
         return moe_matmul(h, arena, _dev(at, dev), seg_t, max_rows, part.qtype, *matrix_dims(part.shape),
-                          aligned=bool(np.all(at % 16 == 0)))
+                          aligned=aligned(at.tolist()))
 
     xg = x.to(dev)[_dev(tok, dev)]  # (M, D)
-    if len(tok) <= DECODE_MAX_ROWS:  # decode: each row reads its own expert's matrices (the matrix-vector kernels)
+    if len(tok) <= DECODE_MAX_ROWS and aligned(off + at for _, off in group for at in layout.values()):
+        # decode: each row reads its own expert's matrices (the matrix-vector kernels' wide loads need alignment)
         rows = _dev(np.repeat(np.array([off for _, off in group], np.int64), np.diff(seg)), dev)
         gate, up, down = (ref.part(m) for m in ("gate", "up", "down"))
         h, hq = silu_mul(gate_up_parts(xg, None, arena, rows, gate, up, layout))
@@ -109,6 +111,11 @@ def gate_up_parts(x: torch.Tensor, xq, arena: torch.Tensor, offsets: torch.Tenso
         gemv_parts(x, arena, offsets, p.qtype, n_ff, n_embd, (at[p.matrix],), x_div=k, out=out[m : m + 1],
                    xq=xq if p.qtype == gate.qtype else None)
     return out
+
+
+def aligned(offsets: Iterable[int]) -> bool:
+    """Every matrix starts 16-byte aligned (slots and blobs do; parts of odd sizes might not)."""
+    return all(o % 16 == 0 for o in offsets)
 
 
 def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:

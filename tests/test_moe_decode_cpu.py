@@ -182,3 +182,17 @@ def test_the_device_path_stages_misses_only_where_the_link_beats_the_cpu(no_cuda
         pool.speeds = speeds
         reason = device_path_possible(pool)
         assert reason is None if why is None else why in reason
+
+
+def test_no_device_path_where_an_experts_matrices_are_not_aligned(no_cuda_streams, monkeypatch, tmp_path):
+    """The decode kernels load 16-byte words: a blob whose matrices would start unaligned (parts of odd sizes)
+    keeps routing on the host, where such rows take the byte-wise grouped kernel."""
+    from moe_tier import moe_decode
+    from moe_tier.tiers.links import LinkSpeeds
+
+    desc = open_model(write_fast(tmp_path / "m.gguf", tiny("qwen3moe", qtype="Q8_0", n_layer=2)))
+    pool = HostPool(desc, n_hot=3, stage=2)
+    pool.speeds = LinkSpeeds(h2d_bytes_per_s=50e9, disk_bytes_per_s=1e9, cpu_bytes_per_s=20e9)
+    assert moe_decode.device_path_possible(pool) is None
+    monkeypatch.setattr(moe_decode, "blob_layout", lambda ref: {"gate": 0, "up": 1000, "down": 2002})
+    assert "aligned" in moe_decode.device_path_possible(pool)
