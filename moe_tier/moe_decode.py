@@ -143,7 +143,7 @@ class DeviceMoE:
         summed in slot order, as llama.cpp. Warm rows are staged on a side stream while the hot rows (and those
         staged ahead) compute their gate and up (PCIe and HBM busy at once); theirs follow, then every row's
         down."""
-        gate, _, down, at, blob_bytes = self.parts[layer]
+        gate, up, down, at, blob_bytes = self.parts[layer]
         n_ff, n_embd = matrix_dims(gate.shape)
         tiers, arena, first = self.tiers, self.tiers.arena[gpu], layer * self.tiers.desc.config.n_expert
         ids, loc, n_stage = routing.ids.reshape(-1).to(arena.device), tiers.locations.loc[gpu], tiers.stage_slots[gpu]
@@ -162,7 +162,6 @@ class DeviceMoE:
         if ahead is not None:
             main.wait_event(ahead[4])  # the experts staged ahead are read with the hot ones
         xq = quantize_q8_1(x.float().contiguous()) if has_kernel(gate.qtype, n_embd) else None  # once for both
-        gate, up = self.parts[layer][:2]
         gate_up_parts(x, xq, arena, now, gate, up, at, gate_up[:, :split])
         if n_stage:
             main.wait_stream(side)
