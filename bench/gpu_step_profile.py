@@ -20,8 +20,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.report import update_section
 from moe_tier.engine import Engine
+from moe_tier.moe_decode import device_path_possible
 from moe_tier.stats import EngineStats
 from moe_tier.synth import mixtral_8x7b, write_fast
+from moe_tier.tiers import links
 
 
 def main() -> None:
@@ -30,7 +32,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--vram", default="40GiB")
     ap.add_argument("--out", default="/tmp/moe-tier-profile.gguf")
+    ap.add_argument("--cpu-rate", type=float, help="GB/s: take this CPU rate instead of measuring it (which path a "
+                    "warm expert takes follows from it: moe_decode.device_path_possible)")
     args = ap.parse_args()
+    if args.cpu_rate is not None:
+        links.measure_cpu = lambda *a, **k: args.cpu_rate * 1e9
     path = Path(args.out)
     if not path.exists():
         write_fast(path, mixtral_8x7b(n_layer=args.layers))
@@ -64,8 +70,13 @@ def main() -> None:
     rows.sort(reverse=True)
     kernel_us = sum(r[0] for r in rows)
     L = args.layers
+    speeds = ", ".join(f"{k} {v:.1f}" for k, v in eng.tiers.speeds.as_gb_per_s().items())
+    why = device_path_possible(eng.tiers)
     body = (f"{torch.cuda.get_device_name(0)}; Mixtral-8x7B shape with {L} layers, Q4_K, --vram {args.vram}: {n_slots} "
-            f"slots for {n_experts} experts, uses served {rates} (graphs: {eng._graphs is not None}); step wall time {step_ms:.3f} ms, kernel time {kernel_us / 1e3:.3f} ms, "
+            f"slots for {n_experts} experts, uses served {rates}; links {speeds}"
+            f"{' (CPU rate given)' if args.cpu_rate is not None else ''}; "
+            f"{'routing stays on the device' if why is None else 'routing read back: ' + why} "
+            f"(graphs: {eng._graphs is not None}); step wall time {step_ms:.3f} ms, kernel time {kernel_us / 1e3:.3f} ms, "
             f"{sum(r[1] for r in rows):.0f} kernels a token ({sum(r[1] for r in rows) / L:.1f} a layer).\n\n"
             "| kernel | per token | per layer | us per token | us per layer |\n| --- | ---: | ---: | ---: | ---: |\n")
     body += "".join(f"| `{name}` | {n:.0f} | {n / L:.1f} | {us:.1f} | {us / L:.1f} |\n" for us, n, name in rows[:40])

@@ -263,7 +263,7 @@ def test_device_decode_reads_slots_and_pinned_copies_and_promotes_without_waitin
             n_used += len(np.unique(routing.ids))
             on_device = Routing(torch.from_numpy(routing.ids).cuda(), torch.from_numpy(routing.weights).cuda())
             got = moe(torch.from_numpy(x).cuda(), on_device, layer).cpu().numpy()
-            tol = DECODE_TOL if has_kernel(qtype, cfg.n_embd) else 5e-3
+            tol = DECODE_TOL if has_kernel(GGMLQuantizationType[qtype], cfg.n_embd) else 5e-3
             assert rel_err(got, moe_ffn(x, routing, layer, exact)) < tol, (step, layer)
         tiers.check()
     moe.account()
