@@ -30,6 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens before the profiled steps (the context)")
     ap.add_argument("--vram", default="40GiB")
     ap.add_argument("--out", default="/tmp/moe-tier-profile.gguf")
     ap.add_argument("--cpu-rate", type=float, help="GB/s: take this CPU rate instead of measuring it (which path a "
@@ -40,9 +41,10 @@ def main() -> None:
     path = Path(args.out)
     if not path.exists():
         write_fast(path, mixtral_8x7b(n_layer=args.layers))
-    eng = Engine.open(path, vram=args.vram, ctx=512, policy="lfu")
-    cache = eng.model.new_cache(512)
-    logits = eng.step(cache, np.arange(3, 19))
+    ctx = args.prompt + args.tokens + 16
+    eng = Engine.open(path, vram=args.vram, ctx=ctx, policy="lfu")
+    cache = eng.model.new_cache(ctx)
+    logits = eng.step(cache, np.random.default_rng(0).integers(3, eng.n_vocab, args.prompt))
     token = lambda: np.array([int(np.argmax(logits[-1]))])  # noqa: E731
     for _ in range(3):  # capture and warm up
         logits = eng.step(cache, token())
@@ -56,12 +58,15 @@ def main() -> None:
     step_ms = (time.perf_counter() - t0) / args.tokens * 1e3
     count()
     rates = {k: round(v, 3) for k, v in eng.tiers.stats.hit_rates().items()}
+    waits = {what: round(sec / args.tokens * 1e3, 3) for what, sec in eng.tiers.stats.waits.items()}
     n_slots, n_experts = sum(g.n_slots for g in eng.plan.gpus), len(eng.desc.experts)
     n_prof = 8
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         for _ in range(n_prof):
             logits = eng.step(cache, token())
         torch.cuda.synchronize()
+        prof_ms = (time.perf_counter() - t0) / n_prof * 1e3
     rows = []
     for ev in prof.key_averages():
         us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
@@ -69,6 +74,7 @@ def main() -> None:
             rows.append((us / n_prof, ev.count / n_prof, ev.key[:90]))
     rows.sort(reverse=True)
     kernel_us = sum(r[0] for r in rows)
+    busy_us = busy(prof) / n_prof
     L = args.layers
     speeds = ", ".join(f"{k} {v:.1f}" for k, v in eng.tiers.speeds.as_gb_per_s().items())
     why = device_path_possible(eng.tiers)
@@ -76,7 +82,8 @@ def main() -> None:
             f"slots for {n_experts} experts, uses served {rates}; links {speeds}"
             f"{' (CPU rate given)' if args.cpu_rate is not None else ''}; "
             f"{'routing stays on the device' if why is None else 'routing read back: ' + why} "
-            f"(graphs: {eng._graphs is not None}); step wall time {step_ms:.3f} ms, kernel time {kernel_us / 1e3:.3f} ms, "
+            f"(graphs: {eng._graphs is not None}); step wall time {step_ms:.3f} ms, kernel time {kernel_us / 1e3:.3f} ms "
+            f"(profiled: the GPU busy {busy_us / 1e3:.3f} ms of a {prof_ms:.3f} ms step; host waits per token, ms: {waits}), "
             f"{sum(r[1] for r in rows):.0f} kernels a token ({sum(r[1] for r in rows) / L:.1f} a layer).\n\n"
             "| kernel | per token | per layer | us per token | us per layer |\n| --- | ---: | ---: | ---: | ---: |\n")
     body += "".join(f"| `{name}` | {n:.0f} | {n / L:.1f} | {us:.1f} | {us / L:.1f} |\n" for us, n, name in rows[:40])
@@ -84,6 +91,18 @@ def main() -> None:
     every_expert_hot = n_slots >= n_experts
     update_section("GPU decode step profile" + ("" if every_expert_hot else ", some experts warm"),
                    "python -m bench.gpu_step_profile " + " ".join(sys.argv[1:]), body)
+
+
+def busy(prof) -> float:
+    """Microseconds in which some GPU kernel or copy ran (the union of their intervals, streams overlapping): the
+    rest of a step's wall time the GPU idled, waiting on the host."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        total += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return total
 
 
 if __name__ == "__main__":
