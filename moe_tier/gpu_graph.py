@@ -22,7 +22,10 @@ from moe_tier.models import Segment
 from moe_tier.models.base import MoEDecoder
 from moe_tier.moe_decode import DeviceMoE
 
-BUCKET_KEYS = 256  # a graph attends over a multiple of this many cache entries
+# A graph attends over a multiple of this many cache entries (later ones masked). Its parts of MIN_SPLIT_KEYS keys
+# run side by side, so a wide bucket adds little time a step, while each new bucket costs a capture (~0.2 s on an
+# H200): at 256 one fell inside a 256-token benchmark run after a 512-token prompt.
+BUCKET_KEYS = 1024
 
 
 class DecodeGraphs:

@@ -90,9 +90,9 @@ def _rope(ptr, row, rmask, j, cos_ptr, sin_ptr, D: tl.constexpr, HALF: tl.conste
 
 @triton.jit
 def _attend_pass(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, m_ptr, l_ptr, out_ptr,
-                 n_keys, scale, kc_row, kc_head, vc_row, vc_head, CHUNK: tl.constexpr, H: tl.constexpr,
+                 n_keys, scale, kc_row, kc_head, vc_row, vc_head, SPLIT, CHUNK: tl.constexpr, H: tl.constexpr,
                  D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr,
-                 SPLIT: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                 D_PAD: tl.constexpr, DV_PAD: tl.constexpr, G_PAD: tl.constexpr,
                  SPLIT_PAD: tl.constexpr, BLOCK_L: tl.constexpr, SECOND: tl.constexpr):
     """Program (kv head h, split part sp) over the part's keys at or before pos, for the G query heads of h.
     First pass: write the new row (last part), store the part's running max m and sum l of exp(score - m).
@@ -169,10 +169,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     G = H // Hkv
     args = (q.contiguous(), k.contiguous(), v.contiguous(), cos.contiguous(), sin.contiguous(), pos, k_cache,
             v_cache, stats[0], stats[1], out, n_keys, float(scale), k_cache.stride(0), k_cache.stride(1),
-            v_cache.stride(0), v_cache.stride(1))
+            v_cache.stride(0), v_cache.stride(1), split)  # split at run time: a new bucket compiles nothing
     pads = [max(16, triton.next_power_of_2(n)) for n in (d, dv, G)]  # tl.dot takes no side under 16
     for second in (False, True):
         _attend_pass[(Hkv, split)](*args, CHUNK=chunk, H=H, D=d, DV=dv, G=G, HALF=cos.shape[-1], NEOX=rope_neox,
-                                   SPLIT=split, D_PAD=pads[0], DV_PAD=pads[1], G_PAD=pads[2],
+                                   D_PAD=pads[0], DV_PAD=pads[1], G_PAD=pads[2],
                                    SPLIT_PAD=max(2, triton.next_power_of_2(split)), BLOCK_L=block_l, SECOND=second)
     return (out[0] if split == 1 else out.sum(dim=0)).reshape(1, H * dv)
