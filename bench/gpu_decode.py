@@ -70,7 +70,9 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
         trace = load_trace(replay)
         ops.route = ReplayedRouter(ops, trace.expert_ids, trace.weights, eng.desc.config.n_layer)
     prompt = np.random.default_rng(0).integers(3, eng.n_vocab, n_prompt)
-    eng.step(model.new_cache(n_prompt), prompt)  # a warm-up, as llama-bench's: Triton compiles outside the timing
+    # A warm-up prefill, as llama-bench runs one: Triton compiles outside the timing (the tiers keep what it
+    # promoted, as after any earlier prompt).
+    eng.step(model.new_cache(n_prompt), prompt)
     cache = model.new_cache(n_prompt + n_tokens + 8)
     t0 = time.perf_counter()
     logits = eng.step(cache, prompt)

@@ -168,7 +168,7 @@ def test_routing_read_back_streams_whole_experts(no_cuda_streams, monkeypatch, t
     assert rel_err(got.numpy(), moe_ffn(x, r, desc.moe_layers[0], exact)) < tol
 
 
-def test_the_device_path_stages_misses_only_where_the_link_beats_the_cpu(no_cuda_streams, tmp_path):
+def test_the_device_path_stages_misses_unless_the_cpu_is_much_faster_than_the_link(no_cuda_streams, tmp_path):
     """With warm experts, decode keeps routing on the device (and stages every miss) unless the measured CPU
     computes an expert well sooner (CPU_PATH_MARGIN) than the link copies it: a CPU about as fast as the link (as
     on an H200 host: 50 against 54 GB/s) keeps the device path; with every expert in a slot the CPU's speed does
