@@ -73,6 +73,8 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
     # A warm-up prefill, as llama-bench runs one: Triton compiles outside the timing (the tiers keep what it
     # promoted, as after any earlier prompt).
     eng.step(model.new_cache(n_prompt), prompt)
+    if replay is not None:
+        ops.route.token = 0  # the timed prompt replays the trace from its first row again
     cache = model.new_cache(n_prompt + n_tokens + 8)
     t0 = time.perf_counter()
     logits = eng.step(cache, prompt)
