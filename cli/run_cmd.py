@@ -72,6 +72,7 @@ def summary(eng: Engine, console: Console) -> None:
         console.print(f"[dim]links measured: host->GPU {sp.h2d_bytes_per_s / 1e9:.1f} GB/s, disk "
                       f"{sp.disk_bytes_per_s / 1e9:.2f} GB/s, CPU experts {sp.cpu_bytes_per_s / 1e9:.1f} GB/s; "
                       f"moved per token: {moved}[/]")
+        console.print(f"[dim]decode: {eng.decode_mode}[/]")
         if s.waits:
             waits = ", ".join(f"{what} {seconds * 1e3:.0f} ms" for what, seconds in s.waits.items())
             console.print(f"[dim]host waited on: {waits}[/]")

@@ -73,7 +73,8 @@ class Engine:
         config = TierConfig(policy=self.policy, prior=use_per_token(self.desc, self.expert_freq),
                             stage_slots=(self.lookahead + 2) * k if self.lookahead else k)
         self.tiers = tiers = GpuTiers(self.desc, self.plan, self.stats, config, fits=FitStore())
-        on_device = device_path_possible(tiers) is None
+        self.read_back_why = device_path_possible(tiers)
+        on_device = self.read_back_why is None
         if on_device:
             ahead = lookaheads(weights, tiers, self.lookahead) if self.lookahead else None
             moe = DeviceMoE(tiers, ahead)
@@ -82,6 +83,16 @@ class Engine:
         layer_devices = {layer: torch.device("cuda", g.index) for g in self.plan.gpus for layer in g.layers}
         return GpuOps(self.desc.config, weights, moe, torch.device("cuda", self.plan.gpus[0].index), on_device,
                       layer_devices)
+
+    @property
+    def decode_mode(self) -> str | None:
+        """How a GPU engine decodes, for the run summary (None on the CPU engine)."""
+        if getattr(self, "tiers", None) is None:
+            return None
+        if self.read_back_why is not None:
+            return f"routing read back every layer: {self.read_back_why}"
+        return "routing stays on the GPU, " + ("one CUDA graph a step" if self._graphs is not None
+                                                 else "no graph (the step spans several GPUs)")
 
     @cached_property
     def _graphs(self):

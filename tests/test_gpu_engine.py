@@ -88,6 +88,8 @@ def test_gpu_engine_matches_cpu_engine(synth_model, arch, qtype, hot):
     eng = Engine.open(path, ctx=128, vram=on_first_gpu(vram), ram=0 if hot == "none" else None)
     assert type(eng.model.ops).__name__ == "GpuOps"
     assert len(eng.plan.hot) == n_hot
+    if hot == "none":  # no RAM for a warm tier: the summary says why decode reads routing back
+        assert eng.decode_mode.startswith("routing read back every layer: some experts are cold")
     tokens = list(np.random.default_rng(0).integers(3, eng.n_vocab, 32))  # no tokenizer needed on the GPU machine
     from moe_tier.models import Segment
 
@@ -119,6 +121,7 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
     eng = Engine.open(path, ctx=64, vram=on_first_gpu(g.fixed_bytes + n_hot * g.slot_bytes + g.slot_bytes // 2),
                       lookahead=lookahead)
     assert isinstance(eng.model.ops.moe, DeviceMoE) and len(eng.plan.hot) == n_hot
+    assert eng.decode_mode == "routing stays on the GPU, one CUDA graph a step"
     tokens = np.random.default_rng(1).integers(3, eng.n_vocab, 24)
     ref = cpu_model.forward(tokens, [Segment(cpu_model.new_cache(64), 0, len(tokens))])
     cache = eng.model.new_cache(64)
