@@ -173,22 +173,29 @@ class GpuOps:
 
     def attend(self, layer: int, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """As layers.attention, with the same f16 roundings of q and of the softmax (llama.cpp's f16 cache).
-        In a captured decode step (self.static) the position is on the device: the step attends over the first
-        n_keys cache entries, later ones masked, so one graph serves every position below n_keys; rope, the cache
-        write and attention are then gpu_decode_ops' two or three launches."""
+        A single token takes gpu_decode_ops' kernels (rope, the cache write and attention in two or three
+        launches), captured or not, so a captured step and an eager one compute alike. In a captured decode step
+        (self.static) the position is on the device: the step attends over the first n_keys cache entries, later
+        ones masked, so one graph serves every position below n_keys."""
         with on(q.device):
             return self._attend(layer, cache, q, k, v)
 
     def _attend(self, layer: int, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         c, st = self.cfg, self.static
-        if st is None:
+        if st is None and len(q) > 1:
             start = cache.length
             cos, sin = self._angles(start, len(q), q.device)
             keys, values = cache.store(layer, start, rope(k, cos, sin, c.rope), v)
             positions = torch.arange(start, start + len(q), device=q.device)
             return self._causal(rope(q, cos, sin, c.rope), keys, values, positions)
-        return gpu_decode_ops.decode_attention(q, k, v, st.cos, st.sin, c.rope is RopeStyle.NEOX, cache.k[layer],
-                                               cache.v[layer], st.pos, st.n_keys, 1.0 / float(np.sqrt(c.head_dim_k)))
+        if st is None:  # one token, not captured: the captured step's kernels, its position uploaded now
+            cos, sin = self._angles(cache.length, 1, q.device)
+            pos = torch.full((1,), cache.length, dtype=torch.int64, device=q.device)
+            n_keys = cache.length + 1
+        else:
+            cos, sin, pos, n_keys = st.cos, st.sin, st.pos, st.n_keys
+        return gpu_decode_ops.decode_attention(q, k, v, cos, sin, c.rope is RopeStyle.NEOX, cache.k[layer],
+                                               cache.v[layer], pos, n_keys, 1.0 / float(np.sqrt(c.head_dim_k)))
 
     def _causal(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
         """q (T, H, d) at positions qpos (T,) over cached keys (L, Hkv, d) and values (L, Hkv, dv), f16."""

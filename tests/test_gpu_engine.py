@@ -15,7 +15,6 @@ pytest.importorskip("triton")
 
 from moe_tier.engine import Engine  # noqa: E402
 from moe_tier.gpu_ops import GpuOps  # noqa: E402
-from moe_tier.kernels.gpu_gemv import has_kernel  # noqa: E402
 from moe_tier.host_ops import HostOps  # noqa: E402
 from moe_tier.host_tiers import HostExperts  # noqa: E402
 from moe_tier.models import family  # noqa: E402
@@ -25,7 +24,6 @@ from moe_tier.machine import probe  # noqa: E402
 from moe_tier.reader import open_model  # noqa: E402
 from moe_tier.stats import EngineStats  # noqa: E402
 from moe_tier.tensors import Weights  # noqa: E402
-from gguf import GGMLQuantizationType  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 # Relative to the spread of the logits: the CPU backend quantizes activations to 8 bits as llama.cpp does, the
@@ -132,10 +130,7 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
     graphed = np.concatenate([eng.step(cache, tokens[i : i + 1]) for i in range(len(tokens))])
     assert len(eng._graphs.graphs) == 3  # 24 positions in buckets of 8
     assert_close(graphed, ref, TOL[qtype])
-    # The captured step attends with the decode kernel, the eager one with torch: sums in another order. Where the
-    # next matmul rounds its input to q8_1 (a matrix-vector kernel), such a difference can flip a rounding step.
-    q8_1 = has_kernel(GGMLQuantizationType[qtype], desc.config.n_embd)
-    np.testing.assert_allclose(graphed, eager, atol=(5e-2 if q8_1 else 1e-3) * ref.std())
+    np.testing.assert_allclose(graphed, eager, atol=1e-3 * ref.std())  # the same kernels, captured or not
     eng.model.ops.moe.account()
     assert sum(c.hits for c in eng.stats.tiers.values()) >= 2 * len(tokens) * len(desc.moe_layers)
     if lookahead and eng.tiers.stage_slots[0] >= (lookahead + 2) * desc.config.n_expert_used:  # qwen3moe, half
@@ -145,7 +140,8 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
 
 def test_attention_with_the_position_on_the_device_equals_the_eager_step(synth_model):
     """A captured decode step attends from a device-side position over a fixed number of cache entries (later
-    ones masked): the same output as the eager step, position after position."""
+    ones masked); an eager single-token step, from its position uploaded, over exactly the entries so far: the
+    same output, position after position (the kernel against the exact math: test_kernels_gpu_decode_ops)."""
     from moe_tier.gpu_ops import StaticStep
     from moe_tier.layers import rope_angles
 
