@@ -32,14 +32,15 @@ def moe_ffn_gpu(x: torch.Tensor, routing: Routing, layer: int, tiers: GpuTiers) 
     experts, counts = np.unique(ids, return_counts=True)
     acquired = tiers.acquire(layer, dict(zip(experts.tolist(), counts.tolist())))
     per_slot = torch.zeros((ids.shape[1], ids.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)  # (k, T, D)
+    if acquired.cpu:  # before the GPU's experts are queued, so that the CPU's run while they compute
+        t0 = time.perf_counter()
+        x_host = host_copy(x)
+        tiers.stats.waited("activations gpu->host", time.perf_counter() - t0)
     for gpu, held in acquired.gpu.items():
         with torch.cuda.device(tiers.arena[gpu].device):  # Triton launches on the current device's stream
             for group in _groups(tiers, held):
                 _grouped_swiglu(x, routing, group, tiers.arena[gpu], tiers, per_slot)
     if acquired.cpu:
-        t0 = time.perf_counter()
-        x_host = host_copy(x)
-        tiers.stats.waited("activations gpu->host", time.perf_counter() - t0)
         for eid, w in acquired.cpu:
             tok, slot = np.nonzero(ids == eid.expert)
             y = swiglu_ffn(x_host[tok], w.gate, w.up, w.down) * weights[tok, slot][:, None]
@@ -124,5 +125,6 @@ def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def host_copy(x: torch.Tensor) -> np.ndarray:
-    """The one place the MoE block waits for the GPU: activations for experts computed on the CPU."""
+    """The one place the MoE block waits for the GPU: activations for experts computed on the CPU (the routing
+    was read back after them, so this wait is short)."""
     return x.detach().float().cpu().numpy()
