@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from bench.gpu_tiers import d2d_bytes_per_s
+from bench.overrides import read_back_always
 from bench.report import update_section
 from moe_tier.engine import Engine
 from moe_tier.moe import Routing
@@ -148,7 +149,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick check")
     ap.add_argument("--llama-bench", help="llama.cpp's llama-bench built with CUDA: the peer, in the same run")
     ap.add_argument("--out", default="/tmp/moe-tier-mixtral-8x7b-q4k.gguf")
+    ap.add_argument("--read-back", action="store_true", help="BENCHMARK ONLY: decode reads routing back every layer "
+                    "(the path of a CPU twice the link's rate), the measured rates placing each miss")
     args = ap.parse_args()
+    if args.read_back:
+        read_back_always()
     path = Path(args.out)
     if not path.exists():
         t0 = time.perf_counter()
@@ -185,7 +190,8 @@ def main() -> None:
     body += ("\nfloor: tokens/s if each link only carried this run's bytes at its measured rate, links in parallel: "
              "PCIe (warm reads and copies), disk, and HBM (hot experts and dense weights at the device copy rate); "
              "the gap to it is kernel efficiency, small kernels and waiting.\n")
-    body += ("Decode keeps routing on the GPU (" + ("yes" if rows[0]["device_path"] else "no") + "), each step one CUDA "
+    body += ("Decode keeps routing on the GPU (" + ("yes" if rows[0]["device_path"] else "no") + ("; routing read back "
+             "every layer forced by --read-back, benchmark only" if args.read_back else "") + "), each step one CUDA "
              "graph replay (" + ("yes" if rows[0]["graphs"] else "no") + f"; its capture, {rows[0]['first_s']:.1f} s, is "
              "outside the timed steps): a warm expert chosen by a token is copied from pinned memory into a staging "
              "slot by a kernel ('warm->gpu read'), promotions into slots are DMA copies ('warm->gpu'). Lookahead d: the router "

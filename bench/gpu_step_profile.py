@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench.overrides import fix_cpu_rate
 from bench.report import update_section
 from moe_tier.engine import Engine
 from moe_tier.moe_decode import device_path_possible
 from moe_tier.stats import EngineStats
 from moe_tier.synth import mixtral_8x7b, write_fast
-from moe_tier.tiers import links
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
                     "warm expert takes follows from it: moe_decode.device_path_possible)")
     args = ap.parse_args()
     if args.cpu_rate is not None:
-        links.measure_cpu = lambda *a, **k: args.cpu_rate * 1e9
+        fix_cpu_rate(args.cpu_rate)
     path = Path(args.out)
     if not path.exists():
         write_fast(path, mixtral_8x7b(n_layer=args.layers))
