@@ -80,8 +80,7 @@ def _grouped_swiglu(x, routing: Routing, group, arena: torch.Tensor, tiers: GpuT
         if max_rows >= DEQUANT_MIN_ROWS:  # prefill: each expert's matrix decoded to float16 for cuBLAS
             return torch.cat([matmul_dequantized(h[seg[i] : seg[i + 1]], arena, int(a), part.qtype,
                                                  *matrix_dims(part.shape)) for i, a in enumerate(at)])
-        return moe_matmul(h, arena, _dev(at, dev), seg_t, max_rows, part.qtype, *matrix_dims(part.shape),
-                          aligned=aligned(at.tolist()))
+        return moe_matmul(h, arena, _dev(at, dev), seg_t, max_rows, part.qtype, *matrix_dims(part.shape))
 
     xg = x.to(dev)[_dev(tok, dev)]  # (M, D)
     if len(tok) <= DECODE_MAX_ROWS and aligned(off + at for _, off in group for at in layout.values()):

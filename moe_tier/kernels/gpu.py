@@ -10,8 +10,8 @@ E experts in use, QK values per block, BB bytes per block (gguf.GGML_QUANT_SIZES
 Blocks are decoded in registers inside the product, never into a dequantized copy in memory: per group of G
 values sharing one scale (32, or 16 for Q2_K/Q3_K/Q6_K), the integer quants q (G, BLOCK_N) go through tl.dot
 and each row's scale a and offset b are applied after it: acc += (x_g @ q) * a + sum(x_g) * b, as llama.cpp's
-kernels do. Layouts follow gguf.quants' dequantizers. Weights are read byte-wise, so blobs need no alignment,
-except Q4_K / Q5_K quants where the caller vouches that matrices start 16-byte aligned: 32-bit words then.
+kernels do. Layouts follow gguf.quants' dequantizers. Weights are read byte-wise, so blobs need no alignment
+(Q4_K / Q5_K quants may be read as 32-bit words where the caller vouches that matrices start 16-byte aligned).
 The product runs at Triton's default float32 dot precision (tf32 on tensor cores): about 1e-3 relative error.
 Runs under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors too.
 """
@@ -34,8 +34,9 @@ SUPPORTED: frozenset[Q] = frozenset(
 # (bench/gpu_tiers.py, Mixtral-shaped Q4_K, T=1, 2 experts): about 180 GB/s at 32 / 4, 12% of the copy read rate
 # and 2.4x slower than the instruction count predicts, so latency, not issue, bounds it: the next step is more
 # bytes in flight (wide loads of the quant bytes, pipelining, split-K for short N). 32 / 4 is the best all-round.
-# Since then (not yet timed on a GPU): aligned Q4_K / Q5_K quants load as 32-bit words, which the compiler
-# moves with cp.async instead of single-byte loads (the matrix-vector kernel gained 2x from the same change).
+# Aligned Q4_K / Q5_K quants can load as 32-bit words (aligned=): on an H200 (bench/gpu_tiers.py) that is slower
+# at this tile (117-120 against 176-195 GB/s byte-wise at T = 1..64) and faster only at block_n 128 for gate
+# (199-241), slower there for down; so callers read byte-wise and the words stay a knob of the tile sweep.
 BLOCK_T, BLOCK_N, BLOCK_K, NUM_WARPS = 16, 32, 64, 4
 DEQUANT_MIN_ROWS = 32  # from this many token rows a matrix is decoded to float16 and multiplied by cuBLAS
 DEQUANT_CHUNK_VALUES = 1 << 24  # float16 values decoded at a time: 32 MiB (plan.DEQUANT_SCRATCH_BYTES holds it)
@@ -288,4 +289,4 @@ def matmul(x: torch.Tensor, w: torch.Tensor, qtype: Q, n_rows: int, n_cols: int)
         return matmul_dequantized(x, w, 0, qtype, n_rows, n_cols)
     offsets = torch.zeros(1, dtype=torch.int64, device=w.device)
     seg = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=w.device)
-    return moe_matmul(x, w, offsets, seg, x.shape[0], qtype, n_rows, n_cols, aligned=True)
+    return moe_matmul(x, w, offsets, seg, x.shape[0], qtype, n_rows, n_cols)
