@@ -70,8 +70,8 @@ def main() -> None:
 
     def grouped():
         for m in range(2):
-            moe_matmul(xx, vram, experts + m * n_bytes, seg, 1, Q.Q4_K, F, D, aligned=True)
-        moe_matmul(h, vram, experts + 2 * n_bytes, seg, 1, Q.Q4_K, D, F, aligned=True)
+            moe_matmul(xx, vram, experts + m * n_bytes, seg, 1, Q.Q4_K, F, D)
+        moe_matmul(h, vram, experts + 2 * n_bytes, seg, 1, Q.Q4_K, D, F)
 
     rows.append(("Q4_K, grouped tl.dot (the prefill kernel)", "VRAM", gb / ms(grouped)))
     # Q4_K_M files keep half the layers' down projections (and the output matrix) in Q6_K: its own kernel.
@@ -82,7 +82,7 @@ def main() -> None:
     rows.append(("Q6_K down, gemv (default tile)", "VRAM",
                  q6_gb / ms(lambda: gemv_parts(h, q6, q6_at, Q.Q6_K, D, F, (0,)))))
     rows.append(("Q6_K down, grouped tl.dot (the prefill kernel)", "VRAM",
-                 q6_gb / ms(lambda: moe_matmul(h, q6, q6_at, seg, 1, Q.Q6_K, D, F, aligned=True))))
+                 q6_gb / ms(lambda: moe_matmul(h, q6, q6_at, seg, 1, Q.Q6_K, D, F))))
     far = experts + (pinned.data_ptr() - vram.data_ptr())  # the same bytes, read over PCIe in place
     rows.append(("gemv, fastest tile", "pinned host, in place", gb / ms(lambda: run(far, *best[1]))))
     body = (f"{torch.cuda.get_device_name(0)}; two Q4_K experts (gate + up in one launch, then down; "
