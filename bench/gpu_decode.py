@@ -11,7 +11,7 @@ part and the experts' bytes per layer; llama-bench reports no memory use).
 ONLY, the router's choice is replaced, token after token, by the recorded routing, labelled as such in the output;
 llama.cpp cannot be given another routing, so its row stays the uniform-routing one.
 Usage: python -m bench.gpu_decode [--vram 12GiB,24GiB] [--tokens 256] [--prompt 512] [--out /tmp/mixtral.gguf]
-       [--policy lfu,lru] [--lookahead 0,1,2] [--replay TRACE] [--llama-bench /path/to/llama-bench]
+       [--policy lfu,lru] [--lookahead 0,1,2] [--cpu-share auto,0] [--replay TRACE] [--llama-bench BIN]
 """
 
 from __future__ import annotations
@@ -62,9 +62,11 @@ class ReplayedRouter:
         return routing if self.ops.device_routing else routing.host()
 
 
-def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay: Path | None, lookahead: int) -> dict:
+def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay: Path | None, lookahead: int,
+        cpu_share: float | None) -> dict:
     t0 = time.perf_counter()
-    eng = Engine.open(path, vram=vram, ctx=n_prompt + n_tokens + 8, policy=policy, lookahead=lookahead)
+    eng = Engine.open(path, vram=vram, ctx=n_prompt + n_tokens + 8, policy=policy, lookahead=lookahead,
+                      cpu_share=cpu_share)
     open_s = time.perf_counter() - t0
     model, ops = eng.model, eng.model.ops
     if replay is not None:
@@ -98,10 +100,13 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
     # Floor for the bytes this run moved: each link busy the whole token, links in parallel.
     pcie = sum(b for link, b in moved.items() if "->gpu" in link)
     disk = moved.get("disk->gpu", 0) + moved.get("disk->cpu", 0)
+    cpu = moved.get("warm->cpu share", 0)  # the CPU's columns of staged experts, read from RAM beside the link
     hbm = s.tiers["hot"].bytes / n_tokens + dense_bytes if "hot" in s.tiers else 0
     hbm_bytes_per_s = d2d_bytes_per_s()  # a device copy's read + write rate: what HBM moves
-    floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s, hbm / hbm_bytes_per_s)
-    result = dict(vram=vram, policy=policy, lookahead=lookahead, routing="replayed (benchmark only)" if replay else "model's own",
+    floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s, hbm / hbm_bytes_per_s,
+                  cpu / speeds.cpu_bytes_per_s)
+    cpu_part = ops.moe.cpu.fraction() if getattr(ops.moe, "cpu", None) is not None else 0.0
+    result = dict(vram=vram, policy=policy, lookahead=lookahead, cpu_share=cpu_part, routing="replayed (benchmark only)" if replay else "model's own",
                   device_path=type(ops.moe).__name__ == "DeviceMoE", graphs=eng._graphs is not None, first_s=first_s,
                   slots=sum(g.n_slots for g in eng.plan.gpus), open_s=open_s,
                 fixed_bytes=eng.plan.gpus[0].fixed_bytes, n_layer=eng.desc.config.n_layer,
@@ -149,6 +154,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick check")
     ap.add_argument("--llama-bench", help="llama.cpp's llama-bench built with CUDA: the peer, in the same run")
     ap.add_argument("--out", default="/tmp/moe-tier-mixtral-8x7b-q4k.gguf")
+    ap.add_argument("--cpu-share", default="auto", help="CPU shares of each staged expert to run, comma-separated: "
+                    "auto (balanced by the measured rates), or a fraction (0 = off)")
     ap.add_argument("--read-back", action="store_true", help="BENCHMARK ONLY: decode reads routing back every layer "
                     "(the path of a CPU twice the link's rate), the measured rates placing each miss")
     args = ap.parse_args()
@@ -165,8 +172,10 @@ def main() -> None:
         for replay in [None] + ([args.replay] if args.replay else []):
             for policy in args.policy.split(","):
                 for lookahead in [int(d) for d in args.lookahead.split(",") if replay is None or int(d) == 0]:
-                    rows.append(run(path, vram, args.prompt, args.tokens, policy, replay, lookahead))
-                    print(rows[-1], flush=True)
+                    for share in args.cpu_share.split(","):
+                        rows.append(run(path, vram, args.prompt, args.tokens, policy, replay, lookahead,
+                                        None if share == "auto" else float(share)))
+                        print(rows[-1], flush=True)
     for r in rows:  # the peer after ours: nothing of ours is lost if it fails
         if args.llama_bench and r["vram"] not in peers:
             peers[r["vram"]] = llama_cpp_peer(args.llama_bench, path, r["fixed_bytes"], parse_bytes(r["vram"]),
@@ -177,24 +186,26 @@ def main() -> None:
     body = (f"Mixtral-8x7B shape ({args.layers} layers), Q4_K (synthetic, random weights: near-uniform routing), {args.prompt}-token prompt, "
             f"{args.tokens} greedy tokens. Measured links: host->GPU {sp.h2d_bytes_per_s / 1e9:.1f} GB/s, disk "
             f"{sp.disk_bytes_per_s / 1e9:.2f} GB/s, CPU experts {sp.cpu_bytes_per_s / 1e9:.1f} GB/s.\n\n"
-            "| VRAM | routing | policy | lookahead | slots | open s | prefill tok/s | decode tok/s | floor tok/s | moved per token "
-            "| hit rates | llama.cpp (-ncmoe) prefill / decode tok/s | decode ratio |\n"
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |\n")
+            "| VRAM | routing | policy | lookahead | CPU share | slots | open s | prefill tok/s | decode tok/s | floor tok/s "
+            "| moved per token | hit rates | llama.cpp (-ncmoe) prefill / decode tok/s | decode ratio |\n"
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |\n")
     for r in rows:
         moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in r["moved"].items()) or "-"
         peer = r.get("peer")
         versus = (f"{peer['prefill_tps']:.1f} / {peer['decode_tps']:.2f} ({peer['ncmoe']}) | "
                   f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else "not run | -")
-        body += (f"| {r['vram']} | {r['routing']} | {r['policy']} | {r['lookahead'] or 'off'} | {r['slots']} | {r['open_s']:.0f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
+        body += (f"| {r['vram']} | {r['routing']} | {r['policy']} | {r['lookahead'] or 'off'} | {r['cpu_share']:.0%} | {r['slots']} | {r['open_s']:.0f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
                  f"{r['floor_tps']:.1f} | {moved} | {r['rates']} | {versus} |\n")
     body += ("\nfloor: tokens/s if each link only carried this run's bytes at its measured rate, links in parallel: "
-             "PCIe (warm reads and copies), disk, and HBM (hot experts and dense weights at the device copy rate); "
+             "PCIe (warm reads and copies), disk, HBM (hot experts and dense weights at the device copy rate) and the "
+             "CPU's share of staged experts at its measured rate; "
              "the gap to it is kernel efficiency, small kernels and waiting.\n")
     body += ("Decode keeps routing on the GPU (" + ("yes" if rows[0]["device_path"] else "no") + ("; routing read back "
              "every layer forced by --read-back, benchmark only" if args.read_back else "") + "), each step one CUDA "
              "graph replay (" + ("yes" if rows[0]["graphs"] else "no") + f"; its capture, {rows[0]['first_s']:.1f} s, is "
              "outside the timed steps): a warm expert chosen by a token is copied from pinned memory into a staging "
-             "slot by a kernel ('warm->gpu read'), promotions into slots are DMA copies ('warm->gpu'). Lookahead d: the router "
+             "slot by a kernel ('warm->gpu read'; with a CPU share, only the GPU's columns, while the CPU computes the "
+             "others from the same pinned blob: 'warm->cpu share'), promotions into slots are DMA copies ('warm->gpu'). Lookahead d: the router "
              "of the MoE layer d later on this layer's input predicts its experts, and the warm ones are staged while the "
              "layers between compute ('warm->gpu ahead', all of them, used or not; uses of them count as 'ahead'). Replayed rows: the router's "
              "choice replaced by real Mixtral-8x7B routing (GSM8K), a benchmark-only override; llama.cpp's ratio there "

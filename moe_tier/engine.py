@@ -35,9 +35,9 @@ PREFILL_CHUNK = 512  # tokens per prefill step: bounds the activation scratch th
 
 class Engine:
     def __init__(self, desc: ModelDesc, plan: TierPlan, ctx: int, policy: str = "planner",
-                 expert_freq: np.ndarray | None = None, lookahead: int = 0):
+                 expert_freq: np.ndarray | None = None, lookahead: int = 0, cpu_share: float | None = None):
         self.desc, self.plan, self.ctx, self.policy, self.expert_freq = desc, plan, ctx, policy, expert_freq
-        self.lookahead = lookahead
+        self.lookahead, self.cpu_share = lookahead, cpu_share
         self.stats = EngineStats()
         self.weights = weights = Weights(desc)
         measured_gpu = bool(plan.gpus) and plan.gpus[0].runtime_measured
@@ -65,6 +65,7 @@ class Engine:
         import torch
 
         from moe_tier.gpu_ops import GpuOps
+        from moe_tier.cpu_share import balanced_share
         from moe_tier.moe_decode import DeviceMoE, device_path_possible, lookaheads
         from moe_tier.moe_gpu import moe_ffn_gpu
         from moe_tier.tiers.gpu_pool import GpuTiers, TierConfig
@@ -77,7 +78,11 @@ class Engine:
         on_device = self.read_back_why is None
         if on_device:
             ahead = lookaheads(weights, tiers, self.lookahead) if self.lookahead else None
-            moe = DeviceMoE(tiers, ahead)
+            share = self.cpu_share
+            if share is None:  # split each staged expert between the CPU and the link, if any can miss
+                all_hot = len(tiers.table.slot_of) == len(self.desc.experts)
+                share = 0.0 if all_hot else balanced_share(tiers.speeds.cpu_bytes_per_s, tiers.speeds.h2d_bytes_per_s)
+            moe = DeviceMoE(tiers, ahead, share)
         else:
             moe = lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, tiers)
         layer_devices = {layer: torch.device("cuda", g.index) for g in self.plan.gpus for layer in g.layers}
@@ -91,8 +96,12 @@ class Engine:
             return None
         if self.read_back_why is not None:
             return f"routing read back every layer: {self.read_back_why}"
-        return "routing stays on the GPU, " + ("one CUDA graph a step" if self._graphs is not None
+        mode = "routing stays on the GPU, " + ("one CUDA graph a step" if self._graphs is not None
                                                  else "no graph (the step spans several GPUs)")
+        cpu = self.model.ops.moe.cpu
+        if cpu is not None:
+            mode += f"; the CPU computes {cpu.fraction():.0%} of each staged expert"
+        return mode
 
     @cached_property
     def _graphs(self):
@@ -107,17 +116,19 @@ class Engine:
     @classmethod
     def open(cls, path: str | Path, vram: int | str | None = None, ram: int | str | None = None,
              ctx: int = 2048, expert_freq: np.ndarray | None = None, policy: str = "planner",
-             lookahead: int = 0) -> Engine:
+             lookahead: int = 0, cpu_share: float | None = None) -> Engine:
         """vram/ram: bytes or sizes like "12GiB" (vram may list one per GPU); expert_freq (layer, expert)
         from a routing profile ranks experts for the tiers; policy (tiers.slots.POLICIES) picks slot victims;
         lookahead: d > 0: decode on the GPU stages each MoE layer's predicted warm experts while the d layers before
-        it run (moe_decode.Lookahead; it takes (d + 1) k more staging slots); 0: off."""
+        it run (moe_decode.Lookahead; it takes (d + 1) k more staging slots); 0: off. cpu_share: the fraction of
+        each staged expert the CPU computes while the GPU stages the rest (cpu_share.py); None: from the measured
+        rates where some expert is not hot; 0: off."""
         desc = open_model(path)
         if ctx <= 0:
             raise MoeTierError(path, f"context length must be positive, got {ctx}")
         budget = Budget(vram_bytes=_sizes(vram), ram_bytes=_sizes(ram)[0] if ram is not None else None, ctx=ctx)
         plan = plan_tiers(desc, probe(), budget, expert_freq=expert_freq, fits=FitStore())
-        return cls(desc, plan, ctx, policy, expert_freq, lookahead)
+        return cls(desc, plan, ctx, policy, expert_freq, lookahead, cpu_share)
 
     @property
     def n_vocab(self) -> int:

@@ -38,7 +38,7 @@ class DecodeGraphs:
                                  torch.zeros((1, half), device=dev), torch.zeros((1, half), device=dev), 0)
         self.pool = torch.cuda.graph_pool_handle()
         self.cache: KVCache | None = None  # the sequence the graphs write into (they hold its addresses)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, list]] = {}  # n_keys -> graph
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, list, list]] = {}  # n_keys -> graph
 
     def step(self, cache: KVCache, token: int) -> torch.Tensor:
         """Logits (1, V) of `token` at position cache.length; advances the cache like model.forward."""
@@ -54,8 +54,12 @@ class DecodeGraphs:
             self.cache, self.graphs = cache, {}
         if n_keys not in self.graphs:
             self.graphs[n_keys] = self._capture(cache, n_keys)
-        graph, logits, routed = self.graphs[n_keys]
+        graph, logits, routed, points = self.graphs[n_keys]
+        if self.moe.cpu is not None:
+            self.moe.cpu.begin_step()
         graph.replay()
+        if self.moe.cpu is not None:
+            self.moe.cpu.serve(points)  # the CPU's share of each layer's staged experts, as the GPU reaches it
         self.moe.account()  # the previous step's experts, counted while the GPU runs this one; promotions queue
         self.moe.step = list(routed)  # the graph's routing buffers, copied to the host after this replay
         self.moe.snapshot()
@@ -76,13 +80,15 @@ class DecodeGraphs:
             torch.cuda.current_stream(ops.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             moe.step = []
+            if moe.cpu is not None:
+                moe.cpu.step = []
             with torch.cuda.device(ops.device), torch.cuda.graph(graph, pool=self.pool):  # captures on ops' GPU
                 logits = self._forward(cache)
-            routed = list(moe.step)
+            routed, points = list(moe.step), list(moe.cpu.step) if moe.cpu is not None else []
         finally:
             ops.static, moe.capturing, cache.length = None, False, length
             moe.step = []
-        return graph, logits, routed
+        return graph, logits, routed, points
 
     def _forward(self, cache: KVCache) -> torch.Tensor:
         length = cache.length

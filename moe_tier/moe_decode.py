@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moe_tier.cpu_share import CpuShare, plan_cut
 from moe_tier.host_tiers import blob_layout
 from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split, has_kernel
-from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage
+from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage, whole_blobs
 from moe_tier.kernels.gpu_q8_1 import quantize_q8_1
 from moe_tier.moe import Routing
 from moe_tier.moe_gpu import DECODE_MAX_ROWS, aligned, gate_up_parts, moe_ffn_gpu
@@ -34,6 +35,11 @@ from moe_tier.tiers.gpu_pool import GpuTiers
 # path gives up the step's CUDA graph and waits on the host every layer. On an H200 host measuring CPU 50 and link
 # 54 GB/s, 8 Mixtral-shaped layers with 1 in 8 uses warm took 25.8 ms a token read back, 5.9 ms on the device path.
 CPU_PATH_MARGIN = 2.0
+
+
+def _live() -> bool:
+    """Whether launches run (not recorded into a CUDA graph): the host may then serve its share inline."""
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def device_path_possible(tiers: GpuTiers) -> str | None:
@@ -98,14 +104,21 @@ class DeviceMoE:
     buffer is refilled only after the layer that read it last was queued), on a low-priority stream that never
     holds up a demand copy in its queue."""
 
-    def __init__(self, tiers: GpuTiers, lookahead: dict[int, Lookahead] | None = None):
+    def __init__(self, tiers: GpuTiers, lookahead: dict[int, Lookahead] | None = None, cpu_share: float = 0.0):
         self.tiers = tiers
         c = tiers.desc.config
         self.first_layer = min(e.layer for e in tiers.desc.experts)
         self.parts = {}  # layer -> (gate, up, down parts of one of its experts, their blob offsets, blob bytes)
+        cuts = {}  # layer -> its experts' cut, where the CPU computes a share of each staged expert
         for eid, ref in tiers.desc.experts.items():
             if eid.layer not in self.parts:
                 self.parts[eid.layer] = (ref.part("gate"), ref.part("up"), ref.part("down"), blob_layout(ref), ref.n_bytes)
+                cut = plan_cut(ref, cpu_share) if cpu_share > 0 else None
+                if cut is not None:
+                    cuts[eid.layer] = cut
+        self.whole = {(layer, g): whole_blobs(part[4], a.device) for layer, part in self.parts.items()
+                      for g, a in tiers.arena.items()}
+        self.cpu = CpuShare(tiers.warm, tiers.desc.experts, cuts, tiers.arena, tiers.stats) if cuts else None
         k = c.n_expert_used
         self.lookahead = {layer: la for layer, la in (lookahead or {}).items()
                           if tiers.stage_slots.get(tiers.layer_gpu[la.target], 0) >= (la.distance + 2) * k}
@@ -124,6 +137,8 @@ class DeviceMoE:
     def __call__(self, x: torch.Tensor, routing: Routing, layer: int) -> torch.Tensor:
         if layer == self.first_layer and not self.capturing:
             self.account()
+        if layer == self.first_layer and self.cpu is not None and _live():
+            self.cpu.begin_step()
         if routing.ids.numel() > DECODE_MAX_ROWS:
             self.ahead.clear()
             return moe_ffn_gpu(x, routing.host(), layer, self.tiers)
@@ -149,7 +164,8 @@ class DeviceMoE:
         """(T, D): the layer's experts of each token that GPU gpu computes (the others skipped), weighted and
         summed in slot order, as llama.cpp. Warm rows are staged on a side stream while the hot rows (and those
         staged ahead) compute their gate and up (PCIe and HBM busy at once); theirs follow, then every row's
-        down."""
+        down. With a CPU share, only the GPU's columns of a warm expert are staged and the host computes the
+        others meanwhile (cpu_share.py)."""
         gate, up, down, at, blob_bytes = self.parts[layer]
         n_ff, n_embd = matrix_dims(gate.shape)
         tiers, arena, first = self.tiers, self.tiers.arena[gpu], layer * self.tiers.desc.config.n_expert
@@ -158,24 +174,41 @@ class DeviceMoE:
             n_stage = min(n_stage, tiers.desc.config.n_expert_used)  # the rest are the lookahead's buffers
         now, late, every = locate(ids, loc, first, arena, tiers.stage_at[gpu], n_stage, tiers.slot_bytes,
                                   None if ahead is None else ahead[1:3])
+        cut = self.cpu.cuts.get(layer) if self.cpu is not None and n_stage else None
+        point = self.cpu.publish(gpu, layer, ids, late, x) if cut is not None else None
         split = gemv_split(gate.qtype, n_ff, n_embd, len(ids), 2)
-        gate_up = torch.empty((2, 2 * split if n_stage else split, len(ids), n_ff), dtype=torch.float32, device=x.device)
+        both = n_stage and cut is None  # hot and staged rows in one buffer: the same matrices
+        gate_up = torch.empty((2, 2 * split if both else split, len(ids), n_ff), dtype=torch.float32, device=x.device)
         main = torch.cuda.current_stream()
         if n_stage:
             side = self._stream(arena.device, "demand")
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                stage(ids, loc, first, arena, late, blob_bytes)
+                stage(ids, loc, first, arena, late, self.whole[layer, gpu] if cut is None else self.cpu.spans[layer, gpu])
         if ahead is not None:
             main.wait_event(ahead[4])  # the experts staged ahead are read with the hot ones
         xq = quantize_q8_1(x.float().contiguous()) if has_kernel(gate.qtype, n_embd) else None  # once for both
         gate_up_parts(x, xq, arena, now, gate, up, at, gate_up[:, :split])
         if n_stage:
             main.wait_stream(side)
-            gate_up_parts(x, xq, arena, late, gate, up, at, gate_up[:, split:])
+        if cut is None:
+            if n_stage:
+                gate_up_parts(x, xq, arena, late, gate, up, at, gate_up[:, split:])
+            h, hq = silu_mul(gate_up)
+            down_parts = gemv_parts(h, arena, every, down.qtype, n_embd, n_ff, (at["down"],), xq=hq)[0]
+            return combine(down_parts, routing.weights.to(arena.device))
+        # The GPU's share of the staged rows: gate and up rows [f, F), down columns [f, F) of each row.
         h, hq = silu_mul(gate_up)
-        down_parts = gemv_parts(h, arena, every, down.qtype, n_embd, n_ff, (at["down"],), xq=hq)[0]
-        return combine(down_parts, routing.weights.to(arena.device))
+        h_late, hq_late = silu_mul(gate_up_parts(x, xq, arena, late, gate, up, cut.gate_up_at, rows=n_ff - cut.cols))
+        S = [gemv_split(down.qtype, n_embd, cols, len(ids)) for cols in (n_ff, n_ff - cut.cols)]
+        parts = torch.empty((1, S[0] + S[1] + 1, len(ids), n_embd), dtype=torch.float32, device=x.device)
+        gemv_parts(h, arena, now, down.qtype, n_embd, n_ff, (at["down"],), xq=hq, out=parts[:, : S[0]])
+        gemv_parts(h_late, arena, late, down.qtype, n_embd, n_ff - cut.cols, (cut.down_at,), xq=hq_late,
+                   out=parts[:, S[0] : -1], row_cols=n_ff)
+        if _live():
+            self.cpu.serve([point])  # eager: the host's part now, while the GPU runs what is queued
+        self.cpu.wait(point, late, parts[0, -1])
+        return combine(parts[0], routing.weights.to(arena.device))
 
     def _predict(self, x: torch.Tensor, layer: int) -> None:
         """Queue the lookahead of `layer`: a later MoE layer's experts by its router on this layer's input, and
@@ -195,7 +228,7 @@ class DeviceMoE:
             late = locate(pred, tiers.locations.loc[gpu], first, arena, at, k, tiers.slot_bytes)[1]
             chosen, done = torch.cuda.Event(), torch.cuda.Event()
             chosen.record(side)
-            stage(pred, tiers.locations.loc[gpu], first, arena, late, self.parts[la.target][4])
+            stage(pred, tiers.locations.loc[gpu], first, arena, late, self.whole[la.target, gpu])
             done.record(side)
         for t in (pred, late):
             t.record_stream(main)  # read by the target layer on the compute stream
@@ -255,7 +288,10 @@ class DeviceMoE:
                         stats.served("ahead", n_bytes)  # warm, staged while the layer before ran
                     else:
                         stats.served("warm", n_bytes)
-                        stats.moved("warm->gpu read", n_bytes)
+                        cut = self.cpu.cuts.get(layer) if self.cpu is not None else None
+                        if cut is not None:
+                            stats.moved("warm->cpu share", cut.cpu_bytes)
+                        stats.moved("warm->gpu read", n_bytes - (cut.cpu_bytes if cut is not None else 0))
                 used.append((layer, wanted))
             self._seen = None
         tiers.settle()

@@ -96,11 +96,12 @@ def _grouped_swiglu(x, routing: Routing, group, arena: torch.Tensor, tiers: GpuT
 
 
 def gate_up_parts(x: torch.Tensor, xq, arena: torch.Tensor, offsets: torch.Tensor, gate: ExpertPart, up: ExpertPart,
-                  at: dict[str, int], out: torch.Tensor | None = None) -> torch.Tensor:
+                  at: dict[str, int], out: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
     """(2, S, R, F): gate and up of each row's expert, x's rows shared by R / len(x) rows each (a token's k
     experts); one launch where both have one quant type. xq: x as q8_1 where a kernel takes it; out: where to
-    write (its S fixed by the caller)."""
+    write (its S fixed by the caller); rows: only that many rows of each matrix, from where `at` points."""
     n_ff, n_embd = matrix_dims(gate.shape)
+    n_ff = n_ff if rows is None else rows
     k = len(offsets) // len(x)
     if out is None:
         out = torch.empty((2, gemv_split(gate.qtype, n_ff, n_embd, len(offsets), 2), len(offsets), n_ff),

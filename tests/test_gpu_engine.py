@@ -138,6 +138,42 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
     eng.tiers.check()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("hot", ["half", "none"])
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q4_K"), ("qwen3moe", "Q8_0")])
+def test_gpu_decode_with_a_cpu_share_matches_cpu_engine(tmp_path, monkeypatch, arch, qtype, hot):
+    """Each staged expert split: the CPU computes its first columns from the pinned blob while the GPU stages and
+    computes the rest, handing rows over through pinned memory and flags inside the step's CUDA graph. Eager and
+    graphed steps give the CPU engine's logits, and each warm use is counted on both sides."""
+    from moe_tier import gpu_graph
+    from moe_tier.models import Segment
+    from moe_tier.synth import tiny, write_fast
+
+    monkeypatch.setattr(gpu_graph, "BUCKET_KEYS", 8)
+    path = write_fast(tmp_path / f"{arch}-{qtype}.gguf", tiny(arch, qtype=qtype, n_ff_exp=1024))
+    desc = open_model(path)
+    cpu_model = family(desc.arch, desc.path)(desc.config, HostOps(desc.config, Weights(desc), HostExperts(desc, [], EngineStats())))
+    g = first_gpu_plan(desc, ctx=64)
+    n_hot = {"half": len(desc.experts) // 2, "none": 0}[hot]
+    eng = Engine.open(path, ctx=64, vram=on_first_gpu(g.fixed_bytes + n_hot * g.slot_bytes + g.slot_bytes // 2),
+                      cpu_share=0.5)
+    assert eng.decode_mode.endswith("one CUDA graph a step; the CPU computes 50% of each staged expert")
+    tokens = np.random.default_rng(2).integers(3, eng.n_vocab, 20)
+    ref = cpu_model.forward(tokens, [Segment(cpu_model.new_cache(64), 0, len(tokens))])
+    cache = eng.model.new_cache(64)
+    eager = np.concatenate([eng.model.ops.to_host(eng.model.forward(tokens[i : i + 1], [Segment(cache, 0, 1)]))
+                            for i in range(len(tokens))])
+    assert_close(eager, ref, TOL[qtype])
+    cache = eng.model.new_cache(64)
+    graphed = np.concatenate([eng.step(cache, tokens[i : i + 1]) for i in range(len(tokens))])
+    assert_close(graphed, ref, TOL[qtype])
+    np.testing.assert_allclose(graphed, eager, atol=5e-2 * ref.std())
+    eng.model.ops.moe.account()
+    assert eng.stats.links["warm->cpu share"].hits == eng.stats.tiers["warm"].hits > 0
+    eng.tiers.check()
+
+
 def test_attention_with_the_position_on_the_device_equals_the_eager_step(synth_model):
     """A captured decode step attends from a device-side position over a fixed number of cache entries (later
     ones masked); an eager single-token step, from its position uploaded, over exactly the entries so far: the

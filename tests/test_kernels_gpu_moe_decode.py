@@ -15,7 +15,8 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from moe_tier.config import Gating  # noqa: E402
 from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts, gemv_split  # noqa: E402
-from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage  # noqa: E402
+from moe_tier.kernels.gpu_moe_decode import (await_share, combine, locate, publish, regions,  # noqa: E402
+                                             route_topk, silu_mul, stage, whole_blobs)
 from moe_tier.kernels.gpu_q8_1 import quantize_q8_1  # noqa: E402
 from moe_tier.moe import route  # noqa: E402
 from tests.test_kernels_gpu import DEVICE, TOL, gemv_reference, random_weight, rel_err  # noqa: E402
@@ -150,9 +151,79 @@ def test_stage_copies_warm_blobs_and_keeps_hot_and_skipped_rows(programs):
     assert now.tolist() == [SKIP, 0, SKIP, far + 2 * slot_bytes]  # row 3 is past n_stage: in place
     assert late.tolist() == [stage_at, SKIP, SKIP, SKIP]
     assert every.tolist() == [stage_at, 0, SKIP, far + 2 * slot_bytes]
-    stage(ids, loc, layer * n_expert, arena, late, blob_bytes, programs)
+    stage(ids, loc, layer * n_expert, arena, late, whole_blobs(blob_bytes, DEVICE), programs)
     staged = arena[stage_at : stage_at + blob_bytes].cpu()
     assert torch.equal(staged, warm[slot_bytes : slot_bytes + blob_bytes])
     assert not arena[stage_at + slot_bytes :].any()  # row 1 (hot) staged nothing
     x = torch.ones(1, 256, device=DEVICE)
     assert gemv(x, arena, torch.tensor([stage_at], device=DEVICE), Q.Q4_K, 2, 256).shape == (1, 2)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
+def test_a_column_range_and_the_rest_sum_to_the_whole_product(qtype):
+    """The split of an expert's down projection: x's first c values against the first c columns of each row,
+    plus the rest against the rest (part offset moved, row length kept), equals the whole product."""
+    rng = np.random.default_rng(6)
+    n_rows, n_cols, c = 24, 1024, 512
+    w = random_weight(qtype, n_rows, n_cols, rng)
+    base = torch.from_numpy(w.ravel().copy()).to(DEVICE)
+    x = rng.standard_normal((1, n_cols)).astype(np.float32)
+    at = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    whole = gemv(torch.from_numpy(x).to(DEVICE), base, at, qtype, n_rows, n_cols).cpu().numpy()
+    col_bytes = w.shape[1] // (n_cols // 256) * (c // 256)  # bytes of c columns in a row
+    parts = [gemv_parts(torch.from_numpy(x[:, lo:hi].copy()).to(DEVICE), base, at, qtype, n_rows, hi - lo, (skip,),
+                        row_cols=n_cols)[0].sum(dim=0).cpu().numpy() for lo, hi, skip in [(0, c, 0), (c, n_cols, col_bytes)]]
+    assert rel_err(parts[0] + parts[1], whole) < TOL * 10
+    assert rel_err(parts[1], gemv_reference(x[:, c:], np.ascontiguousarray(w[:, col_bytes:]), qtype, n_rows,
+                                            n_cols - c)) < TOL
+
+
+def test_stage_copies_column_regions_only():
+    """The GPU's share of a warm expert: a range of one matrix's rows and a range of every row's columns of
+    another; nothing else of the slot is written."""
+    slot_words, n_rows, row_words = 1024, 16, 32
+    arena = torch.zeros(2 * slot_words * 4, dtype=torch.uint8, device=DEVICE)
+    warm = torch.randint(0, 256, (slot_words * 4,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    warm = warm.pin_memory() if DEVICE == "cuda" else warm
+    loc = torch.tensor([warm.data_ptr() - arena.data_ptr()], dtype=torch.int64, device=DEVICE)
+    ids = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    late = torch.tensor([slot_words * 4], dtype=torch.int64, device=DEVICE)
+    stage(ids, loc, 0, arena, late, regions([(100, 1, 0, 50), (512, n_rows, row_words, 12)], DEVICE), programs=3)
+    got = arena[slot_words * 4 :].cpu().view(torch.int32).numpy()
+    src = warm.view(torch.int32).numpy()
+    want = np.zeros_like(src)
+    want[100:150] = src[100:150]
+    for r in range(n_rows):
+        at = 512 + r * row_words
+        want[at : at + 12] = src[at : at + 12]
+    np.testing.assert_array_equal(got, want)
+    assert not arena[: slot_words * 4].any()
+
+
+def test_publish_and_await_share_hand_rows_between_gpu_and_host():
+    """publish writes the staged rows' experts (-1 elsewhere), the input and the step's number to host memory;
+    await_share gives the staged rows what the host wrote once its flag holds that number, 0 to the others."""
+    R, D = 4, 1500
+    base = torch.zeros(16, dtype=torch.uint8, device=DEVICE)
+    host = {name: torch.zeros(shape, dtype=dtype) for name, shape, dtype in
+            [("flag_in", 1, torch.int32), ("ids", R, torch.int32), ("x", (2, D), torch.float32),
+             ("flag_out", 1, torch.int32), ("out", (R, D), torch.float32)]}
+    if DEVICE == "cuda":
+        host = {name: t.pin_memory() for name, t in host.items()}
+    at = {name: t.data_ptr() - base.data_ptr() for name, t in host.items()}
+    ids = torch.tensor([5, 2, 7, 1], dtype=torch.int32, device=DEVICE)
+    late = torch.tensor([SKIP, 4096, SKIP, 8192], dtype=torch.int64, device=DEVICE)
+    x = torch.randn(2, D, device=DEVICE)
+    seq = torch.tensor([7], dtype=torch.int32, device=DEVICE)
+    publish(ids, late, x, base, at["flag_in"], at["ids"], at["x"], seq)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    assert host["flag_in"].tolist() == [7] and host["ids"].tolist() == [-1, 2, -1, 1]
+    torch.testing.assert_close(host["x"], x.cpu())
+    host["out"].copy_(torch.randn(R, D))
+    host["flag_out"].fill_(7)
+    out = torch.full((R, D), float("nan"), device=DEVICE)
+    await_share(late, base, at["flag_out"], at["out"], seq, out)
+    want = host["out"].clone()
+    want[[0, 2]] = 0
+    torch.testing.assert_close(out.cpu(), want)

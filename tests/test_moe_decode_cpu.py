@@ -200,3 +200,34 @@ def test_no_device_path_where_an_experts_matrices_are_not_aligned(no_cuda_stream
     assert moe_decode.device_path_possible(pool) is None
     monkeypatch.setattr(moe_decode, "blob_layout", lambda ref: {"gate": 0, "up": 1000, "down": 2002})
     assert "aligned" in moe_decode.device_path_possible(pool)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
+def test_the_cpu_computes_its_share_of_each_staged_expert(no_cuda_streams, tmp_path, qtype):
+    """With a CPU share, a staged expert's first columns run on the CPU (numba, from its pinned blob) and the
+    rest on the GPU: outputs are the exact math's up to the two sides' activation rounding, and each warm use
+    counts the bytes each side read."""
+    from moe_tier.cpu_share import CUT_VALUES
+    from moe_tier.moe_decode import DeviceMoE
+
+    desc = open_model(write_fast(tmp_path / "m.gguf", tiny("qwen3moe", qtype=qtype, n_layer=3, n_embd=256,
+                                                              n_ff_exp=2 * CUT_VALUES)))
+    pool = HostPool(desc, n_hot=3, stage=2)
+    moe = DeviceMoE(pool, cpu_share=0.6)
+    assert moe.cpu is not None and {c.cols for c in moe.cpu.cuts.values()} == {CUT_VALUES}
+    exact, cfg = DequantizedExperts(desc), desc.config
+    rng = np.random.default_rng(1)
+    n_warm = 0
+    for layer in desc.moe_layers:
+        x = rng.standard_normal((1, cfg.n_embd)).astype(np.float32)
+        r = route(rng.standard_normal((1, cfg.n_expert)).astype(np.float32), cfg.n_expert_used, Gating.SOFTMAX,
+                  weights_norm=True)
+        n_warm += sum(ExpertId(layer, int(e)) not in pool.table.slot_of for e in r.ids[0])
+        got = moe(torch.from_numpy(x), Routing(torch.from_numpy(r.ids), torch.from_numpy(r.weights)), layer)
+        assert rel_err(got.numpy(), moe_ffn(x, r, layer, exact)) < 3e-2
+    moe.account()
+    moved, cut = pool.stats.links, next(iter(moe.cpu.cuts.values()))
+    assert n_warm > 0 and moved["warm->cpu share"].hits == n_warm
+    assert moved["warm->cpu share"].bytes == n_warm * cut.cpu_bytes
+    blob = next(iter(desc.experts.values())).n_bytes
+    assert moved["warm->gpu read"].bytes == n_warm * (blob - cut.cpu_bytes)

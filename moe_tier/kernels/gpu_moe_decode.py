@@ -5,15 +5,21 @@ expert), S split-K parts, D embedding width, F expert FFN width.
   route_topk  logits (T, E) -> ids (T, k) int32, weights (T, k): moe.route's semantics (stable ties: lower id)
   locate      ids (R,), location table -> offsets (3, R) int64: where each row's expert can be read now (hot),
               later (warm: after stage copies it into a staging slot) and either
-  stage       copies the warm rows' blobs from pinned host memory into their staging slots in VRAM: a kernel
-              reading host memory contiguously moves ~51 GB/s on an H100 host, the Q4_K gemv reading it in place
-              ~28 (bench/gpu_host_reads.py); it runs on a side stream while the hot rows compute
+  stage       copies the warm rows' blobs (or the GPU's share of their columns) from pinned host memory into
+              their staging slots in VRAM: a kernel reading host memory contiguously moves ~51 GB/s on an H100 host,
+              the Q4_K gemv reading it in place ~28 (bench/gpu_host_reads.py); it runs on a side stream while the
+              hot rows compute
+  publish     the staged rows' experts and the layer's input to pinned host memory, then a flag: the host
+              computes its share of those experts while the GPU computes the rest
+  await_share the host's share of each staged row's output, after spinning on the host's flag in the stream
   silu_mul    parts (2, S, R, F) of gate and up -> silu(gate) * up (R, F), and the same as q8_1 for the down
               projection's Q4_K kernel (no separate quantizing launch)
   combine     parts (S, R, D) of down, weights (T, k) -> sum_j weights[t, j] * down[t * k + j] (T, D)
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,6 +31,7 @@ from moe_tier.kernels.gpu_q8_1 import q8_1_blocks, q8_1_empty
 from moe_tier.moe import MIN_WEIGHT_SUM, Routing
 
 STAGE_PROGRAMS, STAGE_WORDS = 512, 1024  # copy programs per staged row, 32-bit words per program and round
+AWAIT_MAX_SPINS = 1 << 26  # ~1 us a read of host memory: about a minute, past the host's own timeout
 
 
 @triton.jit
@@ -107,30 +114,127 @@ def locate(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor
 
 
 @triton.jit
-def _stage(ids_ptr, loc_ptr, first, base_ptr, late_ptr, n_words, PROGRAMS: tl.constexpr, WORDS: tl.constexpr,
+def _stage(ids_ptr, loc_ptr, first, base_ptr, late_ptr, regions_ptr, PROGRAMS: tl.constexpr, WORDS: tl.constexpr,
            ROUNDS: tl.constexpr):
-    """Program (p, row): copies rounds p, p + PROGRAMS, .. of the row's blob if the row has a staging slot."""
+    """Program (p, row, region): copies rounds p, p + PROGRAMS, .. of a region of the row's blob if the row has a
+    staging slot. A region (first word, rows, words from one row to the next, words a row) sits at the same place
+    in the blob and in the slot."""
     p = tl.program_id(0)
     r = tl.program_id(1)
+    g = tl.program_id(2)
     dst = tl.load(late_ptr + r)
     if dst != SKIP_C:  # the others move nothing (a masked loop over them cost ~130 us a layer)
+        start, rows = tl.load(regions_ptr + 4 * g), tl.load(regions_ptr + 4 * g + 1).to(tl.int32)
+        stride, width = tl.load(regions_ptr + 4 * g + 2), tl.load(regions_ptr + 4 * g + 3).to(tl.int32)
         src = tl.load(loc_ptr + first + tl.load(ids_ptr + r))
-        src_words = (base_ptr + src).to(tl.pointer_type(tl.int32), bitcast=True)
-        dst_words = (base_ptr + dst).to(tl.pointer_type(tl.int32), bitcast=True)
+        src_words = (base_ptr + src).to(tl.pointer_type(tl.int32), bitcast=True) + start
+        dst_words = (base_ptr + dst).to(tl.pointer_type(tl.int32), bitcast=True) + start
         i = tl.arange(0, WORDS)
-        for j in range(ROUNDS):
-            at = (p + j * PROGRAMS).to(tl.int64) * WORDS + i
-            tl.store(dst_words + at, tl.load(src_words + at, mask=at < n_words), mask=at < n_words)
+        total = rows * width
+        for j in range(ROUNDS):  # enough for the largest region
+            flat = (p + j * PROGRAMS) * WORDS + i
+            at = flat.to(tl.int64)
+            if rows > 1:  # a column range of every row (a whole blob is one row: no division)
+                row = flat // width
+                at = row.to(tl.int64) * stride + (flat - row * width)
+            tl.store(dst_words + at, tl.load(src_words + at, mask=flat < total), mask=flat < total)
 
 
-def stage(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor, late: torch.Tensor, blob_bytes: int,
-          programs: int = STAGE_PROGRAMS) -> None:
-    """Copies each row's warm blob (pinned host memory, at its table entry) to the staging slot late[r] gives it.
-    Warm blobs are 256-byte aligned and padded: whole words copy. programs per row set how many SMs it takes
-    from a matrix-vector product running beside it."""
-    n_words = -(-blob_bytes // 4)
-    _stage[(programs, ids.numel())](ids, loc, first, arena, late, n_words, PROGRAMS=programs, WORDS=STAGE_WORDS,
-                                    ROUNDS=triton.cdiv(n_words, STAGE_WORDS * programs), num_warps=4)
+class Regions(NamedTuple):
+    """What stage copies of a blob: (G, 4) int64 on the GPU, each (first word, rows, words from one row to the
+    next, words a row), and the most words of one region (its loop's trip count)."""
+    table: torch.Tensor
+    most_words: int
+
+
+def regions(spans: list[tuple[int, int, int, int]], device) -> Regions:
+    return Regions(torch.tensor(spans, dtype=torch.int64, device=device), max(r * w for _, r, _, w in spans))
+
+
+def whole_blobs(blob_bytes: int, device) -> Regions:
+    """A whole blob (warm blobs are 256-byte aligned and padded: whole words copy)."""
+    return regions([(0, 1, 0, -(-blob_bytes // 4))], device)
+
+
+def stage(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor, late: torch.Tensor,
+          spans: Regions, programs: int = STAGE_PROGRAMS) -> None:
+    """Copies regions of each row's warm blob (pinned host memory, at its table entry) to the staging slot late[r]
+    gives it: whole_blobs, or the GPU's share of an expert whose other columns the CPU computes. programs per row
+    and region set how many SMs it takes from a matrix-vector product running beside it."""
+    _stage[(programs, ids.numel(), len(spans.table))](ids, loc, first, arena, late, spans.table, PROGRAMS=programs,
+                                                      WORDS=STAGE_WORDS,
+                                                      ROUNDS=triton.cdiv(spans.most_words, STAGE_WORDS * programs),
+                                                      num_warps=4)
+
+
+@triton.jit
+def _fence(x, ASM: tl.constexpr):
+    """x, after a system-wide memory fence: stores before it are seen by the host (and by this GPU's later loads
+    from host memory) before any that depend on x."""
+    if ASM:
+        return tl.inline_asm_elementwise("fence.sc.sys;\n mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+    return x
+
+
+@triton.jit
+def _publish(ids_ptr, late_ptr, x_ptr, base_ptr, at_flag, at_ids, at_x, seq_ptr, R, N_X: tl.constexpr, BLOCK_R: tl.constexpr,
+             BLOCK_X: tl.constexpr, ASM: tl.constexpr):
+    """One program: each row's expert where it is staged (else -1) and the layer's input to pinned host memory,
+    then this step's number to the flag the host polls."""
+    r = tl.arange(0, BLOCK_R)
+    staged = tl.load(late_ptr + r, mask=r < R, other=SKIP_C) != SKIP_C
+    ids = tl.load(ids_ptr + r, mask=r < R, other=-1)
+    tl.store((base_ptr + at_ids).to(tl.pointer_type(tl.int32), bitcast=True) + r, tl.where(staged, ids, -1), mask=r < R)
+    x_host = (base_ptr + at_x).to(tl.pointer_type(tl.float32), bitcast=True)
+    for i in tl.static_range(0, N_X, BLOCK_X):
+        j = i + tl.arange(0, BLOCK_X)
+        tl.store(x_host + j, tl.load(x_ptr + j, mask=j < N_X), mask=j < N_X)
+    tl.debug_barrier()
+    seq = _fence(tl.load(seq_ptr), ASM)
+    tl.store((base_ptr + at_flag).to(tl.pointer_type(tl.int32), bitcast=True), seq)
+
+
+def publish(ids: torch.Tensor, late: torch.Tensor, x: torch.Tensor, base: torch.Tensor, at_flag: int, at_ids: int,
+            at_x: int, seq: torch.Tensor) -> None:
+    """For the host's share of the staged rows (moe_decode.CpuShare): ids (R,) where late stages them, x (T, D),
+    and the step's number seq (1,) int32 last, to pinned host buffers at base + at_*."""
+    R = ids.numel()
+    _publish[(1,)](ids, late, x, base, at_flag, at_ids, at_x, seq, R, x.numel(), BLOCK_R=triton.next_power_of_2(R),
+                   BLOCK_X=1024, ASM=x.is_cuda)
+
+
+@triton.jit
+def _await_share(late_ptr, base_ptr, at_flag, at_out, seq_ptr, out_ptr, D, BLOCK: tl.constexpr, ASM: tl.constexpr,
+                 MAX_SPINS: tl.constexpr):
+    """Program (block of D, row): a staged row waits until the host's flag holds this step's number, then copies
+    the host's part of its output; other rows write 0."""
+    r = tl.program_id(1)
+    d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    y = tl.zeros((BLOCK,), dtype=tl.float32)
+    if tl.load(late_ptr + r) != SKIP_C:
+        seq = tl.load(seq_ptr)
+        flag = (base_ptr + at_flag).to(tl.pointer_type(tl.int32), bitcast=True)
+        seen = tl.load(flag, volatile=True)
+        tries = 0
+        while (seen != seq) & (tries < MAX_SPINS):
+            seen = tl.load(flag, volatile=True)
+            tries += 1
+        seen = _fence(seen, ASM)  # the loads below depend on it: they read what the host wrote before the flag
+        host = (base_ptr + at_out).to(tl.pointer_type(tl.float32), bitcast=True) + (seen - seq)
+        y = tl.load(host + r.to(tl.int64) * D + d, mask=d < D, volatile=True)
+        y = tl.where(seen == seq, y, float("nan"))  # a host that never answered: NaN, not a hang
+    tl.store(out_ptr + r.to(tl.int64) * D + d, y, mask=d < D)
+
+
+def await_share(late: torch.Tensor, base: torch.Tensor, at_flag: int, at_out: int, seq: torch.Tensor,
+                out: torch.Tensor) -> None:
+    """out (R, D): the host's part of each staged row (pinned, at base + at_out) once its flag at base + at_flag
+    holds seq; 0 for the rest. The stream waits here, not the host."""
+    R, D = out.shape
+    BLOCK = 1024
+    _await_share[(triton.cdiv(D, BLOCK), R)](late, base, at_flag, at_out, seq, out, D, BLOCK=BLOCK, ASM=out.is_cuda,
+                                             MAX_SPINS=AWAIT_MAX_SPINS)
 
 
 @triton.jit

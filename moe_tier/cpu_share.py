@@ -1,0 +1,177 @@
+"""The CPU's share of the experts decode stages: while the GPU copies and computes most of a warm expert, the CPU
+computes the rest from the same pinned bytes, so the link's and the CPU's memory bandwidth add up.
+
+Shape key: R rows (token x chosen expert), T tokens, D embedding width, F expert FFN width, f the cut.
+An expert's FFN is cut at f (a multiple of CUT_VALUES): the CPU takes gate and up rows [0, f) and down columns
+[0, f), the GPU the rest; down is linear, so the two partial sums add to the whole expert's output (up to float
+rounding). Each layer's f is set once, from the rates measured at start-up: the CPU gets f / F of the bytes while
+the link moves the rest, so both finish together.
+
+Hand-off without the host in the stream: for each layer (and GPU) the step publishes its staged rows' experts and
+its input to pinned memory, then a flag word; the host polls the flag, computes, writes its rows and then its own
+flag, which a kernel in the stream spins on before the layer's combine (kernels/gpu_moe_decode.py). A step thus
+stays one CUDA graph: the host serves the step's points in order after queuing it (DecodeGraphs.step), or inline
+(eager steps). A point's buffers live as long as this object: captured graphs hold their addresses.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moe_tier import kernels
+from moe_tier.host_tiers import blob_layout
+from moe_tier.kernels.activations import Activations
+from moe_tier.kernels.gpu_gemv import KERNELS
+from moe_tier.kernels.gpu_moe_decode import Regions, await_share, publish, regions
+from moe_tier.layers import silu
+from moe_tier.reader import ExpertId, ExpertRef
+from moe_tier.tensors import matrix_dims
+from moe_tier.tiers.warm import PinnedArena
+
+# The cut is a multiple of this many values: whole super-blocks, and word-aligned down columns for every type
+# with a GPU matrix-vector kernel (Q6_K's 210-byte blocks come in pairs).
+CUT_VALUES = 512
+POLL_TIMEOUT_S = 60.0  # a GPU that has not published by then has failed; the host stops waiting
+
+
+def balanced_share(cpu_bytes_per_s: float, link_bytes_per_s: float) -> float:
+    """The CPU's fraction of a staged expert's bytes at which it and the link finish together."""
+    return cpu_bytes_per_s / (cpu_bytes_per_s + link_bytes_per_s)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One layer's experts cut at `cols` of n_ff: the GPU's part offsets in a blob and what stage copies for it."""
+    cols: int
+    n_ff: int
+    gate_up_at: dict[str, int]  # gate and up rows [cols, F): their offsets in a blob
+    down_at: int  # down's column `cols` of row 0
+    cpu_bytes: int  # blob bytes the CPU reads for one expert
+    spans: list[tuple[int, int, int, int]]  # the GPU's bytes in a blob, as stage regions (words)
+
+
+def plan_cut(ref: ExpertRef, share: float) -> Cut | None:
+    """The layer's cut for a CPU share of its bytes, or None where it cannot be cut (a type without a GPU
+    matrix-vector kernel, a bias, misaligned rows, or a share under one CUT_VALUES)."""
+    if {p.matrix for p in ref.parts} != {"gate", "up", "down"} or any(p.qtype not in KERNELS for p in ref.parts):
+        return None
+    at = blob_layout(ref)
+    gate, up, down = (ref.part(m) for m in ("gate", "up", "down"))
+    n_ff, n_embd = matrix_dims(gate.shape)
+    cols = int(n_ff * share) // CUT_VALUES * CUT_VALUES
+    if cols < CUT_VALUES or n_ff - cols < 256 or n_embd % 256:
+        return None
+    row = {m: kernels.row_bytes(p.qtype, p.shape[0]) for m, p in (("gate", gate), ("up", up), ("down", down))}
+    down_cols = kernels.row_bytes(down.qtype, cols)  # bytes of the CPU's columns in a row of down
+    gate_up_at = {m: at[m] + cols * row[m] for m in ("gate", "up")}
+    offsets = [*gate_up_at.values(), at["down"] + down_cols, row["down"], down_cols]
+    if any(o % 4 for o in offsets):
+        return None
+    spans = [(gate_up_at[m] // 4, 1, 0, (n_ff - cols) * row[m] // 4) for m in ("gate", "up")]
+    spans.append(((at["down"] + down_cols) // 4, n_embd, row["down"] // 4, (row["down"] - down_cols) // 4))
+    return Cut(cols, n_ff, gate_up_at, at["down"] + down_cols, cols * (row["gate"] + row["up"]) + n_embd * down_cols, spans)
+
+
+@dataclass
+class Point:
+    """One layer's hand-off on one GPU: pinned buffers and their offsets from the GPU's slot arena."""
+    layer: int
+    gpu: int
+    flag_in: torch.Tensor  # (1,) int32: the step whose rows are published
+    ids: torch.Tensor  # (R,) int32: each row's expert where staged, else -1
+    x: torch.Tensor  # (T, D) float32
+    flag_out: torch.Tensor  # (1,) int32: the step whose CPU rows are written
+    out: torch.Tensor  # (R, D) float32
+    at: dict[str, int]
+
+
+class CpuShare:
+    def __init__(self, warm: PinnedArena, experts: dict[ExpertId, ExpertRef], cuts: dict[int, Cut],
+                 arenas: dict[int, torch.Tensor], stats):
+        self.warm, self.experts, self.cuts, self.arenas, self.stats = warm, experts, cuts, arenas, stats
+        self.host = warm.arena.numpy()  # the pinned blobs, which the CPU kernels read in place
+        self.spans: dict[tuple[int, int], Regions] = {(layer, g): regions(cut.spans, a.device)
+                                                     for layer, cut in cuts.items() for g, a in arenas.items()}
+        self.seq = 0
+        self.seq_dev = {g: torch.zeros(1, dtype=torch.int32, device=a.device) for g, a in arenas.items()}
+        self.points: dict[tuple, Point] = {}  # (layer, GPU, R, T) -> its buffers
+        self.step: list[Point] = []  # this step's points in the order queued
+
+    def fraction(self) -> float:
+        """The CPU's share of the FFN columns, over the layers it takes part in."""
+        return sum(c.cols for c in self.cuts.values()) / sum(c.n_ff for c in self.cuts.values())
+
+    def begin_step(self) -> None:
+        """A new step number on every GPU (queued: the step's kernels read it when they run)."""
+        self.seq += 1
+        for t in self.seq_dev.values():
+            t.fill_(self.seq)
+        self.step = []
+
+    def publish(self, gpu: int, layer: int, ids: torch.Tensor, late: torch.Tensor, x: torch.Tensor) -> Point:
+        key = (layer, gpu, ids.numel(), len(x))
+        if key not in self.points:
+            self.points[key] = self._point(gpu, layer, ids.numel(), x.shape)
+        p = self.points[key]
+        publish(ids, late, x.float().contiguous(), self.arenas[gpu], p.at["flag_in"], p.at["ids"], p.at["x"],
+                self.seq_dev[gpu])
+        self.step.append(p)
+        return p
+
+    def wait(self, p: Point, late: torch.Tensor, out: torch.Tensor) -> None:
+        await_share(late, self.arenas[p.gpu], p.at["flag_out"], p.at["out"], self.seq_dev[p.gpu], out)
+
+    def _point(self, gpu: int, layer: int, R: int, x_shape) -> Point:
+        D = x_shape[-1]
+        bufs = dict(flag_in=torch.zeros(1, dtype=torch.int32), ids=torch.zeros(R, dtype=torch.int32),
+                    x=torch.zeros(tuple(x_shape), dtype=torch.float32), flag_out=torch.zeros(1, dtype=torch.int32),
+                    out=torch.zeros((R, D), dtype=torch.float32))
+        bufs = {name: t.pin_memory() for name, t in bufs.items()}
+        base = self.arenas[gpu].data_ptr()
+        return Point(layer, gpu, **bufs, at={name: t.data_ptr() - base for name, t in bufs.items()})
+
+    def serve(self, points: list[Point]) -> None:
+        """Wait for each point's rows in turn and compute the CPU's part of them. Should one fail, every later
+        flag is still raised, so that no kernel spins for ever, and the error goes on."""
+        for i, p in enumerate(points):
+            try:
+                self._serve(p)
+            except BaseException:
+                for q in points[i:]:
+                    q.flag_out.numpy()[0] = self.seq
+                raise
+
+    def _serve(self, p: Point) -> None:
+        flag_in = p.flag_in.numpy()
+        t0 = time.perf_counter()
+        while flag_in[0] != self.seq:  # the GPU's store lands in pinned memory; numpy reads it afresh
+            if time.perf_counter() - t0 > POLL_TIMEOUT_S:
+                raise RuntimeError(f"layer {p.layer}: the GPU did not publish its rows in {POLL_TIMEOUT_S:.0f} s")
+        t1 = time.perf_counter()
+        self.stats.waited("cpu share: waiting for the GPU", t1 - t0)
+        ids = p.ids.numpy()
+        if (ids >= 0).any():
+            out, x = p.out.numpy(), p.x.numpy()
+            k = len(ids) // len(x)
+            for r, e in enumerate(ids.tolist()):
+                if e >= 0:
+                    out[r] = self.compute(ExpertId(p.layer, e), x[r // k])
+            self.stats.waited("cpu share: computing", time.perf_counter() - t1)
+        p.flag_out.numpy()[0] = self.seq  # after the rows: x86 stores are seen in order
+
+    def compute(self, eid: ExpertId, x: np.ndarray) -> np.ndarray:
+        """(D,): gate and up rows [0, f) and down columns [0, f) of the expert's pinned blob, for input x (D,)."""
+        ref, cut = self.experts[eid], self.cuts[eid.layer]
+        at, blob = blob_layout(ref), self.host[self.warm.offset[eid] :]
+        gate, up, down = (ref.part(m) for m in ("gate", "up", "down"))
+        n_ff, n_embd = matrix_dims(gate.shape)
+        acts = Activations(x[None])
+        gu = [kernels.matmul(acts, blob[at[p.matrix] : at[p.matrix] + cut.cols * kernels.row_bytes(p.qtype, n_embd)],
+                             p.qtype, cut.cols, n_embd) for p in (gate, up)]
+        h = silu(gu[0]) * gu[1]
+        return kernels.matmul(h, blob[at["down"] : at["down"] + down.n_bytes], down.qtype, n_embd, n_ff,
+                              cols=cut.cols)[0]
