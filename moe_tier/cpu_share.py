@@ -30,17 +30,21 @@ from moe_tier.kernels.gpu_moe_decode import Regions, await_share, publish, regio
 from moe_tier.layers import silu
 from moe_tier.reader import ExpertId, ExpertRef
 from moe_tier.tensors import matrix_dims
-from moe_tier.tiers.warm import PinnedArena
 
 # The cut is a multiple of this many values: whole super-blocks, and word-aligned down columns for every type
 # with a GPU matrix-vector kernel (Q6_K's 210-byte blocks come in pairs).
 CUT_VALUES = 512
+MIN_SHARE = 0.1
 POLL_TIMEOUT_S = 60.0  # a GPU that has not published by then has failed; the host stops waiting
 
 
 def balanced_share(cpu_bytes_per_s: float, link_bytes_per_s: float) -> float:
-    """The CPU's fraction of a staged expert's bytes at which it and the link finish together."""
-    return cpu_bytes_per_s / (cpu_bytes_per_s + link_bytes_per_s)
+    """The CPU's fraction of a staged expert's bytes at which it and the link finish together; 0 (no share) under
+    MIN_SHARE: a CPU that slow is usually a busy one, and numba's parallel regions then stall on threads that are
+    not scheduled (an H200 host compiling on half its cores measured 3.9 GB/s; a 4% share cut decode from 62.8 to
+    25.2 tokens/s)."""
+    share = cpu_bytes_per_s / (cpu_bytes_per_s + link_bytes_per_s)
+    return share if share >= MIN_SHARE else 0.0
 
 
 @dataclass(frozen=True)
@@ -90,14 +94,14 @@ class Point:
 
 
 class CpuShare:
-    def __init__(self, warm: PinnedArena, experts: dict[ExpertId, ExpertRef], cuts: dict[int, Cut],
-                 arenas: dict[int, torch.Tensor], stats):
-        self.warm, self.experts, self.cuts, self.arenas, self.stats = warm, experts, cuts, arenas, stats
-        self.host = warm.arena.numpy()  # the pinned blobs, which the CPU kernels read in place
+    def __init__(self, tiers, cuts: dict[int, Cut]):
+        self.tiers, self.cuts = tiers, cuts  # tiers.stats is read at each use: a benchmark may replace it
+        self.warm, self.experts, self.arenas = tiers.warm, tiers.desc.experts, tiers.arena
+        self.host = self.warm.arena.numpy()  # the pinned blobs, which the CPU kernels read in place
         self.spans: dict[tuple[int, int], Regions] = {(layer, g): regions(cut.spans, a.device)
-                                                     for layer, cut in cuts.items() for g, a in arenas.items()}
+                                                     for layer, cut in cuts.items() for g, a in self.arenas.items()}
         self.seq = 0
-        self.seq_dev = {g: torch.zeros(1, dtype=torch.int32, device=a.device) for g, a in arenas.items()}
+        self.seq_dev = {g: torch.zeros(1, dtype=torch.int32, device=a.device) for g, a in self.arenas.items()}
         self.points: dict[tuple, Point] = {}  # (layer, GPU, R, T) -> its buffers
         self.step: list[Point] = []  # this step's points in the order queued
 
@@ -152,7 +156,7 @@ class CpuShare:
             if time.perf_counter() - t0 > POLL_TIMEOUT_S:
                 raise RuntimeError(f"layer {p.layer}: the GPU did not publish its rows in {POLL_TIMEOUT_S:.0f} s")
         t1 = time.perf_counter()
-        self.stats.waited("cpu share: waiting for the GPU", t1 - t0)
+        self.tiers.stats.waited("cpu share: waiting for the GPU", t1 - t0)
         ids = p.ids.numpy()
         if (ids >= 0).any():
             out, x = p.out.numpy(), p.x.numpy()
@@ -160,7 +164,7 @@ class CpuShare:
             for r, e in enumerate(ids.tolist()):
                 if e >= 0:
                     out[r] = self.compute(ExpertId(p.layer, e), x[r // k])
-            self.stats.waited("cpu share: computing", time.perf_counter() - t1)
+            self.tiers.stats.waited("cpu share: computing", time.perf_counter() - t1)
         p.flag_out.numpy()[0] = self.seq  # after the rows: x86 stores are seen in order
 
     def compute(self, eid: ExpertId, x: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@ Python time. With routing on the device (moe_decode.DeviceMoE) a decode step has
 captured once and replayed: the token's embedding, position and rope angles go into fixed input buffers, the
 step attends over the first n_keys cache entries (captured per bucket of BUCKET_KEYS positions, later entries
 masked), and the expert location table is read at replay time, so slot changes between steps need no new
-capture. While a replay runs, the host counts the previous step's experts and queues promotions
+capture. While a replay runs, the host computes its share of each layer's staged experts as the GPU reaches the
+layer (cpu_share.CpuShare.serve), then counts the previous step's experts and queues promotions
 (DeviceMoE.account): they take effect from the next replay.
 """
 

@@ -5,7 +5,9 @@ D embedding width, F expert FFN width.
 Each row's expert is looked up in the location table (tiers/locations.py) with the routing the GPU computed; a warm
 expert's blob is copied from pinned host memory into a staging slot by a kernel on a side stream (no host
 involved) while the hot rows' gate and up compute from their slots; then the staged rows' gate and up, and every
-row's down. Optionally a gate lookahead stages a later layer's predicted warm experts ahead of time (Lookahead).
+row's down. With a CPU share (cpu_share.py) only the GPU's columns of a warm expert are staged while the host
+computes the others. Optionally a gate lookahead stages a later layer's predicted warm experts ahead of time
+(Lookahead).
 After each step its routing is copied to pinned host memory (snapshot); the host counts it while the next step
 runs (account) and lets the policy promote misses into slots with copies that never make compute wait.
 Larger batches (prefill) read the routing back and take moe_gpu.moe_ffn_gpu, which streams whole experts.
@@ -118,7 +120,7 @@ class DeviceMoE:
                     cuts[eid.layer] = cut
         self.whole = {(layer, g): whole_blobs(part[4], a.device) for layer, part in self.parts.items()
                       for g, a in tiers.arena.items()}
-        self.cpu = CpuShare(tiers.warm, tiers.desc.experts, cuts, tiers.arena, tiers.stats) if cuts else None
+        self.cpu = CpuShare(tiers, cuts) if cuts else None
         k = c.n_expert_used
         self.lookahead = {layer: la for layer, la in (lookahead or {}).items()
                           if tiers.stage_slots.get(tiers.layer_gpu[la.target], 0) >= (la.distance + 2) * k}

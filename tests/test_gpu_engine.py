@@ -204,15 +204,17 @@ def test_attention_with_the_position_on_the_device_equals_the_eager_step(synth_m
 @pytest.mark.parametrize("hot", ["all", "half", "none"])
 def test_two_gpu_pool_matches_cpu_engine(synth_model, hot):
     """The slot pool spans both GPUs (each expert computed on the GPU that holds it, warm ones on their layer's
-    home GPU): prefill and token-by-token decode with routing on the device give the CPU engine's logits."""
+    home GPU, the CPU computing half of each staged one): prefill and token-by-token decode with routing on the
+    device give the CPU engine's logits."""
     from moe_tier.models import Segment
 
-    path = synth_model("qwen3moe", qtype="Q8_0")
+    path = synth_model("qwen3moe", qtype="Q8_0", n_ff_exp=1024)
     desc = open_model(path)
     cpu_model = family(desc.arch, desc.path)(desc.config, HostOps(desc.config, Weights(desc), HostExperts(desc, [], EngineStats())))
     gpus = plan_tiers(desc, probe(), Budget(ctx=128)).gpus[:2]
     per_gpu = {"all": len(desc.experts), "half": len(desc.experts) // 2, "none": 0}[hot] // 2
-    eng = Engine.open(path, ctx=128, vram=tuple(g.fixed_bytes + per_gpu * g.slot_bytes + g.slot_bytes // 2 for g in gpus))
+    eng = Engine.open(path, ctx=128, vram=tuple(g.fixed_bytes + per_gpu * g.slot_bytes + g.slot_bytes // 2 for g in gpus),
+                      cpu_share=0.5)
     assert len(eng.tiers.arena) == 2 and len(eng.plan.hot) == 2 * per_gpu
     assert {eng.tiers.table.n_slots[g.index] > 0 for g in gpus} == {per_gpu > 0}
     tokens = np.random.default_rng(0).integers(3, eng.n_vocab, 24)
@@ -221,4 +223,6 @@ def test_two_gpu_pool_matches_cpu_engine(synth_model, hot):
     cache = eng.model.new_cache(128)
     decoded = np.concatenate([eng.step(cache, tokens[i : i + 1], last_only=True) for i in range(len(tokens))])
     assert_close(decoded, ref, TOL["Q8_0"])
+    eng.model.ops.moe.account()
+    assert ("warm->cpu share" in eng.stats.links) == (hot != "all")
     eng.tiers.check()

@@ -231,3 +231,11 @@ def test_the_cpu_computes_its_share_of_each_staged_expert(no_cuda_streams, tmp_p
     assert moved["warm->cpu share"].bytes == n_warm * cut.cpu_bytes
     blob = next(iter(desc.experts.values())).n_bytes
     assert moved["warm->gpu read"].bytes == n_warm * (blob - cut.cpu_bytes)
+
+
+def test_the_cpu_share_balances_the_measured_rates_and_is_off_for_a_busy_cpu():
+    from moe_tier.cpu_share import MIN_SHARE, balanced_share
+
+    assert balanced_share(55e9, 55e9) == 0.5
+    assert abs(balanced_share(20e9, 60e9) - 0.25) < 1e-12
+    assert balanced_share(3.9e9, 55e9) == 0.0 < MIN_SHARE

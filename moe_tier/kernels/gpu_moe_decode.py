@@ -157,10 +157,12 @@ def whole_blobs(blob_bytes: int, device) -> Regions:
 
 
 def stage(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor, late: torch.Tensor,
-          spans: Regions, programs: int = STAGE_PROGRAMS) -> None:
+          spans: Regions, programs: int | None = None) -> None:
     """Copies regions of each row's warm blob (pinned host memory, at its table entry) to the staging slot late[r]
-    gives it: whole_blobs, or the GPU's share of an expert whose other columns the CPU computes. programs per row
-    and region set how many SMs it takes from a matrix-vector product running beside it."""
+    gives it: whole_blobs, or the GPU's share of an expert whose other columns the CPU computes. programs per row,
+    shared by its regions, set how many SMs it takes from the matrix-vector products running beside it (the copy
+    is bound by the link: three regions of 512 programs each slowed those products 1.6x on an H200)."""
+    programs = max(1, (programs or STAGE_PROGRAMS) // len(spans.table))
     _stage[(programs, ids.numel(), len(spans.table))](ids, loc, first, arena, late, spans.table, PROGRAMS=programs,
                                                       WORDS=STAGE_WORDS,
                                                       ROUNDS=triton.cdiv(spans.most_words, STAGE_WORDS * programs),
