@@ -47,6 +47,44 @@ def balanced_share(cpu_bytes_per_s: float, link_bytes_per_s: float) -> float:
     return share if share >= MIN_SHARE else 0.0
 
 
+def calibrated_share(tiers, share: float, n_experts: int = 8, repeats: int = 3) -> float:
+    """The balanced share from rates measured side by side, as decode runs them: the CPU computing its part of some
+    warm experts at `share` while the link copies host memory to the GPU. Both read the host's RAM: on an H200 host
+    the CPU part ran at 43 GB/s at decode against the 64 measured alone, so the plain rates' share left the GPU
+    waiting. The share as given where no expert is warm or no layer can be cut."""
+    cuts = {eid.layer: plan_cut(ref, share) for eid, ref in tiers.desc.experts.items()}
+    cuts = {layer: cut for layer, cut in cuts.items() if cut is not None}
+    sample = [eid for eid in tiers.warm.offset if eid not in tiers.table.slot_of and eid.layer in cuts][:n_experts]
+    if not sample:
+        return share
+    probe = CpuShare(tiers, cuts)
+    x = np.random.default_rng(0).standard_normal(tiers.desc.config.n_embd).astype(np.float32)
+    for eid in sample:  # compiled and warm
+        probe.compute(eid, x)
+    cpu_bytes = repeats * sum(cuts[eid.layer].cpu_bytes for eid in sample)
+    device = next(iter(tiers.arena.values())).device
+    chunk = 64 << 20
+    n_copies = max(2, int(cpu_bytes / tiers.speeds.cpu_bytes_per_s * tiers.speeds.h2d_bytes_per_s) // chunk + 1)
+    src = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
+    src.numpy()[:] = 1
+    dst = torch.empty(chunk, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        start.record(stream)
+        for _ in range(n_copies):  # queued at once: they run while the CPU computes below
+            dst.copy_(src, non_blocking=True)
+        end.record(stream)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for eid in sample:
+            probe.compute(eid, x)
+    cpu_s = time.perf_counter() - t0
+    end.synchronize()  # start-up measurement: waiting here is the point
+    link_s = start.elapsed_time(end) / 1e3
+    return balanced_share(cpu_bytes / cpu_s, n_copies * chunk / link_s)
+
+
 @dataclass(frozen=True)
 class Cut:
     """One layer's experts cut at `cols` of n_ff: the GPU's part offsets in a blob and what stage copies for it."""

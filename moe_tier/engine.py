@@ -65,7 +65,7 @@ class Engine:
         import torch
 
         from moe_tier.gpu_ops import GpuOps
-        from moe_tier.cpu_share import balanced_share
+        from moe_tier.cpu_share import balanced_share, calibrated_share
         from moe_tier.moe_decode import DeviceMoE, device_path_possible, lookaheads
         from moe_tier.moe_gpu import moe_ffn_gpu
         from moe_tier.tiers.gpu_pool import GpuTiers, TierConfig
@@ -82,6 +82,7 @@ class Engine:
             if share is None:  # split each staged expert between the CPU and the link, if any can miss
                 all_hot = len(tiers.table.slot_of) == len(self.desc.experts)
                 share = 0.0 if all_hot else balanced_share(tiers.speeds.cpu_bytes_per_s, tiers.speeds.h2d_bytes_per_s)
+                share = calibrated_share(tiers, share) if share else 0.0
             moe = DeviceMoE(tiers, ahead, share)
         else:
             moe = lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, tiers)

@@ -147,6 +147,7 @@ def test_gpu_decode_with_a_cpu_share_matches_cpu_engine(tmp_path, monkeypatch, a
     computes the rest, handing rows over through pinned memory and flags inside the step's CUDA graph. Eager and
     graphed steps give the CPU engine's logits, and each warm use is counted on both sides."""
     from moe_tier import gpu_graph
+    from moe_tier.cpu_share import calibrated_share
     from moe_tier.models import Segment
     from moe_tier.synth import tiny, write_fast
 
@@ -171,6 +172,7 @@ def test_gpu_decode_with_a_cpu_share_matches_cpu_engine(tmp_path, monkeypatch, a
     np.testing.assert_allclose(graphed, eager, atol=5e-2 * ref.std())
     eng.model.ops.moe.account()
     assert eng.stats.links["warm->cpu share"].hits == eng.stats.tiers["warm"].hits > 0
+    assert 0.0 <= calibrated_share(eng.tiers, 0.5) < 1.0  # the CPU timed beside the link's copies
     eng.tiers.check()
 
 
