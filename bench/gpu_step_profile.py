@@ -4,7 +4,7 @@ A Mixtral-8x7B-shaped Q4_K file with few layers (every layer is alike), decoded 
 torch.profiler lists the kernels of a few steps. Per kernel name: launches and microseconds per token and per
 layer, beside the step's wall time. The default budget holds every expert; a smaller --vram leaves some warm
 (staged at decode: the step then shows the stage kernel and the waits it causes).
-Usage: python -m bench.gpu_step_profile [--layers 4] [--tokens 64] [--vram 40GiB]
+Usage: python -m bench.gpu_step_profile [--layers 4] [--tokens 64] [--vram 40GiB] [--cpu-share auto]
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens before the profiled steps (the context)")
     ap.add_argument("--vram", default="40GiB")
     ap.add_argument("--out", default="/tmp/moe-tier-profile.gguf")
+    ap.add_argument("--cpu-share", default="auto", help="the CPU's share of each staged expert: auto, or a fraction "
+                    "(0 = off)")
     ap.add_argument("--cpu-rate", type=float, help="GB/s: take this CPU rate instead of measuring it (which path a "
                     "warm expert takes follows from it: moe_decode.device_path_possible)")
     args = ap.parse_args()
@@ -42,7 +44,8 @@ def main() -> None:
     if not path.exists():
         write_fast(path, mixtral_8x7b(n_layer=args.layers))
     ctx = args.prompt + args.tokens + 16
-    eng = Engine.open(path, vram=args.vram, ctx=ctx, policy="lfu")
+    eng = Engine.open(path, vram=args.vram, ctx=ctx, policy="lfu",
+                      cpu_share=None if args.cpu_share == "auto" else float(args.cpu_share))
     cache = eng.model.new_cache(ctx)
     logits = eng.step(cache, np.random.default_rng(0).integers(3, eng.n_vocab, args.prompt))
     token = lambda: np.array([int(np.argmax(logits[-1]))])  # noqa: E731
@@ -78,10 +81,12 @@ def main() -> None:
     L = args.layers
     speeds = ", ".join(f"{k} {v:.1f}" for k, v in eng.tiers.speeds.as_gb_per_s().items())
     why = device_path_possible(eng.tiers)
+    share = getattr(eng.model.ops.moe, "cpu", None)
     body = (f"{torch.cuda.get_device_name(0)}; Mixtral-8x7B shape with {L} layers, Q4_K, --vram {args.vram}: {n_slots} "
             f"slots for {n_experts} experts, uses served {rates}; links {speeds}"
             f"{' (CPU rate given)' if args.cpu_rate is not None else ''}; "
-            f"{'routing stays on the device' if why is None else 'routing read back: ' + why} "
+            f"{'routing stays on the device' if why is None else 'routing read back: ' + why}"
+            f"{'' if share is None else f', the CPU computing {share.fraction():.0%} of each staged expert'} "
             f"(graphs: {eng._graphs is not None}); step wall time {step_ms:.3f} ms, kernel time {kernel_us / 1e3:.3f} ms "
             f"(profiled: the GPU busy {busy_us / 1e3:.3f} ms of a {prof_ms:.3f} ms step; host waits per token, ms: {waits}), "
             f"{sum(r[1] for r in rows):.0f} kernels a token ({sum(r[1] for r in rows) / L:.1f} a layer).\n\n"

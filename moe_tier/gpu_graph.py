@@ -61,7 +61,10 @@ class DecodeGraphs:
         graph.replay()
         if self.moe.cpu is not None:
             self.moe.cpu.serve(points)  # the CPU's share of each layer's staged experts, as the GPU reaches it
-        self.moe.account()  # the previous step's experts, counted while the GPU runs this one; promotions queue
+        # The previous step's experts, counted while the GPU finishes this one; promotions queue. Not before serve():
+        # so placed, a profile on an H200 stalled (something it queues may wait behind this replay, which waits on
+        # serve()).
+        self.moe.account()
         self.moe.step = list(routed)  # the graph's routing buffers, copied to the host after this replay
         self.moe.snapshot()
         cache.length = pos + 1

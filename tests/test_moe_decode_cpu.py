@@ -239,3 +239,25 @@ def test_the_cpu_share_balances_the_measured_rates_and_is_off_for_a_busy_cpu():
     assert balanced_share(55e9, 55e9) == 0.5
     assert abs(balanced_share(20e9, 60e9) - 0.25) < 1e-12
     assert balanced_share(3.9e9, 55e9) == 0.0 < MIN_SHARE
+
+
+def test_the_cut_covers_each_expert_once_between_cpu_and_gpu(tmp_path):
+    """plan_cut: the CPU's bytes (gate and up rows [0, f), down columns [0, f)) and the GPU's stage regions
+    (the rest) partition the expert's blob; types without a GPU kernel, rows too short and tiny shares get none."""
+    from moe_tier import kernels
+    from moe_tier.cpu_share import CUT_VALUES, plan_cut
+    from moe_tier.host_tiers import blob_layout
+
+    desc = open_model(write_fast(tmp_path / "m.gguf", tiny("llama", qtype="Q4_K", n_layer=1, n_ff_exp=3 * CUT_VALUES)))
+    ref = next(iter(desc.experts.values()))
+    cut = plan_cut(ref, 0.5)
+    assert cut.cols == CUT_VALUES and cut.n_ff == 3 * CUT_VALUES
+    covered = np.zeros(ref.n_bytes, dtype=np.int64)
+    for start, rows, stride, width in cut.spans:
+        for r in range(rows):
+            covered[4 * (start + r * stride) : 4 * (start + r * stride + width)] += 1
+    assert covered.max() == 1 and ref.n_bytes - covered.sum() == cut.cpu_bytes
+    assert cut.down_at - blob_layout(ref)["down"] == kernels.row_bytes(ref.part("down").qtype, cut.cols)
+    assert plan_cut(ref, 0.1) is None  # under one CUT_VALUES of columns
+    odd = open_model(write_fast(tmp_path / "q4_0.gguf", tiny("llama", qtype="Q4_0", n_layer=1, n_ff_exp=1024)))
+    assert plan_cut(next(iter(odd.experts.values())), 0.5) is None  # no GPU matrix-vector kernel for Q4_0
