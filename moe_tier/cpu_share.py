@@ -52,8 +52,7 @@ def calibrated_share(tiers, share: float, n_experts: int = 8, repeats: int = 3) 
     warm experts at `share` while the link copies host memory to the GPU. Both read the host's RAM: on an H200 host
     the CPU part ran at 43 GB/s at decode against the 64 measured alone, so the plain rates' share left the GPU
     waiting. The share as given where no expert is warm or no layer can be cut."""
-    cuts = {eid.layer: plan_cut(ref, share) for eid, ref in tiers.desc.experts.items()}
-    cuts = {layer: cut for layer, cut in cuts.items() if cut is not None}
+    cuts = plan_cuts(tiers.desc.experts, share)
     sample = [eid for eid in tiers.warm.offset if eid not in tiers.table.slot_of and eid.layer in cuts][:n_experts]
     if not sample:
         return share
@@ -116,6 +115,15 @@ def plan_cut(ref: ExpertRef, share: float) -> Cut | None:
     spans = [(gate_up_at[m] // 4, 1, 0, (n_ff - cols) * row[m] // 4) for m in ("gate", "up")]
     spans.append(((at["down"] + down_cols) // 4, n_embd, row["down"] // 4, (row["down"] - down_cols) // 4))
     return Cut(cols, n_ff, gate_up_at, at["down"] + down_cols, cols * (row["gate"] + row["up"]) + n_embd * down_cols, spans)
+
+
+def plan_cuts(experts: dict[ExpertId, ExpertRef], share: float) -> dict[int, Cut]:
+    """Each layer's cut (its experts share one layout: the device path requires it), where it has one."""
+    first = {}
+    for eid, ref in experts.items():
+        first.setdefault(eid.layer, ref)
+    cuts = {layer: plan_cut(ref, share) for layer, ref in first.items()} if share > 0 else {}
+    return {layer: cut for layer, cut in cuts.items() if cut is not None}
 
 
 @dataclass

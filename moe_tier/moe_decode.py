@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moe_tier.cpu_share import CpuShare, plan_cut
+from moe_tier.cpu_share import CpuShare, plan_cuts
 from moe_tier.host_tiers import blob_layout
 from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split, has_kernel
 from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage, whole_blobs
@@ -111,13 +111,10 @@ class DeviceMoE:
         c = tiers.desc.config
         self.first_layer = min(e.layer for e in tiers.desc.experts)
         self.parts = {}  # layer -> (gate, up, down parts of one of its experts, their blob offsets, blob bytes)
-        cuts = {}  # layer -> its experts' cut, where the CPU computes a share of each staged expert
         for eid, ref in tiers.desc.experts.items():
             if eid.layer not in self.parts:
                 self.parts[eid.layer] = (ref.part("gate"), ref.part("up"), ref.part("down"), blob_layout(ref), ref.n_bytes)
-                cut = plan_cut(ref, cpu_share) if cpu_share > 0 else None
-                if cut is not None:
-                    cuts[eid.layer] = cut
+        cuts = plan_cuts(tiers.desc.experts, cpu_share)  # where the CPU computes a share of each staged expert
         self.whole = {(layer, g): whole_blobs(part[4], a.device) for layer, part in self.parts.items()
                       for g, a in tiers.arena.items()}
         self.cpu = CpuShare(tiers, cuts) if cuts else None
@@ -277,6 +274,8 @@ class DeviceMoE:
             rows = self._host.numpy()  # (layers, R [+ k]): routing, then any experts staged ahead (-1: none)
             stats.waited("routing gpu->host", time.perf_counter() - t0)
             for layer, row in zip(layers, rows):
+                cut = self.cpu.cuts.get(layer) if self.cpu is not None else None
+                cpu_bytes = cut.cpu_bytes if cut is not None else 0  # a staged expert's bytes the CPU computed
                 wanted = [ExpertId(layer, int(e)) for e in sorted(set(row[:n_rows].tolist()))]
                 ahead = {ExpertId(layer, int(e)) for e in row[n_rows:] if e >= 0}
                 for eid in ahead:
@@ -290,10 +289,9 @@ class DeviceMoE:
                         stats.served("ahead", n_bytes)  # warm, staged while the layer before ran
                     else:
                         stats.served("warm", n_bytes)
-                        cut = self.cpu.cuts.get(layer) if self.cpu is not None else None
-                        if cut is not None:
-                            stats.moved("warm->cpu share", cut.cpu_bytes)
-                        stats.moved("warm->gpu read", n_bytes - (cut.cpu_bytes if cut is not None else 0))
+                        if cpu_bytes:
+                            stats.moved("warm->cpu share", cpu_bytes)
+                        stats.moved("warm->gpu read", n_bytes - cpu_bytes)
                 used.append((layer, wanted))
             self._seen = None
         tiers.settle()

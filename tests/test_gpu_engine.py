@@ -43,6 +43,18 @@ def first_gpu_plan(desc, ctx: int):
     return plan_tiers(desc, machine, Budget(vram_bytes=on_first_gpu(machine.gpus[0].total_bytes), ctx=ctx)).gpus[0]
 
 
+def decode_eager_and_graphed(eng: Engine, tokens: np.ndarray, ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of `tokens` fed one at a time, as generation runs: eager forward steps, then CUDA graph steps."""
+    from moe_tier.models import Segment
+
+    cache = eng.model.new_cache(ctx)
+    eager = np.concatenate([eng.model.ops.to_host(eng.model.forward(tokens[i : i + 1], [Segment(cache, 0, 1)]))
+                            for i in range(len(tokens))])
+    cache = eng.model.new_cache(ctx)
+    graphed = np.concatenate([eng.step(cache, tokens[i : i + 1]) for i in range(len(tokens))])
+    return eager, graphed
+
+
 def assert_close(ours: np.ndarray, ref: np.ndarray, tol_rel: float) -> None:
     """Most positions within the tolerance; a few may differ more where a near-tied expert choice flips under the
     two backends' different activation rounding (llama.cpp's CPU and CUDA backends part the same way)."""
@@ -122,12 +134,8 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
     assert eng.decode_mode == "routing stays on the GPU, one CUDA graph a step"
     tokens = np.random.default_rng(1).integers(3, eng.n_vocab, 24)
     ref = cpu_model.forward(tokens, [Segment(cpu_model.new_cache(64), 0, len(tokens))])
-    cache = eng.model.new_cache(64)
-    eager = np.concatenate([eng.model.ops.to_host(eng.model.forward(tokens[i : i + 1], [Segment(cache, 0, 1)]))
-                            for i in range(len(tokens))])
+    eager, graphed = decode_eager_and_graphed(eng, tokens, ctx=64)
     assert_close(eager, ref, TOL[qtype])
-    cache = eng.model.new_cache(64)
-    graphed = np.concatenate([eng.step(cache, tokens[i : i + 1]) for i in range(len(tokens))])
     assert len(eng._graphs.graphs) == 3  # 24 positions in buckets of 8
     assert_close(graphed, ref, TOL[qtype])
     np.testing.assert_allclose(graphed, eager, atol=1e-3 * ref.std())  # the same kernels, captured or not
@@ -162,12 +170,8 @@ def test_gpu_decode_with_a_cpu_share_matches_cpu_engine(tmp_path, monkeypatch, a
     assert eng.decode_mode.endswith("one CUDA graph a step; the CPU computes 50% of each staged expert")
     tokens = np.random.default_rng(2).integers(3, eng.n_vocab, 20)
     ref = cpu_model.forward(tokens, [Segment(cpu_model.new_cache(64), 0, len(tokens))])
-    cache = eng.model.new_cache(64)
-    eager = np.concatenate([eng.model.ops.to_host(eng.model.forward(tokens[i : i + 1], [Segment(cache, 0, 1)]))
-                            for i in range(len(tokens))])
+    eager, graphed = decode_eager_and_graphed(eng, tokens, ctx=64)
     assert_close(eager, ref, TOL[qtype])
-    cache = eng.model.new_cache(64)
-    graphed = np.concatenate([eng.step(cache, tokens[i : i + 1]) for i in range(len(tokens))])
     assert_close(graphed, ref, TOL[qtype])
     np.testing.assert_allclose(graphed, eager, atol=5e-2 * ref.std())
     eng.model.ops.moe.account()
