@@ -8,7 +8,9 @@ Every decision compares one number, the expected layer steps until an expert is 
 where dist is the steps until the expert's layer comes round again, p the predicted chance it is chosen
 there, and q the chance at each later visit. Evicting the largest E[T] approximates Belady's rule with
 predictions in place of the future. Speculative prefetches only go into link time the step leaves idle,
-and nothing the current layer needs is ever evicted.
+and nothing the current layer needs is ever evicted. A prefetch that cannot land before its layer of this token
+runs is ranked by the visit after. A step's misses most worth keeping take the link while it ends the step no later than
+the CPU would running them and every miss below them; the rest run on the CPU.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ def next_use_steps(x, layer, ahead, recent):
     q = min(max(recent[m, e], EPS), 1.0)
     p = min(max(ahead[dist - 1, e], EPS), 1.0) if m > layer and dist <= D else q  # ahead: this token only
     return dist + (1.0 - p) * L / q
+
+
+@njit(cache=True, inline="always")
+def next_hit_steps(x, layer, ahead, recent, lands_s, step_s, hit_step_s):
+    """next_use_steps of a copy of x landing `lands_s` from now. One still under way when x's layer of this token
+    runs (the steps before it all hits, `hit_step_s` each) is a miss there: its first hit is the next visit."""
+    L, E = recent.shape
+    m = x // E
+    if m > layer and lands_s > step_s + (m - layer - 1) * hit_step_s:
+        return m - layer + L / min(max(recent[m, x - m * E], EPS), 1.0)
+    return next_use_steps(x, layer, ahead, recent)
 
 
 @njit(cache=True)
@@ -63,6 +76,11 @@ def _victim(value, S, link_free_s):
             if value[c] > best_v:
                 best, best_v = c, value[c]
     return best
+
+
+@njit(cache=True, inline="always")
+def _read_s(x, on_disk, expert_bytes, disk_bytes_per_s):
+    return expert_bytes[x] / disk_bytes_per_s if on_disk[x] else 0.0
 
 
 @njit(cache=True)
@@ -109,17 +127,25 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
             link_s[c // S] += remaining_bytes[x] / h2d_bytes_per_s
         else:
             actions[i] = -1
-    for i in range(needed.shape[0]):  # misses: whichever of link and CPU ends the step sooner
+    worth = np.zeros(needed.shape[0])  # misses most worth keeping first take the link, the rest the CPU
+    cpu_rest_s = 0.0  # CPU time of the misses not yet decided
+    for i in range(needed.shape[0]):
+        x = needed[i]
+        if actions[i] < 0:
+            worth[i] = -recent[x // E, x % E]
+            cpu_rest_s += _read_s(x, on_disk, expert_bytes, disk_bytes_per_s) + expert_bytes[x] / cpu_bytes_per_s
+    for i in np.argsort(worth):  # each miss where the step ends sooner, the misses below it on the CPU
         if actions[i] >= 0:
             continue
         x = needed[i]
-        read_s = expert_bytes[x] / disk_bytes_per_s if on_disk[x] else 0.0
+        read_s = _read_s(x, on_disk, expert_bytes, disk_bytes_per_s)
         c = _victim(value, S, always)
         g = c // S if c >= 0 else 0
         fetch_s = read_s + expert_bytes[x] / h2d_bytes_per_s
         compute_s = read_s + expert_bytes[x] / cpu_bytes_per_s
-        fetch_end = max(link_s[g] + fetch_s, cpu_s)
-        cpu_end = max(link_s[g], cpu_s + compute_s)
+        cpu_rest_s -= compute_s
+        fetch_end = max(link_s[g] + fetch_s, cpu_s + cpu_rest_s)
+        cpu_end = max(link_s[g], cpu_s + compute_s + cpu_rest_s)
         # a fetched copy that outranks its victim saves a miss at the next visit with chance q
         q = min(max(recent[x // E, x % E], EPS), 1.0)
         keep_gain = keep_weight * q * min(fetch_s, compute_s) if c >= 0 and value[c] > L / q else 0.0
@@ -141,6 +167,9 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
         return 0  # the link is busy with demand copies: no room for speculation
     D = ahead.shape[0]
     P = prefetch.shape[0]
+    lead_s = np.inf  # link time queued ahead of a new prefetch on the least busy link
+    for g in range(G):
+        lead_s = min(lead_s, link_s[g] + backlog_s[g])
     best_x = np.empty(P, np.int64)  # the P candidates of smallest E[T], ascending
     best_v = np.full(P, np.inf)
     n_ahead = min(D, L - 1) * E
@@ -149,7 +178,7 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
         x = ((layer + 1 + j // E) % L) * E + j % E if j < n_ahead else needed[j - n_ahead]
         if expert_slot[x] >= 0 or on_disk[x]:
             continue
-        v = next_use_steps(x, layer, ahead, recent)
+        v = next_hit_steps(x, layer, ahead, recent, lead_s + expert_bytes[x] / h2d_bytes_per_s, step_s, gpu_step_s)
         if v >= best_v[P - 1]:
             continue
         i = P - 1

@@ -58,6 +58,26 @@ def test_hits_and_misses_balanced_between_link_and_cpu():
     assert actions == [CPU, CPU]
 
 
+def test_misses_least_worth_keeping_run_on_the_cpu():
+    recent = np.full((L, E), 0.25, np.float32)
+    recent[0, 2], recent[0, 3] = 0.9, 0.05  # 2 is likely again next token, 3 is not
+    for needed in ([2, 3], [3, 2]):
+        state = setup([0, 1])
+        actions, _ = call(state, 0, needed, recent=recent)
+        assert dict(zip(needed, actions)) == {2: FETCH, 3: CPU}
+
+
+def test_prefetch_that_lands_after_its_layer_evicts_nothing():
+    ahead = np.zeros((D, E), np.float32)
+    ahead[0, 5] = 0.9  # layer 1, expert 5 is likely next; its copy takes 10 ms
+    state = setup([0, 1, 2, 3])  # full: 2 and 3 are worth keeping until the next token
+    _, prefetch = call(state, 0, [0, 1], ahead=ahead, gpu_step_s=0.015)
+    assert prefetch == [1 * E + 5]  # lands within this step
+    state = setup([0, 1, 2, 3])
+    _, prefetch = call(state, 0, [0, 1], ahead=ahead, gpu_step_s=0.005)
+    assert prefetch == []  # would land after layer 1 ran: no better than what it evicts
+
+
 def test_never_evicts_what_the_layer_needs():
     state = setup([0, 1, 2, 3], slots=4)  # full; the step needs 0 and 9
     recent = np.full((L, E), 0.25, np.float32)
