@@ -5,9 +5,10 @@ Python time. With routing on the device (moe_decode.DeviceMoE) a decode step has
 captured once and replayed: the token's embedding, position and rope angles go into fixed input buffers, the
 step attends over the first n_keys cache entries (captured per bucket of BUCKET_KEYS positions, later entries
 masked), and the expert location table is read at replay time, so slot changes between steps need no new
-capture. While a replay runs, the host computes its share of each layer's staged experts as the GPU reaches the
-layer (cpu_share.CpuShare.serve), then counts the previous step's experts and queues promotions
-(DeviceMoE.account): they take effect from the next replay.
+capture. While a replay runs, the host counts the previous step's experts and queues promotions (DeviceMoE.account:
+they take effect from the next replay), then computes its share of each layer's staged experts as the GPU reaches
+the layer (cpu_share.CpuShare.serve). Nothing the host does meanwhile may wait for the stream: the replay waits
+on the host.
 """
 
 from __future__ import annotations
@@ -35,8 +36,14 @@ class DecodeGraphs:
         c = model.cfg
         dev = ops.device
         half = c.n_rot // 2
-        self.inputs = StaticStep(torch.zeros((1, c.n_embd), device=dev), torch.zeros(1, dtype=torch.int64, device=dev),
-                                 torch.zeros((1, half), device=dev), torch.zeros((1, half), device=dev), 0)
+        # x, cos and sin arrive in one copy from pinned memory: a copy from pageable memory blocks the host, and the
+        # GPU idles from the previous step's logits to this replay.
+        self.host_in = torch.zeros(c.n_embd + 2 * half, dtype=torch.float32, pin_memory=True)
+        self.dev_in = torch.zeros(c.n_embd + 2 * half, dtype=torch.float32, device=dev)
+        x, cos, sin = self.dev_in.split([c.n_embd, half, half])
+        self.inputs = StaticStep(x.view(1, -1), torch.zeros(1, dtype=torch.int64, device=dev), cos.view(1, -1),
+                                 sin.view(1, -1), 0)
+        self.copied = torch.cuda.Event()  # the last copy out of host_in
         self.pool = torch.cuda.graph_pool_handle()
         self.cache: KVCache | None = None  # the sequence the graphs write into (they hold its addresses)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, list, list]] = {}  # n_keys -> graph
@@ -46,11 +53,11 @@ class DecodeGraphs:
         c, pos = self.model.cfg, cache.length
         n_keys = min(cache.ctx, -(-(pos + 1) // BUCKET_KEYS) * BUCKET_KEYS)
         cos, sin = rope_angles(pos, 1, c.n_rot, c.rope_freq_base, c.rope_freq_scale)
-        st = self.inputs
-        st.x.copy_(torch.from_numpy(self.ops.embed_rows(np.array([token]))), non_blocking=True)
-        st.cos.copy_(torch.from_numpy(cos), non_blocking=True)
-        st.sin.copy_(torch.from_numpy(sin), non_blocking=True)
-        st.pos.fill_(pos)
+        self.copied.synchronize()  # long done: the previous step's logits were read
+        np.concatenate([self.ops.embed_rows(np.array([token]))[0], cos[0], sin[0]], out=self.host_in.numpy())
+        self.dev_in.copy_(self.host_in, non_blocking=True)
+        self.copied.record()
+        self.inputs.pos.fill_(pos)
         if cache is not self.cache:  # a new sequence: its cache lives elsewhere, the old graphs go with the old one
             self.cache, self.graphs = cache, {}
         if n_keys not in self.graphs:
@@ -59,12 +66,9 @@ class DecodeGraphs:
         if self.moe.cpu is not None:
             self.moe.cpu.begin_step()
         graph.replay()
+        self.moe.account()  # the previous step's experts, counted while the GPU runs this one; promotions queue
         if self.moe.cpu is not None:
             self.moe.cpu.serve(points)  # the CPU's share of each layer's staged experts, as the GPU reaches it
-        # The previous step's experts, counted while the GPU finishes this one; promotions queue. Not before serve():
-        # so placed, a profile on an H200 stalled (something it queues may wait behind this replay, which waits on
-        # serve()).
-        self.moe.account()
         self.moe.step = list(routed)  # the graph's routing buffers, copied to the host after this replay
         self.moe.snapshot()
         cache.length = pos + 1

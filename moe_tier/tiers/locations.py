@@ -39,8 +39,11 @@ class ExpertLocations:
         return self.warm.arena.data_ptr() + self.warm.offset[eid] - home.data_ptr()
 
     def _write(self, gpu: int, eid: ExpertId, value: int) -> None:
+        i = self.index(eid)
         with torch.cuda.device(self.loc[gpu].device):
-            self.loc[gpu][self.index(eid)] = value  # a fill queued on the compute stream: no sync
+            # fill_ passes the value as a kernel argument. `loc[i] = value` would copy it from pageable memory and
+            # synchronise the stream: at decode that waits for a replay which itself waits on the host's CPU share.
+            self.loc[gpu][i : i + 1].fill_(value)
 
     def hot(self, eid: ExpertId, gpu: int, offset: int) -> None:
         """eid's bytes are in its slot on gpu (queued after the copy that put them there)."""
