@@ -7,9 +7,11 @@ An expert's FFN is cut at f (a multiple of CUT_VALUES): the CPU takes gate and u
 rounding). Each layer's f is set once, from the rates measured at start-up: the CPU gets f / F of the bytes while
 the link moves the rest, so both finish together.
 
-Hand-off without the host in the stream: for each layer (and GPU) the step publishes its staged rows' experts and
-its input to pinned memory, then a flag word; the host polls the flag, computes, writes its rows and then its own
-flag, which a kernel in the stream spins on before the layer's combine (kernels/gpu_moe_decode.py). A step thus
+Hand-off without the host in the stream: for each layer (and GPU) the step publishes its staged rows' experts, their
+staging slots and its input to pinned memory, then a flag word; the host polls the flag, queues copies of the GPU's
+part of those experts on the copy engine (copy_engine.py; a flag in VRAM follows them, which a kernel in the stream
+spins on before the staged rows compute), computes its own part, writes its rows and then its own flag, which
+another kernel spins on before the layer's combine (kernels/gpu_moe_decode.py). A step thus
 stays one CUDA graph: the host serves the step's points in order after queuing it (DecodeGraphs.step), or inline
 (eager steps). A point's buffers live as long as this object: captured graphs hold their addresses.
 """
@@ -26,7 +28,8 @@ from moe_tier import kernels
 from moe_tier.host_tiers import blob_layout
 from moe_tier.kernels.activations import Activations
 from moe_tier.kernels.gpu_gemv import KERNELS
-from moe_tier.kernels.gpu_moe_decode import Regions, await_share, publish, regions
+from moe_tier.copy_engine import CopyEngine
+from moe_tier.kernels.gpu_moe_decode import await_share, await_staged, publish
 from moe_tier.layers import silu
 from moe_tier.reader import ExpertId, ExpertRef
 from moe_tier.tensors import matrix_dims
@@ -133,9 +136,12 @@ class Point:
     gpu: int
     flag_in: torch.Tensor  # (1,) int32: the step whose rows are published
     ids: torch.Tensor  # (R,) int32: each row's expert where staged, else -1
+    late: torch.Tensor  # (R,) int64: each row's staging offset (from the GPU's slot arena) or SKIP
     x: torch.Tensor  # (T, D) float32
     flag_out: torch.Tensor  # (1,) int32: the step whose CPU rows are written
     out: torch.Tensor  # (R, D) float32
+    seq: torch.Tensor  # (1,) int32: the step number the copy engine writes to `staged` after the staged rows
+    staged: torch.Tensor  # (1,) int32 in VRAM, which the stream waits on before reading the staged rows
     at: dict[str, int]
 
 
@@ -144,8 +150,7 @@ class CpuShare:
         self.tiers, self.cuts = tiers, cuts  # tiers.stats is read at each use: a benchmark may replace it
         self.warm, self.experts, self.arenas = tiers.warm, tiers.desc.experts, tiers.arena
         self.host = self.warm.arena.numpy()  # the pinned blobs, which the CPU kernels read in place
-        self.spans: dict[tuple[int, int], Regions] = {(layer, g): regions(cut.spans, a.device)
-                                                     for layer, cut in cuts.items() for g, a in self.arenas.items()}
+        self.engines = {g: CopyEngine(a.device) for g, a in self.arenas.items()}  # stage the GPU's part of an expert
         self.seq = 0
         self.seq_dev = {g: torch.zeros(1, dtype=torch.int32, device=a.device) for g, a in self.arenas.items()}
         self.points: dict[tuple, Point] = {}  # (layer, GPU, R, T) -> its buffers
@@ -167,10 +172,14 @@ class CpuShare:
         if key not in self.points:
             self.points[key] = self._point(gpu, layer, ids.numel(), x.shape)
         p = self.points[key]
-        publish(ids, late, x.float().contiguous(), self.arenas[gpu], p.at["flag_in"], p.at["ids"], p.at["x"],
-                self.seq_dev[gpu])
+        publish(ids, late, x.float().contiguous(), self.arenas[gpu], p.at["flag_in"], p.at["ids"], p.at["late"],
+                p.at["x"], self.seq_dev[gpu])
         self.step.append(p)
         return p
+
+    def await_staged(self, p: Point, late: torch.Tensor) -> None:
+        """The stream waits for the copy engine's part of the staged rows (queued by the host in serve)."""
+        await_staged(late, p.staged, self.seq_dev[p.gpu])
 
     def wait(self, p: Point, late: torch.Tensor, out: torch.Tensor) -> None:
         await_share(late, self.arenas[p.gpu], p.at["flag_out"], p.at["out"], self.seq_dev[p.gpu], out)
@@ -178,11 +187,13 @@ class CpuShare:
     def _point(self, gpu: int, layer: int, R: int, x_shape) -> Point:
         D = x_shape[-1]
         bufs = dict(flag_in=torch.zeros(1, dtype=torch.int32), ids=torch.zeros(R, dtype=torch.int32),
-                    x=torch.zeros(tuple(x_shape), dtype=torch.float32), flag_out=torch.zeros(1, dtype=torch.int32),
-                    out=torch.zeros((R, D), dtype=torch.float32))
+                    late=torch.zeros(R, dtype=torch.int64), x=torch.zeros(tuple(x_shape), dtype=torch.float32),
+                    flag_out=torch.zeros(1, dtype=torch.int32), out=torch.zeros((R, D), dtype=torch.float32),
+                    seq=torch.zeros(1, dtype=torch.int32))
         bufs = {name: t.pin_memory() for name, t in bufs.items()}
         base = self.arenas[gpu].data_ptr()
-        return Point(layer, gpu, **bufs, at={name: t.data_ptr() - base for name, t in bufs.items()})
+        at = {name: t.data_ptr() - base for name, t in bufs.items()}
+        return Point(layer, gpu, **bufs, staged=torch.zeros(1, dtype=torch.int32, device=self.arenas[gpu].device), at=at)
 
     def serve(self, points: list[Point]) -> None:
         """Wait for each point's rows in turn and compute the CPU's part of them. Should one fail, every later
@@ -193,6 +204,7 @@ class CpuShare:
             except BaseException:
                 for q in points[i:]:
                     q.flag_out.numpy()[0] = self.seq
+                    self._raise_staged(q)
                 raise
 
     def _serve(self, p: Point) -> None:
@@ -205,6 +217,7 @@ class CpuShare:
         self.tiers.stats.waited("cpu share: waiting for the GPU", t1 - t0)
         ids = p.ids.numpy()
         if (ids >= 0).any():
+            self._stage(p, ids)
             out, x = p.out.numpy(), p.x.numpy()
             k = len(ids) // len(x)
             for r, e in enumerate(ids.tolist()):
@@ -212,6 +225,22 @@ class CpuShare:
                     out[r] = self.compute(ExpertId(p.layer, e), x[r // k])
             self.tiers.stats.waited("cpu share: computing", time.perf_counter() - t1)
         p.flag_out.numpy()[0] = self.seq  # after the rows: x86 stores are seen in order
+
+    def _stage(self, p: Point, ids: np.ndarray) -> None:
+        """Queue copies of the GPU's part of each staged row's expert into its staging slot, then the flag that
+        await_staged waits on; they run on the copy engine while the CPU computes its part."""
+        engine, spans = self.engines[p.gpu], self.cuts[p.layer].spans
+        warm, base, late = self.warm.arena.data_ptr(), self.arenas[p.gpu].data_ptr(), p.late.numpy()
+        for r, e in enumerate(ids.tolist()):
+            if e >= 0:
+                src, dst = warm + self.warm.offset[ExpertId(p.layer, e)], base + int(late[r])
+                for start, rows, stride, width in spans:  # in 4-byte words
+                    engine.copy(dst + 4 * start, src + 4 * start, rows, 4 * width, 4 * stride)
+        self._raise_staged(p)
+
+    def _raise_staged(self, p: Point) -> None:
+        p.seq.numpy()[0] = self.seq  # read by the copy below when it runs: the next write is a step later
+        self.engines[p.gpu].copy(p.staged.data_ptr(), p.seq.data_ptr(), 1, 4)
 
     def compute(self, eid: ExpertId, x: np.ndarray) -> np.ndarray:
         """(D,): gate and up rows [0, f) and down columns [0, f) of the expert's pinned blob, for input x (D,)."""

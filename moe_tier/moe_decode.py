@@ -5,8 +5,8 @@ D embedding width, F expert FFN width.
 Each row's expert is looked up in the location table (tiers/locations.py) with the routing the GPU computed; a warm
 expert's blob is copied from pinned host memory into a staging slot by a kernel on a side stream (no host
 involved) while the hot rows' gate and up compute from their slots; then the staged rows' gate and up, and every
-row's down. With a CPU share (cpu_share.py) only the GPU's columns of a warm expert are staged while the host
-computes the others. Optionally a gate lookahead stages a later layer's predicted warm experts ahead of time
+row's down. With a CPU share (cpu_share.py) the host, told the layer's warm experts by the GPU, has the copy engine
+stage only the GPU's columns of each and computes the others. Optionally a gate lookahead stages a later layer's predicted warm experts ahead of time
 (Lookahead).
 After each step its routing is copied to pinned host memory (snapshot); the host counts it while the next step
 runs (account) and lets the policy promote misses into slots with copies that never make compute wait.
@@ -163,8 +163,8 @@ class DeviceMoE:
         """(T, D): the layer's experts of each token that GPU gpu computes (the others skipped), weighted and
         summed in slot order, as llama.cpp. Warm rows are staged on a side stream while the hot rows (and those
         staged ahead) compute their gate and up (PCIe and HBM busy at once); theirs follow, then every row's
-        down. With a CPU share, only the GPU's columns of a warm expert are staged and the host computes the
-        others meanwhile (cpu_share.py)."""
+        down. With a CPU share, the host has the copy engine stage only the GPU's columns of a warm expert and
+        computes the others meanwhile (cpu_share.py)."""
         gate, up, down, at, blob_bytes = self.parts[layer]
         n_ff, n_embd = matrix_dims(gate.shape)
         tiers, arena, first = self.tiers, self.tiers.arena[gpu], layer * self.tiers.desc.config.n_expert
@@ -179,33 +179,34 @@ class DeviceMoE:
         both = n_stage and cut is None  # hot and staged rows in one buffer: the same matrices
         gate_up = torch.empty((2, 2 * split if both else split, len(ids), n_ff), dtype=torch.float32, device=x.device)
         main = torch.cuda.current_stream()
-        if n_stage:
+        if n_stage and cut is None:
             side = self._stream(arena.device, "demand")
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                stage(ids, loc, first, arena, late, self.whole[layer, gpu] if cut is None else self.cpu.spans[layer, gpu])
+                stage(ids, loc, first, arena, late, self.whole[layer, gpu])
         if ahead is not None:
             main.wait_event(ahead[4])  # the experts staged ahead are read with the hot ones
         xq = quantize_q8_1(x.float().contiguous()) if has_kernel(gate.qtype, n_embd) else None  # once for both
         gate_up_parts(x, xq, arena, now, gate, up, at, gate_up[:, :split])
-        if n_stage:
-            main.wait_stream(side)
         if cut is None:
             if n_stage:
+                main.wait_stream(side)
                 gate_up_parts(x, xq, arena, late, gate, up, at, gate_up[:, split:])
             h, hq = silu_mul(gate_up)
             down_parts = gemv_parts(h, arena, every, down.qtype, n_embd, n_ff, (at["down"],), xq=hq)[0]
             return combine(down_parts, routing.weights.to(arena.device))
-        # The GPU's share of the staged rows: gate and up rows [f, F), down columns [f, F) of each row.
-        h, hq = silu_mul(gate_up)
-        h_late, hq_late = silu_mul(gate_up_parts(x, xq, arena, late, gate, up, cut.gate_up_at, rows=n_ff - cut.cols))
+        # The hot rows, then the GPU's share of the staged rows once the copy engine has it: gate and up rows
+        # [f, F), down columns [f, F) of each row.
         S = [gemv_split(down.qtype, n_embd, cols, len(ids)) for cols in (n_ff, n_ff - cut.cols)]
         parts = torch.empty((1, S[0] + S[1] + 1, len(ids), n_embd), dtype=torch.float32, device=x.device)
+        h, hq = silu_mul(gate_up)
         gemv_parts(h, arena, now, down.qtype, n_embd, n_ff, (at["down"],), xq=hq, out=parts[:, : S[0]])
+        if _live():
+            self.cpu.serve([point])  # eager: the host queues the GPU's copies and computes its part now
+        self.cpu.await_staged(point, late)
+        h_late, hq_late = silu_mul(gate_up_parts(x, xq, arena, late, gate, up, cut.gate_up_at, rows=n_ff - cut.cols))
         gemv_parts(h_late, arena, late, down.qtype, n_embd, n_ff - cut.cols, (cut.down_at,), xq=hq_late,
                    out=parts[:, S[0] : -1], row_cols=n_ff)
-        if _live():
-            self.cpu.serve([point])  # eager: the host's part now, while the GPU runs what is queued
         self.cpu.wait(point, late, parts[0, -1])
         return combine(parts[0], routing.weights.to(arena.device))
 

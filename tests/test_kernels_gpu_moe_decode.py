@@ -15,7 +15,8 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from moe_tier.config import Gating  # noqa: E402
 from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts, gemv_split  # noqa: E402
-from moe_tier.kernels.gpu_moe_decode import (await_share, combine, locate, publish, regions,  # noqa: E402
+from moe_tier.copy_engine import CopyEngine  # noqa: E402
+from moe_tier.kernels.gpu_moe_decode import (await_share, await_staged, combine, locate, publish, regions,  # noqa: E402
                                              route_topk, silu_mul, stage, whole_blobs)
 from moe_tier.kernels.gpu_q8_1 import quantize_q8_1  # noqa: E402
 from moe_tier.moe import route  # noqa: E402
@@ -200,13 +201,44 @@ def test_stage_copies_column_regions_only():
     assert not arena[: slot_words * 4].any()
 
 
+def test_the_copy_engine_copies_a_row_range_and_a_column_range_then_releases_the_stream():
+    """The host's copies of the GPU's share of a warm expert (cpu_share): a contiguous range and a column range of
+    every row land in VRAM and nothing else of the slot is written; await_staged waits for the flag the host
+    queues after them, and only where a row is staged."""
+    n_rows, row_bytes, slot = 16, 128, 4096
+    warm = torch.randint(0, 256, (slot,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    warm = warm.pin_memory() if DEVICE == "cuda" else warm
+    arena = torch.zeros(slot, dtype=torch.uint8, device=DEVICE)
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    seq = torch.tensor([3], dtype=torch.int32, device=DEVICE)
+    source = torch.tensor([3], dtype=torch.int32)
+    source = source.pin_memory() if DEVICE == "cuda" else source
+    engine = CopyEngine(torch.device(DEVICE))
+    engine.copy(arena.data_ptr() + 400, warm.data_ptr() + 400, 1, 200)
+    engine.copy(arena.data_ptr() + 2048, warm.data_ptr() + 2048, n_rows, 48, row_bytes)
+    engine.copy(flag.data_ptr(), source.data_ptr(), 1, 4)
+    await_staged(torch.tensor([SKIP, 0], device=DEVICE), flag, seq)
+    want = torch.zeros(slot, dtype=torch.uint8)
+    want[400:600] = warm[400:600]
+    for r in range(n_rows):
+        at = 2048 + r * row_bytes
+        want[at : at + 48] = warm[at : at + 48]
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(arena.cpu(), want) and flag.item() == 3
+    seq.fill_(4)  # no row staged: no wait for a flag that never comes
+    await_staged(torch.tensor([SKIP, SKIP], device=DEVICE), flag, seq)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def test_publish_and_await_share_hand_rows_between_gpu_and_host():
     """publish writes the staged rows' experts (-1 elsewhere), the input and the step's number to host memory;
     await_share gives the staged rows what the host wrote once its flag holds that number, 0 to the others."""
     R, D = 4, 1500
     base = torch.zeros(16, dtype=torch.uint8, device=DEVICE)
     host = {name: torch.zeros(shape, dtype=dtype) for name, shape, dtype in
-            [("flag_in", 1, torch.int32), ("ids", R, torch.int32), ("x", (2, D), torch.float32),
+            [("flag_in", 1, torch.int32), ("ids", R, torch.int32), ("late", R, torch.int64), ("x", (2, D), torch.float32),
              ("flag_out", 1, torch.int32), ("out", (R, D), torch.float32)]}
     if DEVICE == "cuda":
         host = {name: t.pin_memory() for name, t in host.items()}
@@ -215,10 +247,11 @@ def test_publish_and_await_share_hand_rows_between_gpu_and_host():
     late = torch.tensor([SKIP, 4096, SKIP, 8192], dtype=torch.int64, device=DEVICE)
     x = torch.randn(2, D, device=DEVICE)
     seq = torch.tensor([7], dtype=torch.int32, device=DEVICE)
-    publish(ids, late, x, base, at["flag_in"], at["ids"], at["x"], seq)
+    publish(ids, late, x, base, at["flag_in"], at["ids"], at["late"], at["x"], seq)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     assert host["flag_in"].tolist() == [7] and host["ids"].tolist() == [-1, 2, -1, 1]
+    assert host["late"].tolist() == late.tolist()
     torch.testing.assert_close(host["x"], x.cpu())
     host["out"].copy_(torch.randn(R, D))
     host["flag_out"].fill_(7)

@@ -9,8 +9,9 @@ expert), S split-K parts, D embedding width, F expert FFN width.
               their staging slots in VRAM: a kernel reading host memory contiguously moves ~51 GB/s on an H100 host,
               the Q4_K gemv reading it in place ~28 (bench/gpu_host_reads.py); it runs on a side stream while the
               hot rows compute
-  publish     the staged rows' experts and the layer's input to pinned host memory, then a flag: the host
-              computes its share of those experts while the GPU computes the rest
+  publish     the staged rows' experts, their staging offsets and the layer's input to pinned host memory, then
+              a flag: the host queues copies of the GPU's share of those experts (copy engines) and computes its own
+  await_staged  the stream waits for the flag the host queues after those copies
   await_share the host's share of each staged row's output, after spinning on the host's flag in the stream
   silu_mul    parts (2, S, R, F) of gate and up -> silu(gate) * up (R, F), and the same as q8_1 for the down
               projection's Q4_K kernel (no separate quantizing launch)
@@ -180,14 +181,16 @@ def _fence(x, ASM: tl.constexpr):
 
 
 @triton.jit
-def _publish(ids_ptr, late_ptr, x_ptr, base_ptr, at_flag, at_ids, at_x, seq_ptr, R, N_X: tl.constexpr, BLOCK_R: tl.constexpr,
-             BLOCK_X: tl.constexpr, ASM: tl.constexpr):
-    """One program: each row's expert where it is staged (else -1) and the layer's input to pinned host memory,
-    then this step's number to the flag the host polls."""
+def _publish(ids_ptr, late_ptr, x_ptr, base_ptr, at_flag, at_ids, at_late, at_x, seq_ptr, R, N_X: tl.constexpr,
+             BLOCK_R: tl.constexpr, BLOCK_X: tl.constexpr, ASM: tl.constexpr):
+    """One program: each row's expert where it is staged (else -1), its staging offset and the layer's input to
+    pinned host memory, then this step's number to the flag the host polls."""
     r = tl.arange(0, BLOCK_R)
-    staged = tl.load(late_ptr + r, mask=r < R, other=SKIP_C) != SKIP_C
+    late = tl.load(late_ptr + r, mask=r < R, other=SKIP_C)
     ids = tl.load(ids_ptr + r, mask=r < R, other=-1)
-    tl.store((base_ptr + at_ids).to(tl.pointer_type(tl.int32), bitcast=True) + r, tl.where(staged, ids, -1), mask=r < R)
+    tl.store((base_ptr + at_ids).to(tl.pointer_type(tl.int32), bitcast=True) + r, tl.where(late != SKIP_C, ids, -1),
+             mask=r < R)
+    tl.store((base_ptr + at_late).to(tl.pointer_type(tl.int64), bitcast=True) + r, late, mask=r < R)
     x_host = (base_ptr + at_x).to(tl.pointer_type(tl.float32), bitcast=True)
     for i in tl.static_range(0, N_X, BLOCK_X):
         j = i + tl.arange(0, BLOCK_X)
@@ -198,12 +201,33 @@ def _publish(ids_ptr, late_ptr, x_ptr, base_ptr, at_flag, at_ids, at_x, seq_ptr,
 
 
 def publish(ids: torch.Tensor, late: torch.Tensor, x: torch.Tensor, base: torch.Tensor, at_flag: int, at_ids: int,
-            at_x: int, seq: torch.Tensor) -> None:
-    """For the host's share of the staged rows (moe_decode.CpuShare): ids (R,) where late stages them, x (T, D),
-    and the step's number seq (1,) int32 last, to pinned host buffers at base + at_*."""
+            at_late: int, at_x: int, seq: torch.Tensor) -> None:
+    """For the host's share of the staged rows (cpu_share.CpuShare): ids (R,) where late stages them, late (R,),
+    x (T, D), and the step's number seq (1,) int32 last, to pinned host buffers at base + at_*."""
     R = ids.numel()
-    _publish[(1,)](ids, late, x, base, at_flag, at_ids, at_x, seq, R, x.numel(), BLOCK_R=triton.next_power_of_2(R),
-                   BLOCK_X=1024, ASM=x.is_cuda)
+    _publish[(1,)](ids, late, x, base, at_flag, at_ids, at_late, at_x, seq, R, x.numel(),
+                   BLOCK_R=triton.next_power_of_2(R), BLOCK_X=1024, ASM=x.is_cuda)
+
+
+@triton.jit
+def _await_staged(late_ptr, flag_ptr, seq_ptr, R, BLOCK_R: tl.constexpr, MAX_SPINS: tl.constexpr):
+    r = tl.arange(0, BLOCK_R)
+    staged = tl.sum((tl.load(late_ptr + r, mask=r < R, other=SKIP_C) != SKIP_C).to(tl.int32), axis=0)
+    if staged > 0:
+        seq = tl.load(seq_ptr)
+        seen = tl.load(flag_ptr, volatile=True)
+        tries = 0
+        while (seen != seq) & (tries < MAX_SPINS):
+            seen = tl.load(flag_ptr, volatile=True)
+            tries += 1
+
+
+def await_staged(late: torch.Tensor, flag: torch.Tensor, seq: torch.Tensor) -> None:
+    """The stream waits until flag (1,) int32 in VRAM holds seq, where any row is staged (late (R,) not SKIP): the
+    host queues that flag after its copies of the staged rows (copy_engine.py). Bounded like await_share: a host
+    that never answers leaves garbage in the rows (and NaN from await_share), not a hang."""
+    R = late.numel()
+    _await_staged[(1,)](late, flag, seq, R, BLOCK_R=triton.next_power_of_2(R), MAX_SPINS=AWAIT_MAX_SPINS)
 
 
 @triton.jit
