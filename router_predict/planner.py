@@ -37,12 +37,12 @@ def next_use_steps(x, layer, ahead, recent):
 
 
 @njit(cache=True, inline="always")
-def next_hit_steps(x, layer, ahead, recent, lands_s, step_s, hit_step_s):
+def next_hit_steps(x, layer, ahead, recent, lands_s, step_s):
     """next_use_steps of a copy of x landing `lands_s` from now. One still under way when x's layer of this token
-    runs (the steps before it all hits, `hit_step_s` each) is a miss there: its first hit is the next visit."""
+    runs (the steps before it as long as this one, `step_s`) is a miss there: its first hit is the next visit."""
     L, E = recent.shape
     m = x // E
-    if m > layer and lands_s > step_s + (m - layer - 1) * hit_step_s:
+    if m > layer and lands_s > (m - layer) * step_s:
         return m - layer + L / min(max(recent[m, x - m * E], EPS), 1.0)
     return next_use_steps(x, layer, ahead, recent)
 
@@ -178,7 +178,7 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
         x = ((layer + 1 + j // E) % L) * E + j % E if j < n_ahead else needed[j - n_ahead]
         if expert_slot[x] >= 0 or on_disk[x]:
             continue
-        v = next_hit_steps(x, layer, ahead, recent, lead_s + expert_bytes[x] / h2d_bytes_per_s, step_s, gpu_step_s)
+        v = next_hit_steps(x, layer, ahead, recent, lead_s + expert_bytes[x] / h2d_bytes_per_s, step_s)
         if v >= best_v[P - 1]:
             continue
         i = P - 1
