@@ -30,6 +30,15 @@ def oracle_pinning(test: Trace, slots: int) -> float:
     return float(uses[:slots].sum() / uses.sum())
 
 
+def target_line(planner: float, baselines: list[float], belady: float) -> str:
+    """Issue 5's target for one budget: the planner's hit rate at least the best of LRU/LFU/LFRU plus 5 points
+    and at least 85% of Belady's."""
+    ahead, share = planner - max(baselines), planner / belady
+    met = "met" if ahead >= 0.05 and share >= 0.85 else "not met"
+    return (f"Target: the planner {100 * ahead:+.1f} points against the best of LRU/LFU/LFRU (needs +5) and "
+            f"{share:.1%} of Belady (needs 85%): {met}.\n")
+
+
 def main() -> None:
     trace = mx.load()
     eb = mx.expert_bytes(trace)
@@ -38,12 +47,17 @@ def main() -> None:
             f"Q4_K experts of {eb[0] / 2**20:.1f} MiB; held out (fit on one problem, score on the other, both "
             "ways; mean of the two folds). Hit rate: needed experts ready in VRAM when their layer ran. "
             "Static pinning is llama.cpp's placement (the peer). \"of Belady\" is against Belady with bypass (a "
-            "miss used later than everything cached runs on the CPU), the hit-rate optimum of this model; "
-            "Belady MIN must cache every miss. The planner's settings are tuned per fold on the fitting problem "
-            "only (predictors fitted on its first half, settings scored by hit rate on its second half). \"Oracle "
-            "pinning\" pins the scored problem's own most-used experts: no online policy knows them, and "
-            "without a sharper predictor of when an expert returns (these traces have no hidden states for gate "
-            "lookahead) it is about the most that frequency can give.\n")
+            "miss used later than everything cached runs on the CPU), the hit-rate optimum of a cache that does "
+            "not prefetch; Belady MIN must cache every miss. The planner's settings are tuned per fold on the "
+            "fitting problem only (predictors fitted on its first half, settings scored by hit rate on its second "
+            "half). \"Oracle pinning\" pins the scored problem's own most-used experts: no online policy knows "
+            "them, and without a sharper predictor of when an expert returns (these traces have no hidden states "
+            "for gate lookahead) it is about the most that frequency can give; the planner comes near or past it "
+            "only by prefetching into link time its CPU misses leave idle. The same planner handed each expert's "
+            "true next use reaches 97-102% of Belady at every budget here (a check made while developing it, not "
+            "a row below): what it lacks is prediction, and these two problems share little (their per-expert "
+            "frequencies correlate at 0.45; an expert used at one token is used at the next with chance 0.34 "
+            "against 0.25 for any).\n")
     for vram in VRAM_GIB:
         slots = slots_for_vram(vram * GIB, RESERVED_BYTES, eb)
         cache = CacheConfig(1, slots)
@@ -61,8 +75,10 @@ def main() -> None:
             names = {run[i].policy for run in runs}
             body += (f"| {' / '.join(sorted(names))} | {hit:.3f} | {hit / belady:.0%} | {gb:.2f} | {cpu:.0%} | "
                      f"{tps:.1f} | {tps / pinned:.2f}x |\n")
+        hit = [np.mean([run[i].hit_rate for run in runs]) for i in range(len(runs[0]))]
         oracle = np.mean([oracle_pinning(test, slots) for _, _, test in mx.folds(trace)])
-        body += f"\nOracle pinning: hit rate {oracle:.3f} ({oracle / belady:.0%} of Belady).\n"
+        body += f"\nOracle pinning: hit rate {oracle:.3f} ({oracle / belady:.0%} of Belady). " + \
+            target_line(hit[4], hit[:3], belady)
     body += (f"\nCost model: host->GPU {H2D_BYTES_PER_S / GIB:.0f} GiB/s, CPU experts {CPU_BYTES_PER_S / GIB:.0f} "
              f"GiB/s, disk {DISK_BYTES_PER_S / 1e9:.1f} GB/s, GPU weight reads {GPU_BYTES_PER_S / 1e12:.1f} TB/s "
              "(assumed); one token per step (decode).\n")
