@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as Q
 from bench.report import update_section
 from moe_tier.kernels.gpu import matrix_bytes
 from moe_tier.kernels.gpu_gemv import gemv_parts, gemv_split
-from moe_tier.kernels.gpu_moe_decode import combine, locate, silu_mul, stage, whole_blobs
+from moe_tier.kernels.gpu_moe_decode import combine, locate, silu_mul, stage
 from moe_tier.synth.fast import block_pool
 
 D, F, LAYERS, K = 4096, 14336, 32, 2
@@ -43,7 +43,6 @@ def main() -> None:
     weights = torch.full((1, K), 0.5, device=dev)
     side = torch.cuda.Stream(dev)
     split = gemv_split(Q.Q4_K, F, D, K, 2)
-    regions = whole_blobs(3 * mat, dev)
 
     def layer(ids, overlap, programs):
         now, late, every = locate(ids, loc, 0, arena, HOT * blob, K, blob)
@@ -52,12 +51,12 @@ def main() -> None:
             main = torch.cuda.current_stream()
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                stage(ids, loc, 0, arena, late, regions, programs)
+                stage(ids, loc, 0, arena, late, 3 * mat, programs)
             gemv_parts(x, arena, now, Q.Q4_K, F, D, (0, mat), x_div=K, out=buf[:, :split])
             main.wait_stream(side)
             gemv_parts(x, arena, late, Q.Q4_K, F, D, (0, mat), x_div=K, out=buf[:, split:])
         else:
-            stage(ids, loc, 0, arena, late, regions, programs)
+            stage(ids, loc, 0, arena, late, 3 * mat, programs)
             buf[:, split:].zero_()
             gemv_parts(x, arena, every, Q.Q4_K, F, D, (0, mat), x_div=K, out=buf[:, :split])
         h, hq = silu_mul(buf)

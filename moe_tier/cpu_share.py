@@ -2,18 +2,20 @@
 computes the rest from the same pinned bytes, so the link's and the CPU's memory bandwidth add up.
 
 Shape key: R rows (token x chosen expert), T tokens, D embedding width, F expert FFN width, f the cut.
-An expert's FFN is cut at f (a multiple of CUT_VALUES): the CPU takes gate and up rows [0, f) and down columns
-[0, f), the GPU the rest; down is linear, so the two partial sums add to the whole expert's output (up to float
-rounding). Each layer's f is set once, from the rates measured at start-up: the CPU gets f / F of the bytes while
-the link moves the rest, so both finish together.
+An expert is cut at row f of gate and up (a multiple of CUT_VALUES): the CPU computes silu(gate) * up of rows
+[0, f), the GPU rows [f, F), then down over all F with the CPU's f values in front of its own. The GPU's bytes are
+then three contiguous ranges of the blob (gate's and up's later rows, all of down), which the copy engine moves at
+the link's full rate (a column range of every row of down, which an earlier cut gave the GPU, moved at ~38 GB/s
+against 55 on an H200 host). Each layer's f is set once, from the rates measured at start-up: the CPU reads f rows
+of gate and up while the link moves the rest, so both finish together.
 
 Hand-off without the host in the stream: for each layer (and GPU) the step publishes its staged rows' experts, their
 staging slots and its input to pinned memory, then a flag word; the host polls the flag, queues copies of the GPU's
-part of those experts on the copy engine (copy_engine.py; a flag in VRAM follows them, which a kernel in the stream
+part of those experts on a copy stream (the copy engine; a flag in VRAM follows them, which a kernel in the stream
 spins on before the staged rows compute), computes its own part, writes its rows and then its own flag, which
-another kernel spins on before the layer's combine (kernels/gpu_moe_decode.py). A step thus
-stays one CUDA graph: the host serves the step's points in order after queuing it (DecodeGraphs.step), or inline
-(eager steps). A point's buffers live as long as this object: captured graphs hold their addresses.
+another kernel spins on before the staged rows' down projection (kernels/gpu_moe_decode.py). A step thus stays one
+CUDA graph: the host serves the step's points in order after queuing it (DecodeGraphs.step), or inline (eager
+steps). A point's buffers live as long as this object: captured graphs hold their addresses.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from moe_tier import kernels
 from moe_tier.host_tiers import blob_layout
 from moe_tier.kernels.activations import Activations
 from moe_tier.kernels.gpu_gemv import KERNELS
-from moe_tier.copy_engine import CopyEngine
 from moe_tier.kernels.gpu_moe_decode import await_share, await_staged, publish
 from moe_tier.layers import silu
+from moe_tier.moe_gpu import aligned
 from moe_tier.reader import ExpertId, ExpertRef
 from moe_tier.tensors import matrix_dims
 
@@ -89,35 +91,31 @@ def calibrated_share(tiers, share: float, n_experts: int = 8, repeats: int = 3) 
 
 @dataclass(frozen=True)
 class Cut:
-    """One layer's experts cut at `cols` of n_ff: the GPU's part offsets in a blob and what stage copies for it."""
-    cols: int
+    """One layer's experts cut at row `rows` of gate and up: the CPU computes silu(gate) * up of rows [0, f), the
+    GPU rows [f, F) and then down over all F (so the GPU's bytes are three contiguous ranges of a blob)."""
+    rows: int
     n_ff: int
-    gate_up_at: dict[str, int]  # gate and up rows [cols, F): their offsets in a blob
-    down_at: int  # down's column `cols` of row 0
+    gate_up_at: dict[str, int]  # gate and up rows [f, F): their offsets in a blob
     cpu_bytes: int  # blob bytes the CPU reads for one expert
-    spans: list[tuple[int, int, int, int]]  # the GPU's bytes in a blob, as stage regions (words)
+    spans: list[tuple[int, int]]  # the GPU's bytes in a blob: (offset, bytes)
 
 
 def plan_cut(ref: ExpertRef, share: float) -> Cut | None:
-    """The layer's cut for a CPU share of its bytes, or None where it cannot be cut (a type without a GPU
-    matrix-vector kernel, a bias, misaligned rows, or a share under one CUT_VALUES)."""
+    """The layer's cut for a CPU share of its bytes (at most gate's and up's, less one CUT_VALUES of rows), or
+    None where it cannot be cut (a type without a GPU matrix-vector kernel, a bias, misaligned rows, or a share
+    under one CUT_VALUES of rows)."""
     if {p.matrix for p in ref.parts} != {"gate", "up", "down"} or any(p.qtype not in KERNELS for p in ref.parts):
         return None
     at = blob_layout(ref)
     gate, up, down = (ref.part(m) for m in ("gate", "up", "down"))
     n_ff, n_embd = matrix_dims(gate.shape)
-    cols = int(n_ff * share) // CUT_VALUES * CUT_VALUES
-    if cols < CUT_VALUES or n_ff - cols < 256 or n_embd % 256:
+    row = {m: kernels.row_bytes(p.qtype, n_embd) for m, p in (("gate", gate), ("up", up))}
+    rows = min(int(share * ref.n_bytes / (row["gate"] + row["up"])), n_ff - CUT_VALUES) // CUT_VALUES * CUT_VALUES
+    gate_up_at = {m: at[m] + rows * row[m] for m in ("gate", "up")}
+    if rows < CUT_VALUES or not aligned(gate_up_at.values()):
         return None
-    row = {m: kernels.row_bytes(p.qtype, p.shape[0]) for m, p in (("gate", gate), ("up", up), ("down", down))}
-    down_cols = kernels.row_bytes(down.qtype, cols)  # bytes of the CPU's columns in a row of down
-    gate_up_at = {m: at[m] + cols * row[m] for m in ("gate", "up")}
-    offsets = [*gate_up_at.values(), at["down"] + down_cols, row["down"], down_cols]
-    if any(o % 4 for o in offsets):
-        return None
-    spans = [(gate_up_at[m] // 4, 1, 0, (n_ff - cols) * row[m] // 4) for m in ("gate", "up")]
-    spans.append(((at["down"] + down_cols) // 4, n_embd, row["down"] // 4, (row["down"] - down_cols) // 4))
-    return Cut(cols, n_ff, gate_up_at, at["down"] + down_cols, cols * (row["gate"] + row["up"]) + n_embd * down_cols, spans)
+    spans = [(gate_up_at[m], (n_ff - rows) * row[m]) for m in ("gate", "up")] + [(at["down"], down.n_bytes)]
+    return Cut(rows, n_ff, gate_up_at, rows * (row["gate"] + row["up"]), spans)
 
 
 def plan_cuts(experts: dict[ExpertId, ExpertRef], share: float) -> dict[int, Cut]:
@@ -139,8 +137,8 @@ class Point:
     late: torch.Tensor  # (R,) int64: each row's staging offset (from the GPU's slot arena) or SKIP
     x: torch.Tensor  # (T, D) float32
     flag_out: torch.Tensor  # (1,) int32: the step whose CPU rows are written
-    out: torch.Tensor  # (R, D) float32
-    seq: torch.Tensor  # (1,) int32: the step number the copy engine writes to `staged` after the staged rows
+    out: torch.Tensor  # (R, f) float32: the CPU's silu(gate) * up of each staged row
+    seq: torch.Tensor  # (1,) int32: the step number copied to `staged` after the staged rows
     staged: torch.Tensor  # (1,) int32 in VRAM, which the stream waits on before reading the staged rows
     at: dict[str, int]
 
@@ -150,7 +148,8 @@ class CpuShare:
         self.tiers, self.cuts = tiers, cuts  # tiers.stats is read at each use: a benchmark may replace it
         self.warm, self.experts, self.arenas = tiers.warm, tiers.desc.experts, tiers.arena
         self.host = self.warm.arena.numpy()  # the pinned blobs, which the CPU kernels read in place
-        self.engines = {g: CopyEngine(a.device) for g, a in self.arenas.items()}  # stage the GPU's part of an expert
+        # the GPU's part of a staged expert moves by the copy engine, on a stream of its own per GPU
+        self.streams = {g: torch.cuda.Stream(a.device) for g, a in self.arenas.items()}
         self.seq = 0
         self.seq_dev = {g: torch.zeros(1, dtype=torch.int32, device=a.device) for g, a in self.arenas.items()}
         self.points: dict[tuple, Point] = {}  # (layer, GPU, R, T) -> its buffers
@@ -158,7 +157,7 @@ class CpuShare:
 
     def fraction(self) -> float:
         """The CPU's share of the FFN columns, over the layers it takes part in."""
-        return sum(c.cols for c in self.cuts.values()) / sum(c.n_ff for c in self.cuts.values())
+        return sum(c.rows for c in self.cuts.values()) / sum(c.n_ff for c in self.cuts.values())
 
     def begin_step(self) -> None:
         """A new step number on every GPU (queued: the step's kernels read it when they run)."""
@@ -170,7 +169,7 @@ class CpuShare:
     def publish(self, gpu: int, layer: int, ids: torch.Tensor, late: torch.Tensor, x: torch.Tensor) -> Point:
         key = (layer, gpu, ids.numel(), len(x))
         if key not in self.points:
-            self.points[key] = self._point(gpu, layer, ids.numel(), x.shape)
+            self.points[key] = self._point(gpu, layer, ids.numel(), x.shape, self.cuts[layer].rows)
         p = self.points[key]
         publish(ids, late, x.float().contiguous(), self.arenas[gpu], p.at["flag_in"], p.at["ids"], p.at["late"],
                 p.at["x"], self.seq_dev[gpu])
@@ -184,11 +183,10 @@ class CpuShare:
     def wait(self, p: Point, late: torch.Tensor, out: torch.Tensor) -> None:
         await_share(late, self.arenas[p.gpu], p.at["flag_out"], p.at["out"], self.seq_dev[p.gpu], out)
 
-    def _point(self, gpu: int, layer: int, R: int, x_shape) -> Point:
-        D = x_shape[-1]
+    def _point(self, gpu: int, layer: int, R: int, x_shape, f: int) -> Point:
         bufs = dict(flag_in=torch.zeros(1, dtype=torch.int32), ids=torch.zeros(R, dtype=torch.int32),
                     late=torch.zeros(R, dtype=torch.int64), x=torch.zeros(tuple(x_shape), dtype=torch.float32),
-                    flag_out=torch.zeros(1, dtype=torch.int32), out=torch.zeros((R, D), dtype=torch.float32),
+                    flag_out=torch.zeros(1, dtype=torch.int32), out=torch.zeros((R, f), dtype=torch.float32),
                     seq=torch.zeros(1, dtype=torch.int32))
         bufs = {name: t.pin_memory() for name, t in bufs.items()}
         base = self.arenas[gpu].data_ptr()
@@ -228,29 +226,28 @@ class CpuShare:
 
     def _stage(self, p: Point, ids: np.ndarray) -> None:
         """Queue copies of the GPU's part of each staged row's expert into its staging slot, then the flag that
-        await_staged waits on; they run on the copy engine while the CPU computes its part."""
-        engine, spans = self.engines[p.gpu], self.cuts[p.layer].spans
-        warm, base, late = self.warm.arena.data_ptr(), self.arenas[p.gpu].data_ptr(), p.late.numpy()
-        for r, e in enumerate(ids.tolist()):
-            if e >= 0:
-                src, dst = warm + self.warm.offset[ExpertId(p.layer, e)], base + int(late[r])
-                for start, rows, stride, width in spans:  # in 4-byte words
-                    engine.copy(dst + 4 * start, src + 4 * start, rows, 4 * width, 4 * stride)
+        await_staged waits on: the copy engine moves them while the CPU computes its part (a kernel copying them
+        took SMs from the matrix-vector products beside it)."""
+        arena, warm, late = self.arenas[p.gpu], self.warm.arena, p.late.numpy()
+        with torch.cuda.stream(self.streams[p.gpu]):
+            for r, e in enumerate(ids.tolist()):
+                if e >= 0:
+                    src, dst = self.warm.offset[ExpertId(p.layer, e)], int(late[r])
+                    for at, n in self.cuts[p.layer].spans:
+                        arena[dst + at : dst + at + n].copy_(warm[src + at : src + at + n], non_blocking=True)
         self._raise_staged(p)
 
     def _raise_staged(self, p: Point) -> None:
         p.seq.numpy()[0] = self.seq  # read by the copy below when it runs: the next write is a step later
-        self.engines[p.gpu].copy(p.staged.data_ptr(), p.seq.data_ptr(), 1, 4)
+        with torch.cuda.stream(self.streams[p.gpu]):
+            p.staged.copy_(p.seq, non_blocking=True)
 
     def compute(self, eid: ExpertId, x: np.ndarray) -> np.ndarray:
-        """(D,): gate and up rows [0, f) and down columns [0, f) of the expert's pinned blob, for input x (D,)."""
+        """(f,): silu(gate) * up of rows [0, f) of the expert's pinned blob, for input x (D,)."""
         ref, cut = self.experts[eid], self.cuts[eid.layer]
         at, blob = blob_layout(ref), self.host[self.warm.offset[eid] :]
-        gate, up, down = (ref.part(m) for m in ("gate", "up", "down"))
-        n_ff, n_embd = matrix_dims(gate.shape)
+        n_embd = matrix_dims(ref.part("gate").shape)[1]
         acts = Activations(x[None])
-        gu = [kernels.matmul(acts, blob[at[p.matrix] : at[p.matrix] + cut.cols * kernels.row_bytes(p.qtype, n_embd)],
-                             p.qtype, cut.cols, n_embd) for p in (gate, up)]
-        h = silu(gu[0]) * gu[1]
-        return kernels.matmul(h, blob[at["down"] : at["down"] + down.n_bytes], down.qtype, n_embd, n_ff,
-                              cols=cut.cols)[0]
+        gate, up = (kernels.matmul(acts, blob[at[p.matrix] : at[p.matrix] + cut.rows * kernels.row_bytes(p.qtype, n_embd)],
+                                   p.qtype, cut.rows, n_embd)[0] for p in (ref.part("gate"), ref.part("up")))
+        return silu(gate) * up

@@ -24,7 +24,7 @@ import torch
 from moe_tier.cpu_share import CpuShare, plan_cuts
 from moe_tier.host_tiers import blob_layout
 from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split, has_kernel
-from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage, whole_blobs
+from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage
 from moe_tier.kernels.gpu_q8_1 import quantize_q8_1
 from moe_tier.moe import Routing
 from moe_tier.moe_gpu import DECODE_MAX_ROWS, aligned, gate_up_parts, moe_ffn_gpu
@@ -115,8 +115,6 @@ class DeviceMoE:
             if eid.layer not in self.parts:
                 self.parts[eid.layer] = (ref.part("gate"), ref.part("up"), ref.part("down"), blob_layout(ref), ref.n_bytes)
         cuts = plan_cuts(tiers.desc.experts, cpu_share)  # where the CPU computes a share of each staged expert
-        self.whole = {(layer, g): whole_blobs(part[4], a.device) for layer, part in self.parts.items()
-                      for g, a in tiers.arena.items()}
         self.cpu = CpuShare(tiers, cuts) if cuts else None
         k = c.n_expert_used
         self.lookahead = {layer: la for layer, la in (lookahead or {}).items()
@@ -183,7 +181,7 @@ class DeviceMoE:
             side = self._stream(arena.device, "demand")
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                stage(ids, loc, first, arena, late, self.whole[layer, gpu])
+                stage(ids, loc, first, arena, late, blob_bytes)
         if ahead is not None:
             main.wait_event(ahead[4])  # the experts staged ahead are read with the hot ones
         xq = quantize_q8_1(x.float().contiguous()) if has_kernel(gate.qtype, n_embd) else None  # once for both
@@ -195,19 +193,20 @@ class DeviceMoE:
             h, hq = silu_mul(gate_up)
             down_parts = gemv_parts(h, arena, every, down.qtype, n_embd, n_ff, (at["down"],), xq=hq)[0]
             return combine(down_parts, routing.weights.to(arena.device))
-        # The hot rows, then the GPU's share of the staged rows once the copy engine has it: gate and up rows
-        # [f, F), down columns [f, F) of each row.
-        S = [gemv_split(down.qtype, n_embd, cols, len(ids)) for cols in (n_ff, n_ff - cut.cols)]
-        parts = torch.empty((1, S[0] + S[1] + 1, len(ids), n_embd), dtype=torch.float32, device=x.device)
+        # The hot rows; then the staged rows once the copy engine has the GPU's part (gate and up rows [f, F), all
+        # of down) and the host its silu(gate) * up of rows [0, f).
+        S = gemv_split(down.qtype, n_embd, n_ff, len(ids))
+        parts = torch.empty((1, 2 * S, len(ids), n_embd), dtype=torch.float32, device=x.device)
         h, hq = silu_mul(gate_up)
-        gemv_parts(h, arena, now, down.qtype, n_embd, n_ff, (at["down"],), xq=hq, out=parts[:, : S[0]])
+        gemv_parts(h, arena, now, down.qtype, n_embd, n_ff, (at["down"],), xq=hq, out=parts[:, :S])
         if _live():
             self.cpu.serve([point])  # eager: the host queues the GPU's copies and computes its part now
         self.cpu.await_staged(point, late)
-        h_late, hq_late = silu_mul(gate_up_parts(x, xq, arena, late, gate, up, cut.gate_up_at, rows=n_ff - cut.cols))
-        gemv_parts(h_late, arena, late, down.qtype, n_embd, n_ff - cut.cols, (cut.down_at,), xq=hq_late,
-                   out=parts[:, S[0] : -1], row_cols=n_ff)
-        self.cpu.wait(point, late, parts[0, -1])
+        late_gate_up = gate_up_parts(x, xq, arena, late, gate, up, cut.gate_up_at, rows=n_ff - cut.rows)
+        host = torch.empty((len(ids), cut.rows), dtype=torch.float32, device=x.device)
+        self.cpu.wait(point, late, host)
+        h_late, hq_late = silu_mul(late_gate_up, head=host)
+        gemv_parts(h_late, arena, late, down.qtype, n_embd, n_ff, (at["down"],), xq=hq_late, out=parts[:, S:])
         return combine(parts[0], routing.weights.to(arena.device))
 
     def _predict(self, x: torch.Tensor, layer: int) -> None:
@@ -228,7 +227,7 @@ class DeviceMoE:
             late = locate(pred, tiers.locations.loc[gpu], first, arena, at, k, tiers.slot_bytes)[1]
             chosen, done = torch.cuda.Event(), torch.cuda.Event()
             chosen.record(side)
-            stage(pred, tiers.locations.loc[gpu], first, arena, late, self.whole[la.target, gpu])
+            stage(pred, tiers.locations.loc[gpu], first, arena, late, self.parts[la.target][4])
             done.record(side)
         for t in (pred, late):
             t.record_stream(main)  # read by the target layer on the compute stream

@@ -197,19 +197,6 @@ def test_matmul_matches_float_reference(qtype, n_tok):
     assert np.all(np.abs(y - reference) <= bound + 1e-30)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
-def test_matmul_over_the_first_columns_is_the_product_with_those_columns(qtype):
-    """cols: x meets the first cols columns of each row in place (the CPU's share of a split expert), the same
-    numbers as the product with those columns copied out."""
-    w, x = make_weight(qtype, seed=6), make_x(3, seed=7)
-    cols = 256
-    first = np.ascontiguousarray(w.reshape(N, -1)[:, : kernels.row_bytes(qtype, cols)])
-    got = kernels.matmul(x[:, :cols], w, qtype, N, K, cols=cols)
-    np.testing.assert_array_equal(got, kernels.matmul(x[:, :cols], first, qtype, N, cols))
-    with pytest.raises(MoeTierError, match="whole number"):
-        kernels.matmul(x[:, :100], w, qtype, N, K, cols=100)
-
-
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 def test_get_rows_is_gguf_dequantize(qtype):
     w = make_weight(qtype, seed=6)

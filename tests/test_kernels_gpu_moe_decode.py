@@ -15,9 +15,8 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from moe_tier.config import Gating  # noqa: E402
 from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts, gemv_split  # noqa: E402
-from moe_tier.copy_engine import CopyEngine  # noqa: E402
-from moe_tier.kernels.gpu_moe_decode import (await_share, await_staged, combine, locate, publish, regions,  # noqa: E402
-                                             route_topk, silu_mul, stage, whole_blobs)
+from moe_tier.kernels.gpu_moe_decode import (await_share, await_staged, combine, locate, publish,  # noqa: E402
+                                             route_topk, silu_mul, stage)
 from moe_tier.kernels.gpu_q8_1 import quantize_q8_1  # noqa: E402
 from moe_tier.moe import route  # noqa: E402
 from tests.test_kernels_gpu import DEVICE, TOL, gemv_reference, random_weight, rel_err  # noqa: E402
@@ -112,8 +111,8 @@ def test_two_launches_fill_one_buffer(qtype):
 
 @pytest.mark.parametrize("n_ff", [1500, 1504])
 def test_silu_mul_and_combine_sum_split_parts(n_ff):
-    """silu_mul also writes its output as q8_1 (as quantize_q8_1 would) where F is whole blocks of 32; F is not a
-    multiple of its tile either way."""
+    """silu_mul also writes its output as q8_1 (as quantize_q8_1 would) where F is whole blocks of 32, and puts
+    given values (the host's share) before each row's; F is not a multiple of its tile either way."""
     rng = np.random.default_rng(4)
     gate_up = rng.standard_normal((2, 3, 4, n_ff)).astype(np.float32)  # (2, S, R, F)
     g, u = gate_up.sum(axis=1)
@@ -122,6 +121,12 @@ def test_silu_mul_and_combine_sum_split_parts(n_ff):
     assert (hq is None) == (n_ff % 32 != 0)
     if hq is not None:
         for got, want in zip(hq, quantize_q8_1(h)):
+            assert torch.equal(got, want)
+    head = rng.standard_normal((4, 64)).astype(np.float32)  # the host's first values of each row
+    h2, hq2 = silu_mul(torch.from_numpy(gate_up).to(DEVICE), head=torch.from_numpy(head).to(DEVICE))
+    np.testing.assert_array_equal(h2.cpu().numpy(), np.concatenate([head, h.cpu().numpy()], axis=1))
+    if hq is not None:
+        for got, want in zip(hq2, quantize_q8_1(h2)):
             assert torch.equal(got, want)
     down = rng.standard_normal((3, 4, 1100)).astype(np.float32)  # (S, R=T*k, D)
     w = rng.random((2, 2)).astype(np.float32)
@@ -152,7 +157,7 @@ def test_stage_copies_warm_blobs_and_keeps_hot_and_skipped_rows(programs):
     assert now.tolist() == [SKIP, 0, SKIP, far + 2 * slot_bytes]  # row 3 is past n_stage: in place
     assert late.tolist() == [stage_at, SKIP, SKIP, SKIP]
     assert every.tolist() == [stage_at, 0, SKIP, far + 2 * slot_bytes]
-    stage(ids, loc, layer * n_expert, arena, late, whole_blobs(blob_bytes, DEVICE), programs)
+    stage(ids, loc, layer * n_expert, arena, late, blob_bytes, programs)
     staged = arena[stage_at : stage_at + blob_bytes].cpu()
     assert torch.equal(staged, warm[slot_bytes : slot_bytes + blob_bytes])
     assert not arena[stage_at + slot_bytes :].any()  # row 1 (hot) staged nothing
@@ -160,72 +165,22 @@ def test_stage_copies_warm_blobs_and_keeps_hot_and_skipped_rows(programs):
     assert gemv(x, arena, torch.tensor([stage_at], device=DEVICE), Q.Q4_K, 2, 256).shape == (1, 2)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
-def test_a_column_range_and_the_rest_sum_to_the_whole_product(qtype):
-    """The split of an expert's down projection: x's first c values against the first c columns of each row,
-    plus the rest against the rest (part offset moved, row length kept), equals the whole product."""
-    rng = np.random.default_rng(6)
-    n_rows, n_cols, c = 24, 1024, 512
-    w = random_weight(qtype, n_rows, n_cols, rng)
-    base = torch.from_numpy(w.ravel().copy()).to(DEVICE)
-    x = rng.standard_normal((1, n_cols)).astype(np.float32)
-    at = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    whole = gemv(torch.from_numpy(x).to(DEVICE), base, at, qtype, n_rows, n_cols).cpu().numpy()
-    col_bytes = w.shape[1] // (n_cols // 256) * (c // 256)  # bytes of c columns in a row
-    parts = [gemv_parts(torch.from_numpy(x[:, lo:hi].copy()).to(DEVICE), base, at, qtype, n_rows, hi - lo, (skip,),
-                        row_cols=n_cols)[0].sum(dim=0).cpu().numpy() for lo, hi, skip in [(0, c, 0), (c, n_cols, col_bytes)]]
-    assert rel_err(parts[0] + parts[1], whole) < TOL * 10
-    assert rel_err(parts[1], gemv_reference(x[:, c:], np.ascontiguousarray(w[:, col_bytes:]), qtype, n_rows,
-                                            n_cols - c)) < TOL
-
-
-def test_stage_copies_column_regions_only():
-    """The GPU's share of a warm expert: a range of one matrix's rows and a range of every row's columns of
-    another; nothing else of the slot is written."""
-    slot_words, n_rows, row_words = 1024, 16, 32
-    arena = torch.zeros(2 * slot_words * 4, dtype=torch.uint8, device=DEVICE)
-    warm = torch.randint(0, 256, (slot_words * 4,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    warm = warm.pin_memory() if DEVICE == "cuda" else warm
-    loc = torch.tensor([warm.data_ptr() - arena.data_ptr()], dtype=torch.int64, device=DEVICE)
-    ids = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    late = torch.tensor([slot_words * 4], dtype=torch.int64, device=DEVICE)
-    stage(ids, loc, 0, arena, late, regions([(100, 1, 0, 50), (512, n_rows, row_words, 12)], DEVICE), programs=3)
-    got = arena[slot_words * 4 :].cpu().view(torch.int32).numpy()
-    src = warm.view(torch.int32).numpy()
-    want = np.zeros_like(src)
-    want[100:150] = src[100:150]
-    for r in range(n_rows):
-        at = 512 + r * row_words
-        want[at : at + 12] = src[at : at + 12]
-    np.testing.assert_array_equal(got, want)
-    assert not arena[: slot_words * 4].any()
-
-
-def test_the_copy_engine_copies_a_row_range_and_a_column_range_then_releases_the_stream():
-    """The host's copies of the GPU's share of a warm expert (cpu_share): a contiguous range and a column range of
-    every row land in VRAM and nothing else of the slot is written; await_staged waits for the flag the host
-    queues after them, and only where a row is staged."""
-    n_rows, row_bytes, slot = 16, 128, 4096
-    warm = torch.randint(0, 256, (slot,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    warm = warm.pin_memory() if DEVICE == "cuda" else warm
-    arena = torch.zeros(slot, dtype=torch.uint8, device=DEVICE)
+def test_await_staged_waits_for_the_flag_copied_after_the_staged_rows():
+    """The stream waits until the flag in VRAM holds the step's number (the host copies it after its copies of
+    the staged rows), and only where a row is staged."""
     flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     seq = torch.tensor([3], dtype=torch.int32, device=DEVICE)
     source = torch.tensor([3], dtype=torch.int32)
-    source = source.pin_memory() if DEVICE == "cuda" else source
-    engine = CopyEngine(torch.device(DEVICE))
-    engine.copy(arena.data_ptr() + 400, warm.data_ptr() + 400, 1, 200)
-    engine.copy(arena.data_ptr() + 2048, warm.data_ptr() + 2048, n_rows, 48, row_bytes)
-    engine.copy(flag.data_ptr(), source.data_ptr(), 1, 4)
+    stream = torch.cuda.Stream() if DEVICE == "cuda" else None
+    if stream is not None:
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(10_000_000)  # the flag lands well after the wait began
+            flag.copy_(source.pin_memory(), non_blocking=True)
+    else:
+        flag.copy_(source)
     await_staged(torch.tensor([SKIP, 0], device=DEVICE), flag, seq)
-    want = torch.zeros(slot, dtype=torch.uint8)
-    want[400:600] = warm[400:600]
-    for r in range(n_rows):
-        at = 2048 + r * row_bytes
-        want[at : at + 48] = warm[at : at + 48]
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    assert torch.equal(arena.cpu(), want) and flag.item() == 3
+    after = flag.clone()  # queued after the wait on the compute stream: the flag as the wait left it
+    assert after.item() == 3
     seq.fill_(4)  # no row staged: no wait for a flag that never comes
     await_staged(torch.tensor([SKIP, SKIP], device=DEVICE), flag, seq)
     if DEVICE == "cuda":

@@ -214,7 +214,7 @@ def test_the_cpu_computes_its_share_of_each_staged_expert(no_cuda_streams, tmp_p
                                                               n_ff_exp=2 * CUT_VALUES)))
     pool = HostPool(desc, n_hot=3, stage=2)
     moe = DeviceMoE(pool, cpu_share=0.6)
-    assert moe.cpu is not None and {c.cols for c in moe.cpu.cuts.values()} == {CUT_VALUES}
+    assert moe.cpu is not None and {c.rows for c in moe.cpu.cuts.values()} == {CUT_VALUES}
     exact, cfg = DequantizedExperts(desc), desc.config
     rng = np.random.default_rng(1)
     n_warm = 0
@@ -242,23 +242,26 @@ def test_the_cpu_share_balances_the_measured_rates_and_is_off_for_a_busy_cpu():
 
 
 def test_the_cut_covers_each_expert_once_between_cpu_and_gpu(tmp_path):
-    """plan_cut: the CPU's bytes (gate and up rows [0, f), down columns [0, f)) and the GPU's stage regions
-    (the rest) partition the expert's blob; types without a GPU kernel, rows too short and tiny shares get none."""
+    """plan_cut: the CPU's bytes (gate and up rows [0, f)) and the GPU's contiguous ranges (the rest, all of down)
+    partition the expert's blob; the share is of the whole blob's bytes, at most gate's and up's less one
+    CUT_VALUES of rows; types without a GPU kernel and tiny shares get none."""
     from moe_tier import kernels
     from moe_tier.cpu_share import CUT_VALUES, plan_cut
     from moe_tier.host_tiers import blob_layout
 
-    desc = open_model(write_fast(tmp_path / "m.gguf", tiny("llama", qtype="Q4_K", n_layer=1, n_ff_exp=3 * CUT_VALUES)))
+    desc = open_model(write_fast(tmp_path / "m.gguf", tiny("llama", qtype="Q4_K", n_layer=1, n_ff_exp=4 * CUT_VALUES)))
     ref = next(iter(desc.experts.values()))
+    gate = ref.part("gate")
+    row = kernels.row_bytes(gate.qtype, gate.shape[0])
     cut = plan_cut(ref, 0.5)
-    assert cut.cols == CUT_VALUES and cut.n_ff == 3 * CUT_VALUES
+    assert cut.n_ff == 4 * CUT_VALUES and cut.rows == 3 * CUT_VALUES  # half of 3 matrices: 3/4 of gate and up
     covered = np.zeros(ref.n_bytes, dtype=np.int64)
-    for start, rows, stride, width in cut.spans:
-        for r in range(rows):
-            covered[4 * (start + r * stride) : 4 * (start + r * stride + width)] += 1
-    assert covered.max() == 1 and ref.n_bytes - covered.sum() == cut.cpu_bytes
-    assert cut.down_at - blob_layout(ref)["down"] == kernels.row_bytes(ref.part("down").qtype, cut.cols)
-    assert plan_cut(ref, 0.1) is None  # under one CUT_VALUES of columns
+    for at, n in cut.spans:
+        covered[at : at + n] += 1
+    assert covered.max() == 1 and ref.n_bytes - covered.sum() == cut.cpu_bytes == 2 * cut.rows * row
+    assert covered[blob_layout(ref)["gate"] : cut.gate_up_at["gate"]].sum() == 0
+    assert plan_cut(ref, 0.9).rows == 3 * CUT_VALUES  # the GPU keeps at least one CUT_VALUES of rows
+    assert plan_cut(ref, 0.1) is None  # under one CUT_VALUES of rows
     odd = open_model(write_fast(tmp_path / "q4_0.gguf", tiny("llama", qtype="Q4_0", n_layer=1, n_ff_exp=1024)))
     assert plan_cut(next(iter(odd.experts.values())), 0.5) is None  # no GPU matrix-vector kernel for Q4_0
 

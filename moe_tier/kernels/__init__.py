@@ -65,20 +65,15 @@ def _rows(w: np.ndarray, qtype: GGMLQuantizationType, n_rows: int, n_cols: int) 
 
 
 def matmul(x: np.ndarray | Activations, w: np.ndarray, qtype: GGMLQuantizationType, n_rows: int,
-           n_cols: int, cols: int | None = None) -> np.ndarray:
+           n_cols: int) -> np.ndarray:
     """x (T, K=n_cols) float32 @ W.T for W (N=n_rows, K) stored as raw blocks in w; returns (T, N) float32.
-    Pass x as Activations where several weights read it, so that it is converted once. cols: x holds only the
-    first cols values (whole blocks) and meets the first cols columns of every row (the CPU's share of an
-    expert's down projection; the kernels take a row's block count from x)."""
+    Pass x as Activations where several weights read it, so that it is converted once."""
     kernel = _kernel(qtype)
     rows = _rows(w, qtype, n_rows, n_cols)
     acts = x if isinstance(x, Activations) else Activations(x)
     n_tok = len(acts.x)
-    want = n_cols if cols is None else cols
-    if cols is not None and (cols % block_shape(qtype)[0] or not 0 < cols <= n_cols):
-        raise MoeTierError(None, f"{cols} of {n_cols} columns is not a whole number of {GGMLQuantizationType(qtype).name} blocks")
-    if acts.x.ndim != 2 or acts.x.shape[1] != want:
-        raise MoeTierError(None, f"activations of shape {acts.x.shape} do not match a weight of {want} columns")
+    if acts.x.ndim != 2 or acts.x.shape[1] != n_cols:
+        raise MoeTierError(None, f"activations of shape {acts.x.shape} do not match a weight of {n_cols} columns")
     out = np.zeros((n_tok, n_rows), dtype=np.float32)
     if n_tok and n_rows:
         prepared = acts.converted(kernel.prepare)

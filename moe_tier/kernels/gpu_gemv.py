@@ -65,16 +65,14 @@ def _program(off_ptr, p0, p1, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N:
 
 @triton.jit
 def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_out, stride_part, stride_mat,
-               K: tl.constexpr, ROW_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
+               K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
                STAGES: tl.constexpr, ASM: tl.constexpr, Q5: tl.constexpr = False):
     """Program (n tile, row, matrix * SPLIT + part): out[matrix, part, row, n] = sum over the part's super-blocks
     of x[row // X_DIV] . W[n], W the row's matrix at part offset p0 (matrix 0) or p1 (matrix 1), x as q8_1.
-    ROW_BLOCKS: super-blocks a stored row holds (K // 256, or more where x meets only the first K of each row's
-    values: part offsets shifted to a later column multiply the columns from there).
     Q5: Q5_K, whose blocks (176 bytes) hold a fifth bit per value (qh[32]) between the scales and the nibbles."""
     r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
     nmask = n < N
-    row_words = ROW_BLOCKS * (44 if Q5 else 36)  # 176 or 144 bytes a super-block
+    row_words = K // 256 * (44 if Q5 else 36)  # 176 or 144 bytes a super-block
     # Word pointers (not byte pointers cast late) so that the compiler sees runs of contiguous, 16-byte aligned words
     # and loads them 128 bits at a time.
     mat_words = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int32), bitcast=True)
@@ -127,14 +125,14 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
 
 @triton.jit
 def _q6_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_out, stride_part, stride_mat,
-               K: tl.constexpr, ROW_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
+               K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
                STAGES: tl.constexpr, ASM: tl.constexpr):
     """As _q4_k_gemv for Q6_K (ql[128] low nibbles | qh[64] high bit pairs | scales[16] int8 | d f16, 210 bytes):
     blocks are only 2-byte aligned, so they are read as 16-bit halfwords, paired into words in registers. As
     llama.cpp's vec_dot_q6_K_q8_1: dp4a of the unsigned 6-bit quants, minus 32 times the activations' sum."""
     r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
     nmask = n < N
-    row_halves = ROW_BLOCKS * 105
+    row_halves = K // 256 * 105
     w_rows = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int16), bitcast=True) + n.to(tl.int64) * row_halves
     c = tl.arange(0, 4)  # chunk: half c // 2 of the block (128 values), ql bytes 64 (c // 2) + 32 (c % 2) ..
     t = tl.arange(0, 8)  # word of the chunk
@@ -174,13 +172,13 @@ def _q6_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
 
 @triton.jit
 def _q8_0_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_out, stride_part, stride_mat,
-               K: tl.constexpr, ROW_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
+               K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
                STAGES: tl.constexpr, ASM: tl.constexpr):
     """As _q4_k_gemv for Q8_0 (d f16 | qs[32] int8, 34 bytes, 2-byte aligned: read as halfwords), eight blocks
     (256 values) a step: dp4a of the int8 quants, times both scales, as llama.cpp's vec_dot_q8_0_q8_1."""
     r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
     nmask = n < N
-    w_rows = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int16), bitcast=True) + n.to(tl.int64) * (ROW_BLOCKS * 8 * 17)
+    w_rows = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int16), bitcast=True) + n.to(tl.int64) * (K // 32 * 17)
     b = tl.arange(0, 8)  # block of the step
     t = tl.arange(0, 8)  # word of the block's quants
     q_at = (17 * b + 1)[:, None, None] + 2 * t[None, :, None] + tl.arange(0, 2)[None, None, :]  # (8, 8, 2) halfwords
@@ -229,20 +227,16 @@ def gemv_split(qtype: Q, n_rows: int, n_cols: int, R: int, M: int = 1, block_n: 
 def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype: Q, n_rows: int, n_cols: int,
                part_offsets: tuple[int, ...] = (0,), x_div: int = 1, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
                split: int | None = None, stages: int = STAGES, out: torch.Tensor | None = None,
-               xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-               row_cols: int | None = None) -> torch.Tensor:
+               xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """parts (M, S, R, n_rows): row r's products x[r // x_div] @ W.T with W (n_rows, n_cols) at base + offsets[r] +
     part_offsets[m], split over S parts of K (sum over S for the product). No host sync: offsets stay on the device.
     out: where to write them (a view with S from gemv_split, so that two launches can fill one buffer).
-    xq: x already as q8_1 (quantize_q8_1(x), or a kernel that produced x wrote it): one launch fewer.
-    row_cols: values a stored row of W holds (default n_cols): with part offsets moved to a later column, x
-    multiplies the n_cols columns from there (the GPU's share of an expert's down projection)."""
+    xq: x already as q8_1 (quantize_q8_1(x), or a kernel that produced x wrote it): one launch fewer."""
     qtype = Q(qtype)
     x = x.float().contiguous()
     R, M = offsets.shape[0], len(part_offsets)
     assert M in (1, 2) and x.shape[0] * x_div == R
     if not has_kernel(qtype, n_cols):  # one "expert" per row for the grouped kernel
-        assert row_cols in (None, n_cols), "column ranges need a matrix-vector kernel"
         xr = x.repeat_interleave(x_div, dim=0) if x_div > 1 else x
         seg = torch.arange(R + 1, dtype=torch.int32, device=x.device)
         skip = offsets == SKIP
@@ -261,7 +255,7 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
         xq, xd, xs = quantize_q8_1(x) if xq is None else xq
         kernel, consts = KERNELS[qtype]
         kernel[(tiles, R, split * M)](xq, xd, xs, base, offsets, p0, p1, out, n_rows, out.stride(2), out.stride(1),
-                                      out.stride(0), K=n_cols, ROW_BLOCKS=(row_cols or n_cols) // QK_K, SPLIT=split,
+                                      out.stride(0), K=n_cols, SPLIT=split,
                                       X_DIV=x_div, BLOCK_N=block_n, STAGES=stages,
                                       ASM=x.is_cuda, num_warps=num_warps, **consts)
     return out

@@ -5,22 +5,21 @@ expert), S split-K parts, D embedding width, F expert FFN width.
   route_topk  logits (T, E) -> ids (T, k) int32, weights (T, k): moe.route's semantics (stable ties: lower id)
   locate      ids (R,), location table -> offsets (3, R) int64: where each row's expert can be read now (hot),
               later (warm: after stage copies it into a staging slot) and either
-  stage       copies the warm rows' blobs (or the GPU's share of their columns) from pinned host memory into
+  stage       copies the warm rows' blobs from pinned host memory into
               their staging slots in VRAM: a kernel reading host memory contiguously moves ~51 GB/s on an H100 host,
               the Q4_K gemv reading it in place ~28 (bench/gpu_host_reads.py); it runs on a side stream while the
               hot rows compute
   publish     the staged rows' experts, their staging offsets and the layer's input to pinned host memory, then
               a flag: the host queues copies of the GPU's share of those experts (copy engines) and computes its own
   await_staged  the stream waits for the flag the host queues after those copies
-  await_share the host's share of each staged row's output, after spinning on the host's flag in the stream
+  await_share the host's share of each staged row (its first values of silu(gate) * up), after spinning on the
+              host's flag in the stream
   silu_mul    parts (2, S, R, F) of gate and up -> silu(gate) * up (R, F), and the same as q8_1 for the down
-              projection's Q4_K kernel (no separate quantizing launch)
+              projection's Q4_K kernel (no separate quantizing launch); optionally after the host's first values
   combine     parts (S, R, D) of down, weights (T, k) -> sum_j weights[t, j] * down[t * k + j] (T, D)
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import triton
@@ -115,59 +114,30 @@ def locate(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor
 
 
 @triton.jit
-def _stage(ids_ptr, loc_ptr, first, base_ptr, late_ptr, regions_ptr, PROGRAMS: tl.constexpr, WORDS: tl.constexpr,
+def _stage(ids_ptr, loc_ptr, first, base_ptr, late_ptr, n_words, PROGRAMS: tl.constexpr, WORDS: tl.constexpr,
            ROUNDS: tl.constexpr):
-    """Program (p, row, region): copies rounds p, p + PROGRAMS, .. of a region of the row's blob if the row has a
-    staging slot. A region (first word, rows, words from one row to the next, words a row) sits at the same place
-    in the blob and in the slot."""
+    """Program (p, row): copies rounds p, p + PROGRAMS, .. of the row's blob if the row has a staging slot."""
     p = tl.program_id(0)
     r = tl.program_id(1)
-    g = tl.program_id(2)
     dst = tl.load(late_ptr + r)
     if dst != SKIP_C:  # the others move nothing (a masked loop over them cost ~130 us a layer)
-        start, rows = tl.load(regions_ptr + 4 * g), tl.load(regions_ptr + 4 * g + 1).to(tl.int32)
-        stride, width = tl.load(regions_ptr + 4 * g + 2), tl.load(regions_ptr + 4 * g + 3).to(tl.int32)
         src = tl.load(loc_ptr + first + tl.load(ids_ptr + r))
-        src_words = (base_ptr + src).to(tl.pointer_type(tl.int32), bitcast=True) + start
-        dst_words = (base_ptr + dst).to(tl.pointer_type(tl.int32), bitcast=True) + start
+        src_words = (base_ptr + src).to(tl.pointer_type(tl.int32), bitcast=True)
+        dst_words = (base_ptr + dst).to(tl.pointer_type(tl.int32), bitcast=True)
         i = tl.arange(0, WORDS)
-        total = rows * width
-        for j in range(ROUNDS):  # enough for the largest region
-            flat = (p + j * PROGRAMS) * WORDS + i
-            at = flat.to(tl.int64)
-            if rows > 1:  # a column range of every row (a whole blob is one row: no division)
-                row = flat // width
-                at = row.to(tl.int64) * stride + (flat - row * width)
-            tl.store(dst_words + at, tl.load(src_words + at, mask=flat < total), mask=flat < total)
-
-
-class Regions(NamedTuple):
-    """What stage copies of a blob: (G, 4) int64 on the GPU, each (first word, rows, words from one row to the
-    next, words a row), and the most words of one region (its loop's trip count)."""
-    table: torch.Tensor
-    most_words: int
-
-
-def regions(spans: list[tuple[int, int, int, int]], device) -> Regions:
-    return Regions(torch.tensor(spans, dtype=torch.int64, device=device), max(r * w for _, r, _, w in spans))
-
-
-def whole_blobs(blob_bytes: int, device) -> Regions:
-    """A whole blob (warm blobs are 256-byte aligned and padded: whole words copy)."""
-    return regions([(0, 1, 0, -(-blob_bytes // 4))], device)
+        for j in range(ROUNDS):
+            at = (p + j * PROGRAMS).to(tl.int64) * WORDS + i
+            tl.store(dst_words + at, tl.load(src_words + at, mask=at < n_words), mask=at < n_words)
 
 
 def stage(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor, late: torch.Tensor,
-          spans: Regions, programs: int | None = None) -> None:
-    """Copies regions of each row's warm blob (pinned host memory, at its table entry) to the staging slot late[r]
-    gives it: whole_blobs, or the GPU's share of an expert whose other columns the CPU computes. programs per row,
-    shared by its regions, set how many SMs it takes from the matrix-vector products running beside it (the copy
-    is bound by the link: three regions of 512 programs each slowed those products 1.6x on an H200)."""
-    programs = max(1, (programs or STAGE_PROGRAMS) // len(spans.table))
-    _stage[(programs, ids.numel(), len(spans.table))](ids, loc, first, arena, late, spans.table, PROGRAMS=programs,
-                                                      WORDS=STAGE_WORDS,
-                                                      ROUNDS=triton.cdiv(spans.most_words, STAGE_WORDS * programs),
-                                                      num_warps=4)
+          blob_bytes: int, programs: int = STAGE_PROGRAMS) -> None:
+    """Copies each row's warm blob (pinned host memory, at its table entry) to the staging slot late[r] gives it
+    (warm blobs are 256-byte aligned and padded: whole words copy). programs per row set how many SMs it takes
+    from the matrix-vector products running beside it (the copy is bound by the link)."""
+    n_words = -(-blob_bytes // 4)
+    _stage[(programs, ids.numel())](ids, loc, first, arena, late, n_words, PROGRAMS=programs, WORDS=STAGE_WORDS,
+                                    ROUNDS=triton.cdiv(n_words, STAGE_WORDS * programs), num_warps=4)
 
 
 @triton.jit
@@ -224,7 +194,7 @@ def _await_staged(late_ptr, flag_ptr, seq_ptr, R, BLOCK_R: tl.constexpr, MAX_SPI
 
 def await_staged(late: torch.Tensor, flag: torch.Tensor, seq: torch.Tensor) -> None:
     """The stream waits until flag (1,) int32 in VRAM holds seq, where any row is staged (late (R,) not SKIP): the
-    host queues that flag after its copies of the staged rows (copy_engine.py). Bounded like await_share: a host
+    host queues that flag after its copies of the staged rows (cpu_share.py). Bounded like await_share: a host
     that never answers leaves garbage in the rows (and NaN from await_share), not a hang."""
     R = late.numel()
     _await_staged[(1,)](late, flag, seq, R, BLOCK_R=triton.next_power_of_2(R), MAX_SPINS=AWAIT_MAX_SPINS)
@@ -264,36 +234,43 @@ def await_share(late: torch.Tensor, base: torch.Tensor, at_flag: int, at_out: in
 
 
 @triton.jit
-def _silu_mul(parts_ptr, out_ptr, q_ptr, d_ptr, s_ptr, F, stride_mat, stride_part, S: tl.constexpr,
+def _silu_mul(parts_ptr, head_ptr, out_ptr, q_ptr, d_ptr, s_ptr, F, H, stride_mat, stride_part, S: tl.constexpr,
               BLOCK: tl.constexpr, Q8: tl.constexpr):
+    """Program (block of H + F, row): the row's first H values from head (H may be 0), then silu(gate) * up."""
     r = tl.program_id(1)
-    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = f < F
+    n = H + F
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    f = c - H
+    m = (c < n) & (f >= 0)
     g = tl.zeros((BLOCK,), dtype=tl.float32)
     u = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(S):
         g += tl.load(parts_ptr + s * stride_part + r * F + f, mask=m, other=0.0)
         u += tl.load(parts_ptr + stride_mat + s * stride_part + r * F + f, mask=m, other=0.0)
     h = g / (1.0 + tl.exp(-g)) * u
-    tl.store(out_ptr + r * F + f, h, mask=m)
-    if Q8:  # F is a multiple of 32: whole q8_1 blocks, masked by block
+    h = tl.where(c < H, tl.load(head_ptr + r * H + c, mask=c < H, other=0.0), h)
+    tl.store(out_ptr + r * n + c, h, mask=c < n)
+    if Q8:  # n is a multiple of 32: whole q8_1 blocks, masked by block
         q, d, sums = q8_1_blocks(tl.reshape(h, (BLOCK // 32, 32)))
-        at = tl.reshape(f, (BLOCK // 32, 32))
-        tl.store(q_ptr + r * F + at, q.to(tl.int8), mask=at < F)
+        at = tl.reshape(c, (BLOCK // 32, 32))
+        tl.store(q_ptr + r * n + at, q.to(tl.int8), mask=at < n)
         blk = tl.program_id(0) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
-        tl.store(d_ptr + r * (F // 32) + blk, d, mask=blk < F // 32)
-        tl.store(s_ptr + r * (F // 32) + blk, sums, mask=blk < F // 32)
+        tl.store(d_ptr + r * (n // 32) + blk, d, mask=blk < n // 32)
+        tl.store(s_ptr + r * (n // 32) + blk, sums, mask=blk < n // 32)
 
 
-def silu_mul(parts: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-    """(silu(gate) * up (R, F), the same as q8_1 (gemv_parts' xq), or None where F is not whole q8_1 blocks)."""
+def silu_mul(parts: torch.Tensor, head: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """(silu(gate) * up (R, F) from parts (2, S, R, F), the same as q8_1 (gemv_parts' xq), or None where F is not
+    whole q8_1 blocks). head (R, H): values that go before each row's (the CPU's share of a staged expert's rows)."""
     _, S, R, F = parts.shape
-    out = torch.empty((R, F), dtype=torch.float32, device=parts.device)
-    xq = q8_1_empty(R, F, parts.device) if F % 32 == 0 else None
+    H = 0 if head is None else head.shape[1]
+    out = torch.empty((R, H + F), dtype=torch.float32, device=parts.device)
+    xq = q8_1_empty(R, H + F, parts.device) if (H + F) % 32 == 0 else None
     q, d, s = xq or (out, out, out)  # unused pointers when there is no q8_1 output
     BLOCK = 1024
-    _silu_mul[(triton.cdiv(F, BLOCK), R)](parts, out, q, d, s, F, parts.stride(0), parts.stride(1), S=S, BLOCK=BLOCK,
-                                          Q8=xq is not None)
+    _silu_mul[(triton.cdiv(H + F, BLOCK), R)](parts, out if head is None else head.contiguous(), out, q, d, s, F, H,
+                                              parts.stride(0), parts.stride(1), S=S, BLOCK=BLOCK, Q8=xq is not None)
     return out, xq
 
 
