@@ -100,7 +100,7 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
     # Floor for the bytes this run moved: each link busy the whole token, links in parallel.
     pcie = sum(b for link, b in moved.items() if "->gpu" in link)
     disk = moved.get("disk->gpu", 0) + moved.get("disk->cpu", 0)
-    cpu = moved.get("warm->cpu share", 0)  # the CPU's columns of staged experts, read from RAM beside the link
+    cpu = moved.get("warm->cpu share", 0)  # the CPU's rows of staged experts, read from RAM beside the link
     hbm = s.tiers["hot"].bytes / n_tokens + dense_bytes if "hot" in s.tiers else 0
     hbm_bytes_per_s = d2d_bytes_per_s()  # a device copy's read + write rate: what HBM moves
     floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s, hbm / hbm_bytes_per_s,
@@ -204,8 +204,10 @@ def main() -> None:
              "every layer forced by --read-back, benchmark only" if args.read_back else "") + "), each step one CUDA "
              "graph replay (" + ("yes" if rows[0]["graphs"] else "no") + f"; its capture, {rows[0]['first_s']:.1f} s, is "
              "outside the timed steps): a warm expert chosen by a token is copied from pinned memory into a staging "
-             "slot by a kernel ('warm->gpu read'; with a CPU share, only the GPU's columns, while the CPU computes the "
-             "others from the same pinned blob: 'warm->cpu share'), promotions into slots are DMA copies ('warm->gpu'). Lookahead d: the router "
+             "slot by a kernel ('warm->gpu read'; with a CPU share, the GPU's part by the copy engine, queued by the host "
+             "as the GPU publishes the layer's warm experts, while the CPU computes the first rows of gate and up from "
+             "the same pinned blob: 'warm->cpu share'; the CPU share column is its part of a staged expert's bytes), "
+             "promotions into slots are DMA copies ('warm->gpu'). Lookahead d: the router "
              "of the MoE layer d later on this layer's input predicts its experts, and the warm ones are staged while the "
              "layers between compute ('warm->gpu ahead', all of them, used or not; uses of them count as 'ahead'). Replayed rows: the router's "
              "choice replaced by real Mixtral-8x7B routing (GSM8K), a benchmark-only override; llama.cpp's ratio there "

@@ -97,6 +97,7 @@ class Cut:
     n_ff: int
     gate_up_at: dict[str, int]  # gate and up rows [f, F): their offsets in a blob
     cpu_bytes: int  # blob bytes the CPU reads for one expert
+    n_bytes: int  # a blob's bytes
     spans: list[tuple[int, int]]  # the GPU's bytes in a blob: (offset, bytes)
 
 
@@ -115,7 +116,7 @@ def plan_cut(ref: ExpertRef, share: float) -> Cut | None:
     if rows < CUT_VALUES or not aligned(gate_up_at.values()):
         return None
     spans = [(gate_up_at[m], (n_ff - rows) * row[m]) for m in ("gate", "up")] + [(at["down"], down.n_bytes)]
-    return Cut(rows, n_ff, gate_up_at, rows * (row["gate"] + row["up"]), spans)
+    return Cut(rows, n_ff, gate_up_at, rows * (row["gate"] + row["up"]), ref.n_bytes, spans)
 
 
 def plan_cuts(experts: dict[ExpertId, ExpertRef], share: float) -> dict[int, Cut]:
@@ -156,8 +157,8 @@ class CpuShare:
         self.step: list[Point] = []  # this step's points in the order queued
 
     def fraction(self) -> float:
-        """The CPU's share of the FFN columns, over the layers it takes part in."""
-        return sum(c.rows for c in self.cuts.values()) / sum(c.n_ff for c in self.cuts.values())
+        """The CPU's share of a staged expert's bytes, over the layers it takes part in."""
+        return sum(c.cpu_bytes for c in self.cuts.values()) / sum(c.n_bytes for c in self.cuts.values())
 
     def begin_step(self) -> None:
         """A new step number on every GPU (queued: the step's kernels read it when they run)."""

@@ -6,8 +6,8 @@ Each row's expert is looked up in the location table (tiers/locations.py) with t
 expert's blob is copied from pinned host memory into a staging slot by a kernel on a side stream (no host
 involved) while the hot rows' gate and up compute from their slots; then the staged rows' gate and up, and every
 row's down. With a CPU share (cpu_share.py) the host, told the layer's warm experts by the GPU, has the copy engine
-stage only the GPU's columns of each and computes the others. Optionally a gate lookahead stages a later layer's predicted warm experts ahead of time
-(Lookahead).
+stage the GPU's part of each (gate's and up's later rows, all of down) and computes silu(gate) * up of the first
+rows itself. Optionally a gate lookahead stages a later layer's predicted warm experts ahead of time (Lookahead).
 After each step its routing is copied to pinned host memory (snapshot); the host counts it while the next step
 runs (account) and lets the policy promote misses into slots with copies that never make compute wait.
 Larger batches (prefill) read the routing back and take moe_gpu.moe_ffn_gpu, which streams whole experts.
@@ -161,8 +161,8 @@ class DeviceMoE:
         """(T, D): the layer's experts of each token that GPU gpu computes (the others skipped), weighted and
         summed in slot order, as llama.cpp. Warm rows are staged on a side stream while the hot rows (and those
         staged ahead) compute their gate and up (PCIe and HBM busy at once); theirs follow, then every row's
-        down. With a CPU share, the host has the copy engine stage only the GPU's columns of a warm expert and
-        computes the others meanwhile (cpu_share.py)."""
+        down. With a CPU share, the host has the copy engine stage the GPU's part of a warm expert and computes
+        the first rows of its gate and up meanwhile (cpu_share.py)."""
         gate, up, down, at, blob_bytes = self.parts[layer]
         n_ff, n_embd = matrix_dims(gate.shape)
         tiers, arena, first = self.tiers, self.tiers.arena[gpu], layer * self.tiers.desc.config.n_expert

@@ -151,10 +151,10 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
 @pytest.mark.parametrize("hot", ["half", "none"])
 @pytest.mark.parametrize("arch,qtype", [("llama", "Q4_K"), ("qwen3moe", "Q8_0")])
 def test_gpu_decode_with_a_cpu_share_matches_cpu_engine(tmp_path, monkeypatch, arch, qtype, hot):
-    """Each staged expert split: the CPU computes its first columns from the pinned blob while the GPU stages and
-    computes the rest, handing rows over through pinned memory and flags inside the step's CUDA graph. Eager and
-    graphed steps give the CPU engine's logits, and each warm use is counted on both sides."""
-    from moe_tier import gpu_graph
+    """Each staged expert split: the CPU computes the first rows of gate and up from the pinned blob while the copy
+    engine stages the rest for the GPU, handing ids and rows over through pinned memory and flags inside the step's
+    CUDA graph. Eager and graphed steps give the CPU engine's logits, and each warm use is counted on both sides."""
+    from moe_tier import gpu_graph, kernels
     from moe_tier.cpu_share import calibrated_share
     from moe_tier.models import Segment
     from moe_tier.synth import tiny, write_fast
@@ -167,7 +167,10 @@ def test_gpu_decode_with_a_cpu_share_matches_cpu_engine(tmp_path, monkeypatch, a
     n_hot = {"half": len(desc.experts) // 2, "none": 0}[hot]
     eng = Engine.open(path, ctx=64, vram=on_first_gpu(g.fixed_bytes + n_hot * g.slot_bytes + g.slot_bytes // 2),
                       cpu_share=0.5)
-    assert eng.decode_mode.endswith("one CUDA graph a step; the CPU computes 50% of each staged expert")
+    cut, ref = next(iter(eng.model.ops.moe.cpu.cuts.values())), next(iter(desc.experts.values()))
+    assert cut.rows == 512 and cut.cpu_bytes == 512 * 2 * kernels.row_bytes(ref.part("gate").qtype, desc.config.n_embd)
+    assert eng.decode_mode.endswith(f"one CUDA graph a step; the CPU computes {cut.cpu_bytes / ref.n_bytes:.0%} of "
+                                    "each staged expert")
     tokens = np.random.default_rng(2).integers(3, eng.n_vocab, 20)
     ref = cpu_model.forward(tokens, [Segment(cpu_model.new_cache(64), 0, len(tokens))])
     eager, graphed = decode_eager_and_graphed(eng, tokens, ctx=64)
