@@ -266,9 +266,10 @@ def test_the_cut_covers_each_expert_once_between_cpu_and_gpu(tmp_path):
     assert plan_cut(next(iter(odd.experts.values())), 0.5) is None  # no GPU matrix-vector kernel for Q4_0
 
 
-def test_a_failing_cpu_share_raises_every_flag_so_no_kernel_spins(no_cuda_streams, tmp_path):
-    """Should the host's part fail, its flags are raised anyway (the GPU's wait kernel would otherwise spin) and
-    the error reaches the caller."""
+@pytest.mark.parametrize("part", ["compute", "_stage"])
+def test_a_failing_cpu_share_raises_every_flag_so_no_kernel_spins(no_cuda_streams, tmp_path, part):
+    """Should the host's part fail (its rows, or queuing the GPU's copies), its flags are raised anyway (the GPU's
+    wait kernels would otherwise spin) and the error reaches the caller."""
     from moe_tier.cpu_share import CUT_VALUES
     from moe_tier.moe_decode import DeviceMoE
 
@@ -277,13 +278,14 @@ def test_a_failing_cpu_share_raises_every_flag_so_no_kernel_spins(no_cuda_stream
     pool = HostPool(desc, n_hot=0, stage=2)
     moe = DeviceMoE(pool, cpu_share=0.5)
 
-    def broken(eid, x):
+    def broken(*args):
         raise MemoryError("no room")
 
-    moe.cpu.compute = broken
+    setattr(moe.cpu, part, broken)
     cfg = desc.config
     ids = np.arange(cfg.n_expert_used, dtype=np.int32)[None]
     weights = np.full((1, cfg.n_expert_used), 1 / cfg.n_expert_used, dtype=np.float32)
     with pytest.raises(MemoryError):
         moe(torch.ones(1, cfg.n_embd), Routing(torch.from_numpy(ids), torch.from_numpy(weights)), desc.moe_layers[0])
     assert [p.flag_out.item() for p in moe.cpu.step] == [moe.cpu.seq]
+    assert [p.staged.item() for p in moe.cpu.step] == [moe.cpu.seq]  # the copy engine's flag too
