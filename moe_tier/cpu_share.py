@@ -36,8 +36,8 @@ from moe_tier.moe_gpu import aligned
 from moe_tier.reader import ExpertId, ExpertRef
 from moe_tier.tensors import matrix_dims
 
-# The cut is a multiple of this many values: whole super-blocks, and word-aligned down columns for every type
-# with a GPU matrix-vector kernel (Q6_K's 210-byte blocks come in pairs).
+# The cut is a multiple of this many rows of gate and up: the host's values and the GPU's then fill whole q8_1
+# blocks of the down projection's input (silu_mul quantizes them together).
 CUT_VALUES = 512
 MIN_SHARE = 0.1
 POLL_TIMEOUT_S = 60.0  # a GPU that has not published by then has failed; the host stops waiting

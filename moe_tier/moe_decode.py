@@ -174,10 +174,10 @@ class DeviceMoE:
         cut = self.cpu.cuts.get(layer) if self.cpu is not None and n_stage else None
         point = self.cpu.publish(gpu, layer, ids, late, x) if cut is not None else None
         split = gemv_split(gate.qtype, n_ff, n_embd, len(ids), 2)
-        both = n_stage and cut is None  # hot and staged rows in one buffer: the same matrices
-        gate_up = torch.empty((2, 2 * split if both else split, len(ids), n_ff), dtype=torch.float32, device=x.device)
+        whole = n_stage and cut is None  # the stage kernel copies whole blobs; hot and staged rows share one buffer
+        gate_up = torch.empty((2, 2 * split if whole else split, len(ids), n_ff), dtype=torch.float32, device=x.device)
         main = torch.cuda.current_stream()
-        if n_stage and cut is None:
+        if whole:
             side = self._stream(arena.device, "demand")
             side.wait_stream(main)
             with torch.cuda.stream(side):

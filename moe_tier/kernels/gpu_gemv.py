@@ -72,7 +72,7 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
     Q5: Q5_K, whose blocks (176 bytes) hold a fifth bit per value (qh[32]) between the scales and the nibbles."""
     r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
     nmask = n < N
-    row_words = K // 256 * (44 if Q5 else 36)  # 176 or 144 bytes a super-block
+    row_words = (K // 256) * (44 if Q5 else 36)  # 176 or 144 bytes a super-block
     # Word pointers (not byte pointers cast late) so that the compiler sees runs of contiguous, 16-byte aligned words
     # and loads them 128 bits at a time.
     mat_words = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int32), bitcast=True)
@@ -132,7 +132,7 @@ def _q6_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
     llama.cpp's vec_dot_q6_K_q8_1: dp4a of the unsigned 6-bit quants, minus 32 times the activations' sum."""
     r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
     nmask = n < N
-    row_halves = K // 256 * 105
+    row_halves = (K // 256) * 105
     w_rows = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int16), bitcast=True) + n.to(tl.int64) * row_halves
     c = tl.arange(0, 4)  # chunk: half c // 2 of the block (128 values), ql bytes 64 (c // 2) + 32 (c % 2) ..
     t = tl.arange(0, 8)  # word of the chunk
@@ -178,7 +178,7 @@ def _q8_0_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
     (256 values) a step: dp4a of the int8 quants, times both scales, as llama.cpp's vec_dot_q8_0_q8_1."""
     r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
     nmask = n < N
-    w_rows = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int16), bitcast=True) + n.to(tl.int64) * (K // 32 * 17)
+    w_rows = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int16), bitcast=True) + n.to(tl.int64) * ((K // 32) * 17)
     b = tl.arange(0, 8)  # block of the step
     t = tl.arange(0, 8)  # word of the block's quants
     q_at = (17 * b + 1)[:, None, None] + 2 * t[None, :, None] + tl.arange(0, 2)[None, None, :]  # (8, 8, 2) halfwords
@@ -255,8 +255,7 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
         xq, xd, xs = quantize_q8_1(x) if xq is None else xq
         kernel, consts = KERNELS[qtype]
         kernel[(tiles, R, split * M)](xq, xd, xs, base, offsets, p0, p1, out, n_rows, out.stride(2), out.stride(1),
-                                      out.stride(0), K=n_cols, SPLIT=split,
-                                      X_DIV=x_div, BLOCK_N=block_n, STAGES=stages,
+                                      out.stride(0), K=n_cols, SPLIT=split, X_DIV=x_div, BLOCK_N=block_n, STAGES=stages,
                                       ASM=x.is_cuda, num_warps=num_warps, **consts)
     return out
 

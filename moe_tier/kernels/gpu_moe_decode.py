@@ -5,10 +5,9 @@ expert), S split-K parts, D embedding width, F expert FFN width.
   route_topk  logits (T, E) -> ids (T, k) int32, weights (T, k): moe.route's semantics (stable ties: lower id)
   locate      ids (R,), location table -> offsets (3, R) int64: where each row's expert can be read now (hot),
               later (warm: after stage copies it into a staging slot) and either
-  stage       copies the warm rows' blobs from pinned host memory into
-              their staging slots in VRAM: a kernel reading host memory contiguously moves ~51 GB/s on an H100 host,
-              the Q4_K gemv reading it in place ~28 (bench/gpu_host_reads.py); it runs on a side stream while the
-              hot rows compute
+  stage       copies the warm rows' blobs from pinned host memory into their staging slots in VRAM: a kernel
+              reading host memory contiguously moves ~51 GB/s on an H100 host, the Q4_K gemv reading it in place
+              ~28 (bench/gpu_host_reads.py); it runs on a side stream while the hot rows compute
   publish     the staged rows' experts, their staging offsets and the layer's input to pinned host memory, then
               a flag: the host queues copies of the GPU's share of those experts (copy engines) and computes its own
   await_staged  the stream waits for the flag the host queues after those copies
@@ -130,11 +129,11 @@ def _stage(ids_ptr, loc_ptr, first, base_ptr, late_ptr, n_words, PROGRAMS: tl.co
             tl.store(dst_words + at, tl.load(src_words + at, mask=at < n_words), mask=at < n_words)
 
 
-def stage(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor, late: torch.Tensor,
-          blob_bytes: int, programs: int = STAGE_PROGRAMS) -> None:
-    """Copies each row's warm blob (pinned host memory, at its table entry) to the staging slot late[r] gives it
-    (warm blobs are 256-byte aligned and padded: whole words copy). programs per row set how many SMs it takes
-    from the matrix-vector products running beside it (the copy is bound by the link)."""
+def stage(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor, late: torch.Tensor, blob_bytes: int,
+          programs: int = STAGE_PROGRAMS) -> None:
+    """Copies each row's warm blob (pinned host memory, at its table entry) to the staging slot late[r] gives it.
+    Warm blobs are 256-byte aligned and padded: whole words copy. programs per row set how many SMs it takes
+    from a matrix-vector product running beside it."""
     n_words = -(-blob_bytes // 4)
     _stage[(programs, ids.numel())](ids, loc, first, arena, late, n_words, PROGRAMS=programs, WORDS=STAGE_WORDS,
                                     ROUNDS=triton.cdiv(n_words, STAGE_WORDS * programs), num_warps=4)
