@@ -179,16 +179,23 @@ def publish(ids: torch.Tensor, late: torch.Tensor, x: torch.Tensor, base: torch.
 
 
 @triton.jit
+def _spin(flag_ptr, seq, MAX_SPINS: tl.constexpr):
+    """Read the int32 at flag_ptr until it holds seq, at most MAX_SPINS times (a host that never answers must not
+    hang the stream): the last value read."""
+    seen = tl.load(flag_ptr, volatile=True)
+    tries = 0
+    while (seen != seq) & (tries < MAX_SPINS):
+        seen = tl.load(flag_ptr, volatile=True)
+        tries += 1
+    return seen
+
+
+@triton.jit
 def _await_staged(late_ptr, flag_ptr, seq_ptr, R, BLOCK_R: tl.constexpr, MAX_SPINS: tl.constexpr):
     r = tl.arange(0, BLOCK_R)
     staged = tl.sum((tl.load(late_ptr + r, mask=r < R, other=SKIP_C) != SKIP_C).to(tl.int32), axis=0)
     if staged > 0:
-        seq = tl.load(seq_ptr)
-        seen = tl.load(flag_ptr, volatile=True)
-        tries = 0
-        while (seen != seq) & (tries < MAX_SPINS):
-            seen = tl.load(flag_ptr, volatile=True)
-            tries += 1
+        _spin(flag_ptr, tl.load(seq_ptr), MAX_SPINS)
 
 
 def await_staged(late: torch.Tensor, flag: torch.Tensor, seq: torch.Tensor) -> None:
@@ -209,12 +216,7 @@ def _await_share(late_ptr, base_ptr, at_flag, at_out, seq_ptr, out_ptr, D, BLOCK
     y = tl.zeros((BLOCK,), dtype=tl.float32)
     if tl.load(late_ptr + r) != SKIP_C:
         seq = tl.load(seq_ptr)
-        flag = (base_ptr + at_flag).to(tl.pointer_type(tl.int32), bitcast=True)
-        seen = tl.load(flag, volatile=True)
-        tries = 0
-        while (seen != seq) & (tries < MAX_SPINS):
-            seen = tl.load(flag, volatile=True)
-            tries += 1
+        seen = _spin((base_ptr + at_flag).to(tl.pointer_type(tl.int32), bitcast=True), seq, MAX_SPINS)
         seen = _fence(seen, ASM)  # the loads below depend on it: they read what the host wrote before the flag
         host = (base_ptr + at_out).to(tl.pointer_type(tl.float32), bitcast=True) + (seen - seq)
         y = tl.load(host + r.to(tl.int64) * D + d, mask=d < D, volatile=True)
