@@ -103,8 +103,10 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
     cpu = moved.get("warm->cpu share", 0)  # the CPU's rows of staged experts, read from RAM beside the link
     hbm = s.tiers["hot"].bytes / n_tokens + dense_bytes if "hot" in s.tiers else 0
     hbm_bytes_per_s = d2d_bytes_per_s()  # a device copy's read + write rate: what HBM moves
-    floor_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s, hbm / hbm_bytes_per_s,
+    apart_s = max(pcie / speeds.h2d_bytes_per_s, disk / speeds.disk_bytes_per_s, hbm / hbm_bytes_per_s,
                   cpu / speeds.cpu_bytes_per_s)
+    # The link and the CPU both read host RAM: together no faster than it served them when measured at once.
+    floor_s = max(apart_s, (pcie + cpu) / speeds.host_bytes_per_s if speeds.host_bytes_per_s else 0.0)
     cpu_part = ops.moe.cpu.fraction() if getattr(ops.moe, "cpu", None) is not None else 0.0
     result = dict(vram=vram, policy=policy, lookahead=lookahead, cpu_share=cpu_part, routing="replayed (benchmark only)" if replay else "model's own",
                   device_path=type(ops.moe).__name__ == "DeviceMoE", graphs=eng._graphs is not None, first_s=first_s,
@@ -113,6 +115,7 @@ def run(path: Path, vram: str, n_prompt: int, n_tokens: int, policy: str, replay
                 layer_expert_bytes=sum(e.n_bytes for e in eng.desc.experts.values()) // eng.desc.config.n_layer,
                 prefill_tps=n_prompt / prefill_s, decode_tps=n_tokens / decode_s, moved=moved,
                 rates={k: round(v, 3) for k, v in s.hit_rates().items()}, floor_tps=1 / floor_s if floor_s else float("inf"),
+                apart_tps=1 / apart_s if apart_s else float("inf"),
                 speeds=speeds)
     eng.tiers.close()  # the next budget measures free memory: this engine's arena must be gone by then
     del eng, model, ops, cache
@@ -185,21 +188,27 @@ def main() -> None:
     sp = rows[0]["speeds"]
     body = (f"Mixtral-8x7B shape ({args.layers} layers), Q4_K (synthetic, random weights: near-uniform routing), {args.prompt}-token prompt, "
             f"{args.tokens} greedy tokens. Measured links: host->GPU {sp.h2d_bytes_per_s / 1e9:.1f} GB/s, disk "
-            f"{sp.disk_bytes_per_s / 1e9:.2f} GB/s, CPU experts {sp.cpu_bytes_per_s / 1e9:.1f} GB/s.\n\n"
+            f"{sp.disk_bytes_per_s / 1e9:.2f} GB/s, CPU experts {sp.cpu_bytes_per_s / 1e9:.1f} GB/s"
+            + (f", host RAM to the link and the CPU at once {sp.host_bytes_per_s / 1e9:.1f} GB/s" if sp.host_bytes_per_s else "")
+            + ".\n\n"
             "| VRAM | routing | policy | lookahead | CPU share | slots | open s | prefill tok/s | decode tok/s | floor tok/s "
-            "| moved per token | hit rates | llama.cpp (-ncmoe) prefill / decode tok/s | decode ratio |\n"
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |\n")
+            "(links apart) | time / floor | moved per token | hit rates | llama.cpp (-ncmoe) prefill / decode tok/s | decode ratio |\n"
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |\n")
     for r in rows:
         moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in r["moved"].items()) or "-"
         peer = r.get("peer")
         versus = (f"{peer['prefill_tps']:.1f} / {peer['decode_tps']:.2f} ({peer['ncmoe']}) | "
                   f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else "not run | -")
         body += (f"| {r['vram']} | {r['routing']} | {r['policy']} | {r['lookahead'] or 'off'} | {r['cpu_share']:.0%} | {r['slots']} | {r['open_s']:.0f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
-                 f"{r['floor_tps']:.1f} | {moved} | {r['rates']} | {versus} |\n")
+                 f"{r['floor_tps']:.1f} ({r['apart_tps']:.1f}) | {r['floor_tps'] / r['decode_tps']:.2f}x | {moved} | "
+                 f"{r['rates']} | {versus} |\n")
     body += ("\nfloor: tokens/s if each link only carried this run's bytes at its measured rate, links in parallel: "
              "PCIe (warm reads and copies), disk, HBM (hot experts and dense weights at the device copy rate) and the "
-             "CPU's share of staged experts at its measured rate; "
-             "the gap to it is kernel efficiency, small kernels and waiting.\n")
+             "CPU's share of staged experts at its measured rate, and PCIe's and the CPU's bytes together at the rate "
+             "host RAM served both when measured at once (at start-up, beside the CPU share's calibration); in "
+             "brackets the floor without that last term (links apart, as if each had host RAM of its own). The gap "
+             "to it is kernel efficiency, small kernels and waiting: at batch 1 a miss is known only when its layer "
+             "routes, so its bytes cross while the GPU waits.\n")
     body += ("Decode keeps routing on the GPU (" + ("yes" if rows[0]["device_path"] else "no") + ("; routing read back "
              "every layer forced by --read-back, benchmark only" if args.read_back else "") + "), each step one CUDA "
              "graph replay (" + ("yes" if rows[0]["graphs"] else "no") + f"; its capture, {rows[0]['first_s']:.1f} s, is "

@@ -70,8 +70,9 @@ def summary(eng: Engine, console: Console) -> None:
         moved = ", ".join(f"{link} {format_bytes(c.bytes / max(s.generated_tokens + s.prompt_tokens, 1))}"
                           for link, c in s.links.items()) or "nothing"
         console.print(f"[dim]links measured: host->GPU {sp.h2d_bytes_per_s / 1e9:.1f} GB/s, disk "
-                      f"{sp.disk_bytes_per_s / 1e9:.2f} GB/s, CPU experts {sp.cpu_bytes_per_s / 1e9:.1f} GB/s; "
-                      f"moved per token: {moved}[/]")
+                      f"{sp.disk_bytes_per_s / 1e9:.2f} GB/s, CPU experts {sp.cpu_bytes_per_s / 1e9:.1f} GB/s"
+                      + (f", host RAM to both at once {sp.host_bytes_per_s / 1e9:.1f} GB/s" if sp.host_bytes_per_s else "")
+                      + f"; moved per token: {moved}[/]")
         console.print(f"[dim]decode: {eng.decode_mode}[/]")
         if s.waits:
             waits = ", ".join(f"{what} {seconds * 1e3:.0f} ms" for what, seconds in s.waits.items())

@@ -52,15 +52,15 @@ def balanced_share(cpu_bytes_per_s: float, link_bytes_per_s: float) -> float:
     return share if share >= MIN_SHARE else 0.0
 
 
-def calibrated_share(tiers, share: float, n_experts: int = 8, repeats: int = 3) -> float:
-    """The balanced share from rates measured side by side, as decode runs them: the CPU computing its part of some
-    warm experts at `share` while the link copies host memory to the GPU. Both read the host's RAM: on an H200 host
-    the CPU part ran at 43 GB/s at decode against the 64 measured alone, so the plain rates' share left the GPU
-    waiting. The share as given where no expert is warm or no layer can be cut."""
+def side_by_side(tiers, share: float, n_experts: int = 8, repeats: int = 3) -> tuple[float, float] | None:
+    """(CPU, link) bytes per second measured at once, as decode runs them: the CPU computing its part of some warm
+    experts at `share` while the link copies host memory to the GPU. Both read the host's RAM: on an H200 host the
+    CPU part ran at 43 GB/s at decode against the 64 measured alone, so the plain rates' share left the GPU
+    waiting. None where no expert is warm or no layer can be cut."""
     cuts = plan_cuts(tiers.desc.experts, share)
     sample = [eid for eid in tiers.warm.offset if eid not in tiers.table.slot_of and eid.layer in cuts][:n_experts]
     if not sample:
-        return share
+        return None
     probe = CpuShare(tiers, cuts)
     x = np.random.default_rng(0).standard_normal(tiers.desc.config.n_embd).astype(np.float32)
     for eid in sample:  # compiled and warm
@@ -86,7 +86,7 @@ def calibrated_share(tiers, share: float, n_experts: int = 8, repeats: int = 3) 
     cpu_s = time.perf_counter() - t0
     end.synchronize()  # start-up measurement: waiting here is the point
     link_s = start.elapsed_time(end) / 1e3
-    return balanced_share(cpu_bytes / cpu_s, n_copies * chunk / link_s)
+    return cpu_bytes / cpu_s, n_copies * chunk / link_s
 
 
 @dataclass(frozen=True)

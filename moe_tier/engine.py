@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
@@ -65,7 +66,7 @@ class Engine:
         import torch
 
         from moe_tier.gpu_ops import GpuOps
-        from moe_tier.cpu_share import balanced_share, calibrated_share
+        from moe_tier.cpu_share import balanced_share, side_by_side
         from moe_tier.moe_decode import DeviceMoE, device_path_possible, lookaheads
         from moe_tier.moe_gpu import moe_ffn_gpu
         from moe_tier.tiers.gpu_pool import GpuTiers, TierConfig
@@ -82,7 +83,10 @@ class Engine:
             if share is None:  # split each staged expert between the CPU and the link, if any can miss
                 all_hot = len(tiers.table.slot_of) == len(self.desc.experts)
                 share = 0.0 if all_hot else balanced_share(tiers.speeds.cpu_bytes_per_s, tiers.speeds.h2d_bytes_per_s)
-                share = calibrated_share(tiers, share) if share else 0.0
+                rates = side_by_side(tiers, share) if share else None
+                if rates is not None:  # the share from rates measured at once; their sum is what host RAM serves
+                    share = balanced_share(*rates)
+                    tiers.speeds = replace(tiers.speeds, host_bytes_per_s=sum(rates))
             moe = DeviceMoE(tiers, ahead, share)
         else:
             moe = lambda x, routing, layer: moe_ffn_gpu(x, routing, layer, tiers)

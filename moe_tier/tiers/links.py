@@ -4,6 +4,8 @@ Nothing here is a machine constant: each rate is timed on this machine when the 
   h2d_bytes_per_s   pinned host -> GPU copy
   disk_bytes_per_s  O_DIRECT reads of expert ranges of the model file
   cpu_bytes_per_s   expert weight bytes the CPU kernels stream through for one token
+  host_bytes_per_s  what host memory serves when the link and the CPU read it at once (they share it), timed
+                    side by side where decode splits staged experts between them (cpu_share.side_by_side)
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ class LinkSpeeds:
     h2d_bytes_per_s: float
     disk_bytes_per_s: float
     cpu_bytes_per_s: float
+    host_bytes_per_s: float | None = None
 
     def as_gb_per_s(self) -> dict[str, float]:
-        return {k.removesuffix("_bytes_per_s") + "_GB/s": v / 1e9 for k, v in vars(self).items()}
+        return {k.removesuffix("_bytes_per_s") + "_GB/s": v / 1e9 for k, v in vars(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
