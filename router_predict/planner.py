@@ -8,7 +8,8 @@ Every decision compares one number, the expected layer steps until an expert is 
 where dist is the steps until the expert's layer comes round again, p the predicted chance it is chosen
 there, and q the chance at each later visit. Evicting the largest E[T] approximates Belady's rule with
 predictions in place of the future. Speculative prefetches only go into link time the step leaves idle,
-and nothing the current layer needs is ever evicted. A prefetch that cannot land before its layer of this token
+and nothing the current layer needs is ever evicted, nor anything expected back sooner than the miss that would
+take its slot (that miss runs on the CPU). A prefetch that cannot land before its layer of this token
 runs is ranked by the visit after. A step's misses most worth keeping take the link while it ends the step no later than
 the CPU would running them and every miss below them; the rest run on the CPU.
 """
@@ -146,10 +147,12 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
         cpu_rest_s -= compute_s
         fetch_end = max(link_s[g] + fetch_s, cpu_s + cpu_rest_s)
         cpu_end = max(link_s[g], cpu_s + compute_s + cpu_rest_s)
-        # a fetched copy that outranks its victim saves a miss at the next visit with chance q
+        # a miss (next use L / q steps away) displaces only a copy expected back later: a weak guess that wins
+        # the link would evict a better one; a fetched copy saves a miss at the next visit with chance q
         q = min(max(recent[x // E, x % E], EPS), 1.0)
-        keep_gain = keep_weight * q * min(fetch_s, compute_s) if c >= 0 and value[c] > L / q else 0.0
-        if c >= 0 and fetch_end <= cpu_end + keep_gain:
+        admit = c >= 0 and value[c] > L / q
+        keep_gain = keep_weight * q * min(fetch_s, compute_s) if admit else 0.0
+        if admit and fetch_end <= cpu_end + keep_gain:
             _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes)
             value[c] = -1.0
             link_s[g] += fetch_s

@@ -82,9 +82,22 @@ def test_never_evicts_what_the_layer_needs():
     state = setup([0, 1, 2, 3], slots=4)  # full; the step needs 0 and 9
     recent = np.full((L, E), 0.25, np.float32)
     recent[0, 0] = 1e-6  # 0 looks worthless afterwards, but it is needed now
+    recent[1, 1] = 0.9  # 9 is back sooner than the other residents: worth a slot
     actions, _ = call(state, 0, [0, 9], recent=recent, cpu=1.0)
     assert actions == [HIT, FETCH]
     assert state.expert_slot[0] >= 0 and state.expert_slot[9] >= 0
+
+
+def test_miss_expected_back_later_than_every_victim_runs_on_the_cpu():
+    state = setup([0, 1, 2, 3], slots=4)  # full; layer 0 needs 4, whose next use is far off
+    recent = np.full((L, E), 0.25, np.float32)
+    recent[0, 4] = 0.01
+    actions, _ = call(state, 0, [0, 4], recent=recent, cpu=1 * MB)  # the link alone would fetch it
+    assert actions == [HIT, CPU]
+    assert state.expert_slot[4] < 0 and state.expert_slot[0] >= 0
+    recent[0, 4] = 0.9  # back next token, sooner than any resident but 0: it takes a slot
+    actions, _ = call(state, 0, [0, 4], recent=recent, cpu=1 * MB)
+    assert actions == [HIT, FETCH]
 
 
 def test_prefetch_only_into_idle_link_time():
