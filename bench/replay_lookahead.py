@@ -13,12 +13,13 @@ from __future__ import annotations
 import numpy as np
 
 from bench import mixtral_routing as mx
-from bench.predictor_recall import demo_split, fit_lookaheads, record_demo
+from bench.predictor_recall import demo_split, fit_lookaheads, record_demo, router
 from bench.replay_policies import (CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_BYTES_PER_S, H2D_BYTES_PER_S,
                                    oracle_pinning, target_line)
 from bench.report import update_section
+from router_predict.lookahead import FittedLookahead
 from router_predict.policies import LFU, LRU, Belady, Planner, StaticPinning
-from router_predict.predictors import MAX_DISTANCE, chosen
+from router_predict.predictors import MAX_DISTANCE, chosen, previous_token
 from router_predict.replay import CacheConfig, CostModel, fit_lfru, fit_planner, replay, tuning_split
 
 SLOT_SHARES = (0.25, 0.5, 0.75)
@@ -34,12 +35,35 @@ def lookahead_scores(trace, states, engine, fit) -> np.ndarray:
     return out
 
 
+def next_token_scores(trace, states, engine, fit) -> np.ndarray:
+    """(N, L, E): layer i's router, with a ridge correction fitted on the tokens `fit` only, on layer i's FFN input
+    predicting the next token's routing there (pairs within a sequence)."""
+    layers, state = trace.moe_layers.tolist(), states["FFN input"]
+    _, has = previous_token(trace)
+    pairs = fit & np.r_[has[1:], False]  # tokens with a successor in their sequence
+    out = np.zeros((trace.n_tokens, len(layers), trace.n_expert), np.float32)
+    for i, layer in enumerate(layers):
+        model = FittedLookahead.fit(router(engine, layer), state[layer][pairs], state[layer][np.flatnonzero(pairs) + 1],
+                                    trace.sequence[pairs], trace.n_expert_used)
+        out[:, i] = model.probs(state[layer])
+    return out
+
+
 def perfect_scores(test) -> np.ndarray:
     """(N, L, D, E) the lookahead of an oracle: layer i+d's actual routing, as probabilities."""
     truth, L = chosen(test) / test.n_expert_used, test.n_moe_layers
     out = np.zeros((test.n_tokens, L, MAX_DISTANCE, test.n_expert), np.float32)
     for d in range(1, MAX_DISTANCE + 1):
         out[:, : L - d, d - 1] = truth[:, d:]
+    return out
+
+
+def perfect_next_token(test) -> np.ndarray:
+    """(N, L, E) the next token's actual routing, as probabilities (none after a sequence's last token)."""
+    truth = chosen(test) / test.n_expert_used
+    _, has = previous_token(test)
+    out = np.zeros_like(truth)
+    out[:-1] = np.where(has[1:, None, None], truth[1:], 0.0)
     return out
 
 
@@ -51,6 +75,8 @@ def main() -> None:
     tuning_fit = np.zeros_like(fit_mask)  # settings are tuned on fitting prompts the lookahead was not fitted on
     tuning_fit[fit_mask] = tuning_split(fit)
     tuning_scores = lookahead_scores(trace, states, engine, tuning_fit)[fit_mask]
+    next_token = next_token_scores(trace, states, engine, fit_mask)
+    tuning_next = next_token_scores(trace, states, engine, tuning_fit)[fit_mask]
     eb = np.full(trace.n_moe_layers * trace.n_expert, mx.EXPERT_BYTES, np.int64)
     cost = CostModel(H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_BYTES_PER_S, mx.DENSE_LAYER_BYTES)
     body = (f"Demo qwen3moe routing: fitted on {fit.n_tokens} tokens, replayed on {test.n_tokens} held-out tokens "
@@ -68,11 +94,12 @@ def main() -> None:
             "target line is the issue's (the gate-lookahead planner against the best of LRU/LFU/LFRU).\n")
     for share in SLOT_SHARES:
         cache = CacheConfig(1, int(eb.size * share))
-        with_lookahead = fit_planner(fit, cost, cache, eb, lookahead=tuning_scores).s
-        perfect = Planner(cost, with_lookahead, lookahead=perfect_scores(test))
+        with_lookahead = fit_planner(fit, cost, cache, eb, lookahead=tuning_scores, next_token=tuning_next).s
+        perfect = Planner(cost, with_lookahead, lookahead=perfect_scores(test), next_token=perfect_next_token(test))
         perfect.name = "planner + perfect lookahead (oracle; the gate-lookahead planner's settings)"
         policies = [LRU(), LFU(), fit_lfru(fit, cost, cache, eb), StaticPinning(), fit_planner(fit, cost, cache, eb),
-                    Planner(cost, with_lookahead, lookahead=scores[~fit_mask]), perfect,
+                    Planner(cost, with_lookahead, lookahead=scores[~fit_mask], next_token=next_token[~fit_mask]),
+                    perfect,
                     Belady(test, allow_bypass=False), Belady(test)]
         results = [replay(p, test, fit, cost, cache, eb) for p in policies]
         belady = results[-1].hit_rate

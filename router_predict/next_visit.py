@@ -4,7 +4,8 @@ Shape key: N tokens, L MoE layers, E experts per layer, H half-lives, F features
 The features of (layer, expert) once a token has been routed at that layer: the frequency prior, whether this
 token chose it, the token-reuse prediction from this token's routing, and its uses with exponential forgetting
 at several half-lives (reset to the prior when a sequence starts). The planner's eviction rank leans on this
-chance; fitted weights replace the hand-set mixture where the fitting traces are long enough to fit them (the
+chance, so the fit may target the uses of the next few tokens, discounted, rather than the next one's alone: an
+expert chosen in a burst is back soon but not for long, and eviction cares about more than one token; fitted weights replace the hand-set mixture where the fitting traces are long enough to fit them (the
 planner's tuning decides which). The planner applies the weights online, in `features`' order, in
 `online.update`.
 """
@@ -40,8 +41,9 @@ class NextVisit:
     weights: np.ndarray  # (F,)
 
     @classmethod
-    def fit(cls, trace: Trace, prior: FrequencyPrior, reuse: TokenReuse) -> "NextVisit":
-        """Least squares from every token's features to the next token's choices, within sequences."""
+    def fit(cls, trace: Trace, prior: FrequencyPrior, reuse: TokenReuse, horizon_tokens: float = 1.0) -> "NextVisit":
+        """Least squares from every token's features to the choices that follow it within its sequence, the n-th
+        next token weighted (1 - 1 / horizon_tokens)^(n-1) (normalised): 1 is the next token's choices alone."""
         use, sel = chosen(trace), selections(trace)  # (N, L, E)
         decayed = np.repeat(prior.prob[None], len(HALF_LIVES_TOKENS), 0)
         rows = np.empty((trace.n_tokens, *use.shape[1:], 4 + len(HALF_LIVES_TOKENS)))  # (N, L, E, F)
@@ -51,9 +53,20 @@ class NextVisit:
             forget(decayed, use[t])
             rows[t] = features(prior.prob, use[t], np.einsum("le,lef->lf", sel[t], reuse.table), decayed)
         prev, has = previous_token(trace)
-        x, y = rows[prev[has]], use[has]  # features of token t-1 -> choices of token t
+        x, y = rows[prev[has]], upcoming(trace, use, horizon_tokens)[has]  # features of token t-1 -> token t on
         if not len(y):
             return cls(np.r_[1.0, np.zeros(rows.shape[-1] - 1)])  # no pairs: the prior alone
         weights = np.linalg.lstsq(x.reshape(-1, x.shape[-1]), y.reshape(-1), rcond=None)[0]
         return cls(weights)
 
+
+def upcoming(trace: Trace, use: np.ndarray, horizon_tokens: float) -> np.ndarray:
+    """(N, L, E) each token's uses (N, L, E) and the ones after it in its sequence, weighted (1 - 1 / h)^n,
+    divided by the sum of the weights present (so a sequence's last tokens are not counted as unused after it)."""
+    g = 1.0 - 1.0 / horizon_tokens
+    num, den = np.zeros_like(use), np.zeros(trace.n_tokens)
+    for t in range(trace.n_tokens - 1, -1, -1):
+        more = t + 1 < trace.n_tokens and trace.sequence[t + 1] == trace.sequence[t]
+        num[t] = use[t] + g * num[t + 1] if more else use[t]
+        den[t] = 1.0 + g * den[t + 1] if more else 1.0
+    return num / den[:, None, None]

@@ -13,14 +13,15 @@ from numba import njit
 
 
 @njit(cache=True)
-def update(layer, experts, shares, prior, cross, mix, reuse, gate, gate_weight, counts, decayed, decay,
-           online_weight, recency_weight, visit_weights, forgetting, forget_decay, recent, ahead):
+def update(layer, experts, shares, prior, cross, mix, reuse, gate, gate_weight, next_gate, next_weight, counts,
+           decayed, decay, online_weight, recency_weight, visit_weights, forgetting, forget_decay, recent, ahead):
     """Fill ahead (D, E) and this layer's row of recent (L, E) from the routing just made, in place.
 
     experts (K,) chosen at `layer` (ids within the layer), shares (K,) their gate weights summing to 1;
     prior (L, E); cross (D, L, E, E) and mix (D, 3) of `predictors.Combined`; reuse (L, E, E) token reuse;
     gate (n, E) gate-lookahead probabilities for layers layer+1..layer+n (n = 0: none) and how much they
-    count; counts (L, E) uses so far; decayed (L, E) uses with forgetting at `decay` per token; the mixture
+    count; next_gate (E,) the next token's gate lookahead at this layer (size 0: none) and how much it counts in
+    this layer's next visit; counts (L, E) uses so far; decayed (L, E) uses with forgetting at `decay` per token; the mixture
     weights of the next visit; visit_weights (F,) fitted ones instead (size 0: use the mixture) with
     forgetting (H, L, E) at forget_decay (H,) per token.
     """
@@ -55,15 +56,17 @@ def update(layer, experts, shares, prior, cross, mix, reuse, gate, gate_weight, 
             freq = counts[layer, f] * K / total
             row[f] = (1.0 - recency_weight) * (online_weight * freq + (1.0 - online_weight) * row[f]) + \
                 recency_weight * decayed[layer, f]
-        return
-    H = forget_decay.shape[0]
-    for f in range(E):
-        chose = 0.0
-        for k in range(K):
-            if experts[k] == f:
-                chose = 1.0
-        v = visit_weights[0] * prior[layer, f] + visit_weights[1] * chose + visit_weights[2] * row[f]
-        for h in range(H):
-            forgetting[h, layer, f] = forget_decay[h] * forgetting[h, layer, f] + (1.0 - forget_decay[h]) * chose
-            v += visit_weights[3 + h] * forgetting[h, layer, f]
-        row[f] = v + visit_weights[3 + H]
+    else:
+        H = forget_decay.shape[0]
+        for f in range(E):
+            chose = 0.0
+            for k in range(K):
+                if experts[k] == f:
+                    chose = 1.0
+            v = visit_weights[0] * prior[layer, f] + visit_weights[1] * chose + visit_weights[2] * row[f]
+            for h in range(H):
+                forgetting[h, layer, f] = forget_decay[h] * forgetting[h, layer, f] + (1.0 - forget_decay[h]) * chose
+                v += visit_weights[3 + h] * forgetting[h, layer, f]
+            row[f] = v + visit_weights[3 + H]
+    for f in range(next_gate.shape[0]):
+        row[f] = next_weight * min(next_gate[f] * K, 1.0) + (1.0 - next_weight) * row[f]

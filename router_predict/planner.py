@@ -8,8 +8,8 @@ Every decision compares one number, the expected layer steps until an expert is 
 where dist is the steps until the expert's layer comes round again, p the predicted chance it is chosen
 there, and q the chance at each later visit. Evicting the largest E[T] approximates Belady's rule with
 predictions in place of the future. Speculative prefetches only go into link time the step leaves idle,
-and nothing the current layer needs is ever evicted, nor anything expected back sooner than the miss that would
-take its slot (that miss runs on the CPU). A prefetch that cannot land before its layer of this token
+and nothing the current layer needs is ever evicted, nor anything expected back not clearly later than the miss
+that would take its slot (that miss runs on the CPU). A prefetch that cannot land before its layer of this token
 runs is ranked by the visit after. A step's misses most worth keeping take the link while it ends the step no later than
 the CPU would running them and every miss below them; the rest run on the CPU.
 """
@@ -99,7 +99,7 @@ def _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes):
 @njit(cache=True)
 def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_bytes, on_disk, expert_bytes,
               h2d_bytes_per_s, cpu_bytes_per_s, disk_bytes_per_s, gpu_step_s, backlog_s, queue_steps, keep_weight,
-              actions, prefetch):
+              admit_margin, actions, prefetch):
     """Decide one layer step in place; returns how many prefetches were written to `prefetch`.
 
     layer: current MoE layer position; needed (K,) flat ids routed now; ahead (D, E) predicted use of
@@ -108,6 +108,7 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
     table, updated here; on_disk (X,) experts in the cold tier; backlog_s (G,) prefetch work already
     queued per link; queue_steps: how many steps of idle link time the prefetch queue may hold;
     keep_weight: how much the chance of reusing a fetched copy counts against running a miss on the CPU;
+    admit_margin: how many times later than a miss its victim must be expected back for the miss to take the slot;
     actions (K,) out: HIT / FETCH / CPU; prefetch (P,) out: flat ids newly in flight.
     All times in seconds, rates in bytes per second; nothing here knows the machine.
     """
@@ -147,10 +148,10 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
         cpu_rest_s -= compute_s
         fetch_end = max(link_s[g] + fetch_s, cpu_s + cpu_rest_s)
         cpu_end = max(link_s[g], cpu_s + compute_s + cpu_rest_s)
-        # a miss (next use L / q steps away) displaces only a copy expected back later: a weak guess that wins
-        # the link would evict a better one; a fetched copy saves a miss at the next visit with chance q
+        # a miss (next use L / q steps away) displaces only a copy expected back clearly later: a weak guess that
+        # wins the link would evict a better one; a fetched copy saves a miss at the next visit with chance q
         q = min(max(recent[x // E, x % E], EPS), 1.0)
-        admit = c >= 0 and value[c] > L / q
+        admit = c >= 0 and value[c] > admit_margin * L / q
         keep_gain = keep_weight * q * min(fetch_s, compute_s) if admit else 0.0
         if admit and fetch_end <= cpu_end + keep_gain:
             _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes)

@@ -219,13 +219,16 @@ class PlannerSettings:
     recency_weight: float = 0.3  # ... and uses with exponential forgetting vs both
     half_life_tokens: float = 8.0
     keep_weight: float = 0.0  # how much a cached copy counts when a miss could run on the CPU instead
+    admit_margin: float = 1.0  # a miss evicts only an expert expected back this many times later than itself
     lookahead_weight: float = 0.7  # gate lookahead vs the fitted predictors, where the engine provides it
     fitted_visits: bool = False  # next visits from the least-squares NextVisit instead of the three weights above
+    visit_horizon_tokens: float = 1.0  # NextVisit's target: uses over about this many tokens (1: the next only)
+    next_token_weight: float = 0.0  # the next token's gate lookahead vs the above, where the engine provides it
 
     def __str__(self) -> str:
-        visits = "fitted next visit" if self.fitted_visits else \
+        visits = f"fitted next visit over {self.visit_horizon_tokens:g} tokens" if self.fitted_visits else \
             f"recency {self.recency_weight:g} / {self.half_life_tokens:g} tokens, frequency {self.online_weight:g}"
-        return f"{visits}, keep {self.keep_weight:g}"
+        return f"{visits}, keep {self.keep_weight:g}, admit {self.admit_margin:g}x"
 
 
 class Planner:
@@ -235,14 +238,16 @@ class Planner:
     expert frequencies (which keep counting through the replayed tokens), mixed with the uses of the last
     few tokens (exponential forgetting), by the settings' weights or by `NextVisit`'s fitted ones.
     `lookahead` (N, L, D, E), when the engine recorded it: gate lookahead probabilities for each replayed
-    token and layer (`lookahead.FittedLookahead`).
+    token and layer (`lookahead.FittedLookahead`). `next_token` (N, L, E): the same for the next token's routing
+    at each layer, from this token's state there; it sharpens the next visit, which ranks evictions.
     """
 
     def __init__(self, cost: "CostModel", settings: PlannerSettings = PlannerSettings(),
-                 lookahead: np.ndarray | None = None):
-        self.cost, self.s, self.lookahead = cost, settings, lookahead
+                 lookahead: np.ndarray | None = None, next_token: np.ndarray | None = None):
+        self.cost, self.s, self.lookahead, self.next_token = cost, settings, lookahead, next_token
         self.decay = 0.5 ** (1.0 / settings.half_life_tokens)
         look = f" + gate lookahead {settings.lookahead_weight:g}" if lookahead is not None else ""
+        look += f" + next token {settings.next_token_weight:g}" if next_token is not None else ""
         self.name = f"planner{look} ({settings})"
 
     def start(self, state: CacheState, train: Trace) -> None:
@@ -255,8 +260,8 @@ class Planner:
         self.decayed = self.model.prior.prob.copy()  # (L, E) uses with exponential forgetting
         # (H, L, E) forgetting counts and (F,) weights of the fitted next visit; empty for the mixture
         self.forgetting = np.repeat(self.model.prior.prob[None], len(HALF_LIVES_TOKENS), 0)
-        self.visit_weights = NextVisit.fit(train, self.model.prior, self.model.reuse).weights \
-            if self.s.fitted_visits else np.zeros(0)
+        self.visit_weights = NextVisit.fit(train, self.model.prior, self.model.reuse,
+                                           self.s.visit_horizon_tokens).weights if self.s.fitted_visits else np.zeros(0)
         self.no_gate = np.zeros((0, self.E), np.float32)
         self.token = -1
 
@@ -268,16 +273,17 @@ class Planner:
         gate = self.no_gate
         if self.lookahead is not None:
             gate = self.lookahead[self.token, layer, : min(self.s.max_distance, self.recent.shape[0] - 1 - layer)]
+        next_gate = self.no_gate[:, 0] if self.next_token is None else self.next_token[self.token, layer]
         m = self.model
         update(layer, (needed % self.E).astype(np.int64), weights / max(weights.sum(), 1e-12), m.prior.prob,
-               m.cross.table, m.mix, m.reuse.table, gate, self.s.lookahead_weight, self.counts, self.decayed,
-               self.decay, self.s.online_weight, self.s.recency_weight, self.visit_weights, self.forgetting,
-               DECAY, self.recent, self.ahead)
+               m.cross.table, m.mix, m.reuse.table, gate, self.s.lookahead_weight, next_gate,
+               self.s.next_token_weight, self.counts, self.decayed, self.decay, self.s.online_weight,
+               self.s.recency_weight, self.visit_weights, self.forgetting, DECAY, self.recent, self.ahead)
         actions = np.empty(needed.shape[0], np.int8)
         c = self.cost
         n = plan_step(layer, needed.astype(np.int64), self.ahead, self.recent, state.slot_expert,
                       state.expert_slot, state.remaining_bytes, state.on_disk, state.expert_bytes,
                       c.h2d_bytes_per_s, c.cpu_bytes_per_s, c.disk_bytes_per_s,
                       c.gpu_s(int(state.expert_bytes[needed].sum())), state.queued_bytes / c.h2d_bytes_per_s,
-                      self.s.queue_steps, self.s.keep_weight, actions, self.prefetch)
+                      self.s.queue_steps, self.s.keep_weight, self.s.admit_margin, actions, self.prefetch)
         return actions, self.prefetch[:n]

@@ -159,8 +159,11 @@ def fit_lfru(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes: np
 
 PLANNER_GRID = [PlannerSettings(recency_weight=r, half_life_tokens=h, keep_weight=k, online_weight=w)
                 for r in (0.3, 0.6, 0.9) for h in (4.0, 8.0, 32.0) for k in (0.0, 1.0) for w in (0.2, 0.5)] + \
-    [PlannerSettings(fitted_visits=True, keep_weight=k) for k in (0.0, 1.0)]
+    [PlannerSettings(fitted_visits=True, keep_weight=k, visit_horizon_tokens=h)
+     for k in (0.0, 1.0) for h in (1.0, 2.0, 4.0, 8.0)]
 LOOKAHEAD_WEIGHTS = (0.5, 0.8, 1.0)
+NEXT_TOKEN_WEIGHTS = (0.0, 0.2, 0.3, 0.5)
+ADMIT_MARGINS = (1.0, 1.5, 2.0, 3.0)
 
 
 def tuning_split(train: Trace) -> np.ndarray:
@@ -172,22 +175,27 @@ def tuning_split(train: Trace) -> np.ndarray:
 
 
 def fit_planner(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes: np.ndarray,
-                lookahead: np.ndarray | None = None) -> Planner:
-    """The planner settings (recency vs frequency, what a cached copy is worth, how much to trust gate
-    lookahead) with the best hit rate on fitting tokens its predictors were not fitted on (`tuning_split`):
+                lookahead: np.ndarray | None = None, next_token: np.ndarray | None = None) -> Planner:
+    """The planner settings (recency vs frequency, what a cached copy is worth, how sure a miss must be to
+    evict, how much to trust gate lookahead) with the best hit rate on fitting tokens its predictors were not fitted on (`tuning_split`):
     which wins depends on the model, and tuning on the predictors' own tokens would favour trusting them.
-    `lookahead` (N, L, D, E): gate lookahead for the fitting tokens, from lookaheads not fitted on them."""
+    `lookahead` (N, L, D, E) and `next_token` (N, L, E): gate lookahead for the fitting tokens (this token's next
+    layers, the next token's), from lookaheads not fitted on them."""
     inner = tuning_split(train)
     fit, tune = train.select(inner), train.select(~inner)
 
     def score(settings: PlannerSettings) -> tuple[float, float]:
-        planner = Planner(cost, settings, None if lookahead is None else lookahead[~inner])
+        planner = Planner(cost, settings, None if lookahead is None else lookahead[~inner],
+                          None if next_token is None else next_token[~inner])
         r = replay(planner, tune, fit, cost, cache, expert_bytes)
         return r.hit_rate, r.tokens_per_s
 
     best = max(PLANNER_GRID, key=score)
+    best = max([replace(best, admit_margin=m) for m in ADMIT_MARGINS], key=score)
     if lookahead is not None:  # then how much to trust it, the rest fixed
         best = max([replace(best, lookahead_weight=w) for w in LOOKAHEAD_WEIGHTS], key=score)
+    if next_token is not None:
+        best = max([replace(best, next_token_weight=w) for w in NEXT_TOKEN_WEIGHTS], key=score)
     return Planner(cost, best)
 
 

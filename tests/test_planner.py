@@ -29,7 +29,7 @@ def call(state, layer, needed, ahead=None, recent=None, h2d=100 * MB, cpu=100 * 
     backlog = np.zeros(state.slot_expert.shape[0]) if backlog is None else backlog
     n = plan_step(layer, np.array(needed, np.int64), ahead, recent, state.slot_expert, state.expert_slot,
                   state.remaining_bytes, state.on_disk, state.expert_bytes, float(h2d), float(cpu), 10.0 * MB,
-                  gpu_step_s, backlog, 1.0, 0.0, actions, prefetch)
+                  gpu_step_s, backlog, 1.0, 0.0, 1.0, actions, prefetch)
     state.check()
     return actions.tolist(), prefetch[:n].tolist()
 
@@ -178,7 +178,7 @@ def test_tuning_split_keeps_tuning_tokens_apart_from_fitting_tokens():
 
 def test_online_update_matches_its_numpy_reference():
     """The compiled prediction update: ahead from prior, cross-layer and next visits, gate lookahead mixed in,
-    and this layer's next visit from the mixture or the fitted weights."""
+    and this layer's next visit from the mixture or the fitted weights, the next token's gate lookahead mixed in."""
     rng = np.random.default_rng(0)
     prior = rng.dirichlet(np.ones(E), L).astype(np.float32)
     cross = rng.dirichlet(np.ones(E), (D, L, E)).astype(np.float32)
@@ -189,7 +189,8 @@ def test_online_update_matches_its_numpy_reference():
     sel = np.zeros(E)
     sel[experts] = shares
     layer, decay, w_online, w_recency = 1, 0.8, 0.4, 0.3
-    for visit_weights in (np.zeros(0), rng.normal(0, 1, 4 + len(DECAY))):
+    next_rows = (np.zeros(0, np.float32), rng.dirichlet(np.ones(E)).astype(np.float32))  # none, then one
+    for visit_weights, next_gate in zip((np.zeros(0), rng.normal(0, 1, 4 + len(DECAY))), next_rows):
         counts, decayed = prior + 1.0, prior.copy()
         forgetting = np.repeat(prior[None], len(DECAY), 0)
         recent, ahead = prior.copy() * 2, np.zeros((D, E), np.float32)
@@ -209,7 +210,9 @@ def test_online_update_matches_its_numpy_reference():
             d_row = decay * decayed[layer] + (1 - decay) * chose
             want_recent = (1 - w_recency) * (w_online * c * K / c.sum() + (1 - w_online) * reuse_now) + \
                 w_recency * d_row
-        update(layer, experts, shares, prior, cross, mix, reuse, gate, 0.5, counts, decayed, decay, w_online,
-               w_recency, visit_weights, forgetting, DECAY, recent, ahead)
+        if next_gate.size:  # the next token's gate lookahead, mixed into this layer's next visit
+            want_recent = 0.4 * np.minimum(next_gate * K, 1) + 0.6 * want_recent
+        update(layer, experts, shares, prior, cross, mix, reuse, gate, 0.5, next_gate, 0.4, counts, decayed, decay,
+               w_online, w_recency, visit_weights, forgetting, DECAY, recent, ahead)
         np.testing.assert_allclose(ahead[:2], want_ahead[:2], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(recent[layer], want_recent, rtol=1e-5, atol=1e-6)

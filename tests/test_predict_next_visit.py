@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from router_predict.next_visit import NextVisit
+from router_predict.next_visit import NextVisit, upcoming
 from router_predict.policies import Planner, PlannerSettings
 from router_predict.predictors import FrequencyPrior, TokenReuse, chosen, recall_at
 from router_predict.replay import CacheConfig, CostModel, replay
@@ -62,3 +64,14 @@ def test_planner_with_fitted_visits_beats_frequency_only_visits_on_sticky_routin
     fitted = replay(Planner(cost, PlannerSettings(fitted_visits=True)), test, train, cost, cache, eb)
     frequency = PlannerSettings(online_weight=1.0, recency_weight=0.0)  # hand-set weights that ignore stickiness
     assert fitted.hit_rate > replay(Planner(cost, frequency), test, train, cost, cache, eb).hit_rate + 0.1
+
+
+def test_upcoming_uses_discount_later_tokens_within_a_sequence():
+    trace = sticky(8, 4)  # 8 tokens, one per sequence: nothing follows any token
+    use = chosen(trace)
+    np.testing.assert_array_equal(upcoming(trace, use, 4.0), use)
+    one = replace(trace, sequence=np.zeros(8, np.int32))  # the same tokens as one sequence
+    got = upcoming(one, use, 2.0)  # weights 1, 1/2, 1/4, ... normalised by those present
+    np.testing.assert_allclose(got[-2], (use[-2] + 0.5 * use[-1]) / 1.5)
+    np.testing.assert_allclose(got[0], np.tensordot(0.5 ** np.arange(8), use, 1) / (2 - 0.5 ** 7), rtol=1e-6)
+    np.testing.assert_array_equal(upcoming(one, use, 1.0), use)  # horizon 1: the token's own uses alone
