@@ -5,8 +5,9 @@ The features of (layer, expert) once a token has been routed at that layer: the 
 token chose it, the token-reuse prediction from this token's routing, and its uses with exponential forgetting
 at several half-lives (reset to the prior when a sequence starts). The planner's eviction rank leans on this
 chance, so the fit may target the uses of the next few tokens, discounted, rather than the next one's alone: an
-expert chosen in a burst is back soon but not for long, and eviction cares about more than one token; fitted weights replace the hand-set mixture where the fitting traces are long enough to fit them (the
-planner's tuning decides which). The planner applies the weights online, in `features`' order, in
+expert chosen in a burst is back soon but not for long, and eviction looks further than one token. Fitted
+weights replace the hand-set mixture where the fitting traces are long enough to fit them (the planner's tuning
+decides which, and over how many tokens). The planner applies the weights online, in `features`' order, in
 `online.update`.
 """
 
@@ -41,7 +42,8 @@ class NextVisit:
     weights: np.ndarray  # (F,)
 
     @classmethod
-    def fit(cls, trace: Trace, prior: FrequencyPrior, reuse: TokenReuse, horizon_tokens: float = 1.0) -> "NextVisit":
+    def fit(cls, trace: Trace, prior: FrequencyPrior, reuse: TokenReuse,
+            horizon_tokens: float = 1.0) -> "NextVisit":
         """Least squares from every token's features to the choices that follow it within its sequence, the n-th
         next token weighted (1 - 1 / horizon_tokens)^(n-1) (normalised): 1 is the next token's choices alone."""
         use, sel = chosen(trace), selections(trace)  # (N, L, E)

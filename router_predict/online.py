@@ -20,9 +20,9 @@ def update(layer, experts, shares, prior, cross, mix, reuse, gate, gate_weight, 
     experts (K,) chosen at `layer` (ids within the layer), shares (K,) their gate weights summing to 1;
     prior (L, E); cross (D, L, E, E) and mix (D, 3) of `predictors.Combined`; reuse (L, E, E) token reuse;
     gate (n, E) gate-lookahead probabilities for layers layer+1..layer+n (n = 0: none) and how much they
-    count; next_gate (E,) the next token's gate lookahead at this layer (size 0: none) and how much it counts in
-    this layer's next visit; counts (L, E) uses so far; decayed (L, E) uses with forgetting at `decay` per token; the mixture
-    weights of the next visit; visit_weights (F,) fitted ones instead (size 0: use the mixture) with
+    count; next_gate (E,) the next token's gate lookahead at this layer (size 0: none) and how much it counts
+    in this layer's next visit; counts (L, E) uses so far; decayed (L, E) uses with forgetting at `decay` per
+    token; the mixture weights of the next visit; visit_weights (F,) fitted ones instead (size 0: use the mixture) with
     forgetting (H, L, E) at forget_decay (H,) per token.
     """
     L, E = prior.shape

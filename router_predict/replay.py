@@ -177,8 +177,9 @@ def tuning_split(train: Trace) -> np.ndarray:
 def fit_planner(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes: np.ndarray,
                 lookahead: np.ndarray | None = None, next_token: np.ndarray | None = None) -> Planner:
     """The planner settings (recency vs frequency, what a cached copy is worth, how sure a miss must be to
-    evict, how much to trust gate lookahead) with the best hit rate on fitting tokens its predictors were not fitted on (`tuning_split`):
-    which wins depends on the model, and tuning on the predictors' own tokens would favour trusting them.
+    evict, how much to trust gate lookahead) with the best hit rate on fitting tokens its predictors were not
+    fitted on (`tuning_split`): which wins depends on the model, and tuning on the predictors' own tokens would
+    favour trusting them.
     `lookahead` (N, L, D, E) and `next_token` (N, L, E): gate lookahead for the fitting tokens (this token's next
     layers, the next token's), from lookaheads not fitted on them."""
     inner = tuning_split(train)
