@@ -1,7 +1,7 @@
 """Cost of the planner per layer step: its predictions (`online.update`) and its decision (`plan_step`).
 
-Shape: 48 MoE layers x 64 experts (top-8), 1,000 GPU slots, lookahead 4, at most 8 prefetches; routing
-and predictions are random, so every step has misses, evictions and prefetch candidates; the predictions
+Shape: 48 MoE layers x 64 experts (top-8), 1,000 GPU slots, lookahead 4 (and 8), at most 8 prefetches;
+routing and predictions are random, so every step has misses, evictions and prefetch candidates; the predictions
 take the costlier path (fitted next visits, gate lookahead for this token's next layers and the next token's;
 one random row stands in for the latter). Two timings: the two calls from Python, as
 the planner makes them (numba's argument dispatch included), and the compiled work alone (steps run back
@@ -28,7 +28,7 @@ EXPERT_BYTES = 3 * 2048 * 768 * 144 // 256  # a Qwen3-30B-A3B-sized Q4_K expert
 GPU_STEP_S = 2e-4
 
 
-def setup(n_gpu: int, slots: int, steps: int, rng: np.random.Generator):
+def setup(n_gpu: int, slots: int, steps: int, rng: np.random.Generator, distance: int = D):
     X = L * E
     slot_expert = np.full((n_gpu, slots // n_gpu), -1, np.int32)
     expert_slot = np.full(X, -1, np.int32)
@@ -36,17 +36,17 @@ def setup(n_gpu: int, slots: int, steps: int, rng: np.random.Generator):
     slot_expert.ravel()[:] = first
     expert_slot[first] = np.arange(slots)
     needed = np.stack([(s % L) * E + rng.choice(E, K, replace=False) for s in range(steps)]).astype(np.int64)
-    gate = rng.dirichlet(np.ones(E), (steps, D)).astype(np.float32)  # (steps, D, E) gate lookahead
+    gate = rng.dirichlet(np.ones(E), (steps, distance)).astype(np.float32)  # (steps, D, E) gate lookahead
     recent = (rng.dirichlet(np.ones(E), L) * K).astype(np.float32)
-    return slot_expert, expert_slot, needed, gate, recent, predictors(rng)
+    return slot_expert, expert_slot, needed, gate, recent, predictors(rng, distance)
 
 
-def predictors(rng: np.random.Generator) -> tuple:
+def predictors(rng: np.random.Generator, distance: int) -> tuple:
     """Random tables of the shapes `Combined`, `TokenReuse` and `NextVisit` fit."""
     prior = (rng.dirichlet(np.ones(E), L) * K).astype(np.float32)  # (L, E)
-    cross = (rng.dirichlet(np.ones(E), (D, L, E)) * K).astype(np.float32)  # (D, L, E, E)
+    cross = (rng.dirichlet(np.ones(E), (distance, L, E)) * K).astype(np.float32)  # (D, L, E, E)
     reuse = (rng.dirichlet(np.ones(E), (L, E)) * K).astype(np.float32)  # (L, E, E)
-    mix = np.tile([0.2, 0.4, 0.4], (D, 1))  # (D, 3)
+    mix = np.tile([0.2, 0.4, 0.4], (distance, 1))  # (D, 3)
     visit_weights = rng.normal(0.0, 0.3, 4 + len(DECAY))  # (F,)
     forgetting = np.repeat(prior[None], len(DECAY), 0)  # (H, L, E)
     return prior, cross, mix, reuse, prior + 1.0, prior.copy(), visit_weights, forgetting
@@ -56,14 +56,14 @@ def predictors(rng: np.random.Generator) -> tuple:
 def predict(layer, needed, gate, recent, ahead, tables):
     prior, cross, mix, reuse, counts, decayed, visit_weights, forgetting = tables
     shares = np.full(K, 1.0 / K)
-    update(layer, needed % E, shares, prior, cross, mix, reuse, gate[: min(D, L - 1 - layer)], 0.8, gate[0], 0.3,
-           counts, decayed, 0.9, 0.5, 0.3, visit_weights, forgetting, DECAY, recent, ahead)
+    update(layer, needed % E, shares, prior, cross, mix, reuse, gate[: min(ahead.shape[0], L - 1 - layer)], 0.8,
+           gate[0], 0.3, counts, decayed, 0.9, 0.5, 0.3, visit_weights, forgetting, DECAY, recent, ahead)
 
 
 @njit(cache=True)
 def run_compiled(slot_expert, expert_slot, needed, gate, recent, tables):
     X = expert_slot.shape[0]
-    ahead = np.zeros((D, E), np.float32)
+    ahead = np.zeros((tables[2].shape[0], E), np.float32)  # (D, E), D from mix
     remaining, on_disk = np.zeros(X, np.int64), np.zeros(X, np.bool_)
     expert_bytes = np.full(X, EXPERT_BYTES, np.int64)
     backlog = np.zeros(slot_expert.shape[0])
@@ -80,7 +80,7 @@ def run_compiled(slot_expert, expert_slot, needed, gate, recent, tables):
 
 def run_python(slot_expert, expert_slot, needed, gate, recent, tables) -> np.ndarray:
     X = expert_slot.shape[0]
-    ahead = np.zeros((D, E), np.float32)
+    ahead = np.zeros((tables[2].shape[0], E), np.float32)  # (D, E), D from mix
     prior, cross, mix, reuse, counts, decayed, visit_weights, forgetting = tables
     shares = np.full(K, 1.0 / K)
     remaining, on_disk = np.zeros(X, np.int64), np.zeros(X, bool)
@@ -91,8 +91,9 @@ def run_python(slot_expert, expert_slot, needed, gate, recent, tables) -> np.nda
     for s in range(needed.shape[0]):
         t0 = time.perf_counter()
         layer = s % L
-        update(layer, needed[s] % E, shares, prior, cross, mix, reuse, gate[s, : min(D, L - 1 - layer)], 0.8,
-               gate[s, 0], 0.3, counts, decayed, 0.9, 0.5, 0.3, visit_weights, forgetting, DECAY, recent, ahead)
+        ahead_gate = gate[s, : min(ahead.shape[0], L - 1 - layer)]
+        update(layer, needed[s] % E, shares, prior, cross, mix, reuse, ahead_gate, 0.8, gate[s, 0], 0.3, counts,
+               decayed, 0.9, 0.5, 0.3, visit_weights, forgetting, DECAY, recent, ahead)
         plan_step(layer, needed[s], ahead, recent, slot_expert, expert_slot, remaining, on_disk, expert_bytes,
                   H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_STEP_S, backlog, 1.0, 0.0, 1.5, actions,
                   prefetch)
@@ -108,20 +109,21 @@ def main() -> None:
     run_compiled(*warm)
     rows = []
     steps = 20_000
-    for n_gpu, slots in ((1, 1000), (2, 1000), (1, 250), (1, 3000)):
-        us = run_python(*setup(n_gpu, slots, steps, rng)) * 1e6
-        args = setup(n_gpu, slots, steps, rng)
+    for n_gpu, slots, distance in ((1, 1000, D), (2, 1000, D), (1, 250, D), (1, 3000, D), (1, 1000, 8)):
+        us = run_python(*setup(n_gpu, slots, steps, rng, distance)) * 1e6
+        args = setup(n_gpu, slots, steps, rng, distance)
         t0 = time.perf_counter()
         run_compiled(*args)
         compiled_us = (time.perf_counter() - t0) / steps * 1e6
-        rows.append((n_gpu, slots, np.median(us), np.percentile(us, 99), compiled_us))
+        rows.append((n_gpu, slots, distance, np.median(us), np.percentile(us, 99), compiled_us))
     body = ("Planner cost per layer step, predictions (`online.update`) and decision (`plan_step`) together (48 "
-            "layers x 64 experts, top-8, lookahead 4, up to 8 prefetches, random routing, fitted next visits "
-            "and gate lookahead for this token's next layers and the next token). Target: under 50 us at 64 "
-            "experts and 1,000 slots.\n\n"
-            "| GPUs | slots | calls from Python, median us | p99 us | compiled work alone, mean us |\n"
-            "|---|---|---|---|---|\n")
-    body += "".join(f"| {g} | {s} | {m:.1f} | {p:.1f} | {c:.1f} |\n" for g, s, m, p, c in rows)
+            "layers x 64 experts, top-8, up to 8 prefetches, random routing, fitted next visits and gate "
+            "lookahead for this token's next layers and the next token; layers ahead: the settings' "
+            "max_distance, tuned between 4 and 8, with predictions and prefetch candidates for each). Target: "
+            "under 50 us at 64 experts and 1,000 slots.\n\n"
+            "| GPUs | slots | layers ahead | calls from Python, median us | p99 us | compiled work alone, mean us |\n"
+            "|---|---|---|---|---|---|\n")
+    body += "".join(f"| {g} | {s} | {d} | {m:.1f} | {p:.1f} | {c:.1f} |\n" for g, s, d, m, p, c in rows)
     update_section("planner-cost", "python -m bench.planner_cost", body)
     print(body)
 

@@ -228,7 +228,7 @@ class PlannerSettings:
     def __str__(self) -> str:
         visits = f"fitted next visit over {self.visit_horizon_tokens:g} tokens" if self.fitted_visits else \
             f"recency {self.recency_weight:g} / {self.half_life_tokens:g} tokens, frequency {self.online_weight:g}"
-        return f"{visits}, keep {self.keep_weight:g}, admit {self.admit_margin:g}x"
+        return f"{visits}, keep {self.keep_weight:g}, admit {self.admit_margin:g}x, {self.max_distance} layers ahead"
 
 
 class Planner:

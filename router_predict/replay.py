@@ -164,6 +164,7 @@ PLANNER_GRID = [PlannerSettings(recency_weight=r, half_life_tokens=h, keep_weigh
 LOOKAHEAD_WEIGHTS = (0.5, 0.8, 1.0)
 NEXT_TOKEN_WEIGHTS = (0.0, 0.2, 0.3, 0.5)
 ADMIT_MARGINS = (1.0, 1.5, 2.0, 3.0)
+MAX_DISTANCES = (4, 8)
 
 
 def tuning_split(train: Trace) -> np.ndarray:
@@ -177,9 +178,9 @@ def tuning_split(train: Trace) -> np.ndarray:
 def fit_planner(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes: np.ndarray,
                 lookahead: np.ndarray | None = None, next_token: np.ndarray | None = None) -> Planner:
     """The planner settings (recency vs frequency, what a cached copy is worth, how sure a miss must be to
-    evict, how much to trust gate lookahead) with the best hit rate on fitting tokens its predictors were not
-    fitted on (`tuning_split`): which wins depends on the model, and tuning on the predictors' own tokens would
-    favour trusting them.
+    evict, how many of this token's layers ahead get predictions and prefetches, how much to trust gate
+    lookahead) with the best hit rate on fitting tokens its predictors were not fitted on (`tuning_split`):
+    which wins depends on the model, and tuning on the predictors' own tokens would favour trusting them.
     `lookahead` (N, L, D, E) and `next_token` (N, L, E): gate lookahead for the fitting tokens (this token's next
     layers, the next token's), from lookaheads not fitted on them."""
     inner = tuning_split(train)
@@ -193,6 +194,7 @@ def fit_planner(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes:
 
     best = max(PLANNER_GRID, key=score)
     best = max([replace(best, admit_margin=m) for m in ADMIT_MARGINS], key=score)
+    best = max([replace(best, max_distance=d) for d in MAX_DISTANCES], key=score)
     if lookahead is not None:  # then how much to trust it, the rest fixed
         best = max([replace(best, lookahead_weight=w) for w in LOOKAHEAD_WEIGHTS], key=score)
     if next_token is not None:
