@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from moe_tier import kernels
+from moe_tier.copy_engine import CopyEngine
 from moe_tier.host_tiers import blob_layout
 from moe_tier.kernels.activations import Activations
 from moe_tier.kernels.gpu_gemv import KERNELS
@@ -150,7 +151,7 @@ class CpuShare:
         self.warm, self.experts, self.arenas = tiers.warm, tiers.desc.experts, tiers.arena
         self.host = self.warm.arena.numpy()  # the pinned blobs, which the CPU kernels read in place
         # the GPU's part of a staged expert moves by the copy engine, on a stream of its own per GPU
-        self.streams = {g: torch.cuda.Stream(a.device) for g, a in self.arenas.items()}
+        self.copies = {g: CopyEngine(a.device) for g, a in self.arenas.items()}
         self.seq = 0
         self.seq_dev = {g: torch.zeros(1, dtype=torch.int32, device=a.device) for g, a in self.arenas.items()}
         self.points: dict[tuple, Point] = {}  # (layer, GPU, R, T) -> its buffers
@@ -229,19 +230,15 @@ class CpuShare:
         """Queue copies of the GPU's part of each staged row's expert into its staging slot, then the flag that
         await_staged waits on: the copy engine moves them while the CPU computes its part (a kernel copying them
         took SMs from the matrix-vector products beside it)."""
-        arena, warm, late = self.arenas[p.gpu], self.warm.arena, p.late.numpy()
-        with torch.cuda.stream(self.streams[p.gpu]):
-            for r, e in enumerate(ids.tolist()):
-                if e >= 0:
-                    src, dst = self.warm.offset[ExpertId(p.layer, e)], int(late[r])
-                    for at, n in self.cuts[p.layer].spans:
-                        arena[dst + at : dst + at + n].copy_(warm[src + at : src + at + n], non_blocking=True)
+        arena, warm, late = self.arenas[p.gpu].data_ptr(), self.warm.arena.data_ptr(), p.late.numpy()
+        spans = self.cuts[p.layer].spans
+        self.copies[p.gpu].copy([(arena + int(late[r]) + at, warm + self.warm.offset[ExpertId(p.layer, e)] + at, n)
+                                 for r, e in enumerate(ids.tolist()) if e >= 0 for at, n in spans])
         self._raise_staged(p)
 
     def _raise_staged(self, p: Point) -> None:
         p.seq.numpy()[0] = self.seq  # read by the copy below when it runs: the next write is a step later
-        with torch.cuda.stream(self.streams[p.gpu]):
-            p.staged.copy_(p.seq, non_blocking=True)
+        self.copies[p.gpu].copy([(p.staged.data_ptr(), p.seq.data_ptr(), p.staged.element_size())])
 
     def compute(self, eid: ExpertId, x: np.ndarray) -> np.ndarray:
         """(f,): silu(gate) * up of rows [0, f) of the expert's pinned blob, for input x (D,)."""
