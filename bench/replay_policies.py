@@ -59,12 +59,15 @@ def main() -> None:
             "give; the planner comes near or past it only by prefetching into link time its CPU misses leave "
             "idle. The admission margin buys hit rate with time: a refused miss runs on the CPU, after any other "
             "in its step (checked while developing it, with no margin, every miss the link can take fetched: "
-            "12 GiB 0.556 at 25.9 tokens/s, 16 GiB 0.708 at 35.3, 20 GiB 0.837 at 54.6; the tuning puts hit rate "
+            "12 GiB 0.567 at 25.8 tokens/s, 16 GiB 0.719 at 35.5, 20 GiB 0.841 at 55.4; the tuning puts hit rate "
             "first). The same planner handed each expert's true next use reached 97-102% of Belady at every "
             "budget here (a check made before the admission margin, not a row below): what it lacks is "
             "prediction, and these two problems share little (their per-expert frequencies correlate at 0.45; an "
-            "expert used at one token is used at the next with chance 0.34 "
-            "against 0.25 for any).\n")
+            "expert used at one token is used at the next with chance 0.34 against 0.25 for any). The same "
+            "planner with its predictors fitted on the scored problem itself reaches 0.802 at 16 GiB and 0.897 at "
+            "20 GiB (a development check: 8 layers ahead, admission 2x, the rest chosen on the scored problem): "
+            "+5 at 20 GiB (0.857) lies above oracle pinning and within reach only of statistics that one "
+            "problem's routing does not give for the other.\n")
     for vram in VRAM_GIB:
         slots = slots_for_vram(vram * GIB, RESERVED_BYTES, eb)
         cache = CacheConfig(1, slots)
