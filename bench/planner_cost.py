@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit
 
 from bench.report import update_section
+from moe_tier.cpu_share import balanced_share
 from router_predict.next_visit import DECAY
 from router_predict.online import update
 from router_predict.planner import plan_step
@@ -24,6 +25,7 @@ L, E, K, D, P = 48, 64, 8, 4, 8
 H2D_BYTES_PER_S = 51 * 2**30  # measured H100 host: pinned host -> GPU
 CPU_BYTES_PER_S = 55 * 2**30  # host RAM read with 16 threads
 DISK_BYTES_PER_S = 1.6e9
+STAGE_CPU_SHARE = balanced_share(CPU_BYTES_PER_S, H2D_BYTES_PER_S)  # the CPU's part of a staged miss, as decode sets it
 EXPERT_BYTES = 3 * 2048 * 768 * 144 // 256  # a Qwen3-30B-A3B-sized Q4_K expert
 GPU_STEP_S = 2e-4
 
@@ -72,8 +74,8 @@ def run_compiled(slot_expert, expert_slot, needed, gate, recent, tables):
     for s in range(needed.shape[0]):
         predict(s % L, needed[s], gate[s], recent, ahead, tables)
         total += plan_step(s % L, needed[s], ahead, recent, slot_expert, expert_slot, remaining, on_disk,
-                           expert_bytes, H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_STEP_S, backlog,
-                           1.0, 0.0, 1.5, actions, prefetch)
+                           expert_bytes, H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, STAGE_CPU_SHARE,
+                           GPU_STEP_S, backlog, 1.0, 1.5, actions, prefetch)
         remaining[:] = 0  # transfers land before the next step
     return total
 
@@ -95,8 +97,8 @@ def run_python(slot_expert, expert_slot, needed, gate, recent, tables) -> np.nda
         update(layer, needed[s] % E, shares, prior, cross, mix, reuse, ahead_gate, 0.8, gate[s, 0], 0.3, counts,
                decayed, 0.9, 0.5, 0.3, visit_weights, forgetting, DECAY, recent, ahead)
         plan_step(layer, needed[s], ahead, recent, slot_expert, expert_slot, remaining, on_disk, expert_bytes,
-                  H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, GPU_STEP_S, backlog, 1.0, 0.0, 1.5, actions,
-                  prefetch)
+                  H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, STAGE_CPU_SHARE, GPU_STEP_S, backlog, 1.0,
+                  1.5, actions, prefetch)
         times[s] = time.perf_counter() - t0
         remaining[:] = 0
     return times

@@ -1,4 +1,4 @@
-"""The prefetch planner: one compiled call per layer step decides misses (fetch or CPU), evictions and prefetches.
+"""The prefetch planner: one compiled call per layer step decides misses (cached or not), evictions and prefetches.
 
 Shape key: G GPUs, S slots per GPU, X = L*E experts (flat id `layer * E + expert`), K experts needed now,
 D lookahead layers, P most prefetches per step.
@@ -9,9 +9,12 @@ where dist is the steps until the expert's layer comes round again, p the predic
 there, and q the chance at each later visit. Evicting the largest E[T] approximates Belady's rule with
 predictions in place of the future. Speculative prefetches only go into link time the step leaves idle,
 and nothing the current layer needs is ever evicted, nor anything expected back not clearly later than the miss
-that would take its slot (that miss runs on the CPU). A prefetch that cannot land before its layer of this token
-runs is ranked by the visit after. A step's misses most worth keeping take the link while it ends the step no later than
-the CPU would running them and every miss below them; the rest run on the CPU.
+that would take its slot. A prefetch that cannot land before its layer of this token runs is ranked by the visit
+after. A step's misses most worth keeping take the slots first, and every miss the admission rule lets in is
+cached (FETCH), as decode promotes every miss its policy prefers to a slot's holder: it is staged (copied into a
+staging slot with the CPU computing a share) while its copy into the slot goes on behind the step, taking link time
+from later steps and prefetches (`not_ready`). The rest (BYPASS) are staged, evicting nothing, or run whole on the
+CPU, whichever ends the step sooner (`uncached`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,43 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-HIT, FETCH, CPU = 0, 1, 2
+HIT, FETCH, CPU, BYPASS = 0, 1, 2, 3  # BYPASS: not cached, run by `uncached`; CPU: on the CPU whatever the link
 EPS = 1e-3
+
+
+@njit(cache=True, inline="always")
+def _staged_s(n_bytes, read_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share):
+    """(link seconds, CPU seconds) of a miss staged as moe_decode does it: copied into a staging slot (evicting
+    nothing) while the CPU computes `stage_cpu_share` of its bytes from pinned memory (cpu_share.py)."""
+    return (read_s + (1.0 - stage_cpu_share) * n_bytes / h2d_bytes_per_s,
+            stage_cpu_share * n_bytes / cpu_bytes_per_s)
+
+
+@njit(cache=True, inline="always")
+def uncached(n_bytes, read_s, link_s, cpu_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share):
+    """How a miss that takes no slot runs: (staged, link seconds, CPU seconds) it adds to a step that already has
+    `link_s` of link and `cpu_s` of CPU work. Staged (`_staged_s`), or computed whole on the CPU (the read-back
+    path's choice for a miss it does not fetch), whichever ends the step sooner; a tie stages, as the device path
+    always does."""
+    stage_link, stage_cpu = _staged_s(n_bytes, read_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share)
+    whole = read_s + n_bytes / cpu_bytes_per_s
+    if max(link_s + stage_link, cpu_s + stage_cpu) <= max(link_s, cpu_s + whole):
+        return True, stage_link, stage_cpu
+    return False, 0.0, whole
+
+
+@njit(cache=True, inline="always")
+def not_ready(n_bytes, remaining_bytes, read_s, link_s, cpu_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share):
+    """How an expert given a slot but not yet in it runs: (waits, link seconds, CPU seconds) it adds to the step.
+    Either the step waits for the `remaining_bytes` of its copy (the read-back path fetches a miss so), or the miss
+    is staged while its copy goes on behind the step (the device path: decode promotes a miss by a copy nothing
+    waits for, moe_decode's account()), whichever ends the step sooner; a tie waits. Never whole on the CPU: a miss
+    the engine caches crosses the link either way."""
+    wait_link = read_s + remaining_bytes / h2d_bytes_per_s
+    stage_link, stage_cpu = _staged_s(n_bytes, read_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share)
+    if max(link_s + wait_link, cpu_s) <= max(link_s + stage_link, cpu_s + stage_cpu):
+        return True, wait_link, 0.0
+    return False, stage_link, stage_cpu
 
 
 @njit(cache=True, inline="always")
@@ -96,9 +134,23 @@ def _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes):
     remaining_bytes[x] = expert_bytes[x]
 
 
+@njit(cache=True, inline="always")
+def _run_not_ready(x, g, on_disk, expert_bytes, remaining_bytes, disk_bytes_per_s, h2d_bytes_per_s, cpu_bytes_per_s,
+                   stage_cpu_share, link_s, cpu_s, promote_s):
+    """`not_ready` for expert x in a slot of GPU g: adds its link time to link_s[g] or, where the step does not wait
+    for it, its copy to promote_s[g]; returns the CPU seconds it adds."""
+    waits, add_link_s, add_cpu_s = not_ready(expert_bytes[x], remaining_bytes[x],
+                                             _read_s(x, on_disk, expert_bytes, disk_bytes_per_s), link_s[g], cpu_s,
+                                             h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share)
+    link_s[g] += add_link_s
+    if not waits:
+        promote_s[g] += remaining_bytes[x] / h2d_bytes_per_s
+    return add_cpu_s
+
+
 @njit(cache=True)
 def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_bytes, on_disk, expert_bytes,
-              h2d_bytes_per_s, cpu_bytes_per_s, disk_bytes_per_s, gpu_step_s, backlog_s, queue_steps, keep_weight,
+              h2d_bytes_per_s, cpu_bytes_per_s, disk_bytes_per_s, stage_cpu_share, gpu_step_s, backlog_s, queue_steps,
               admit_margin, actions, prefetch):
     """Decide one layer step in place; returns how many prefetches were written to `prefetch`.
 
@@ -107,9 +159,9 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
     already from the current token); slot_expert (G, S) / expert_slot (X,) / remaining_bytes (X,) the slot
     table, updated here; on_disk (X,) experts in the cold tier; backlog_s (G,) prefetch work already
     queued per link; queue_steps: how many steps of idle link time the prefetch queue may hold;
-    keep_weight: how much the chance of reusing a fetched copy counts against running a miss on the CPU;
+    stage_cpu_share: the share of a staged miss's bytes the CPU computes (`uncached`);
     admit_margin: how many times later than a miss its victim must be expected back for the miss to take the slot;
-    actions (K,) out: HIT / FETCH / CPU; prefetch (P,) out: flat ids newly in flight.
+    actions (K,) out: HIT / FETCH / BYPASS; prefetch (P,) out: flat ids newly in flight.
     All times in seconds, rates in bytes per second; nothing here knows the machine.
     """
     G, S = slot_expert.shape
@@ -119,6 +171,7 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
     link_s = np.zeros(G)
     always = np.ones(G)
     cpu_s = 0.0
+    promote_s = np.zeros(G)  # copies into slots this step leaves running behind it
     for i in range(needed.shape[0]):  # hits and transfers already under way
         x = needed[i]
         c = expert_slot[x]
@@ -126,59 +179,53 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
             actions[i] = HIT
         elif c >= 0:
             actions[i] = FETCH
-            link_s[c // S] += remaining_bytes[x] / h2d_bytes_per_s
+            cpu_s += _run_not_ready(x, c // S, on_disk, expert_bytes, remaining_bytes, disk_bytes_per_s,
+                                    h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share, link_s, cpu_s, promote_s)
         else:
             actions[i] = -1
-    worth = np.zeros(needed.shape[0])  # misses most worth keeping first take the link, the rest the CPU
-    cpu_rest_s = 0.0  # CPU time of the misses not yet decided
+    worth = np.zeros(needed.shape[0])  # misses most worth keeping take the slots first
     for i in range(needed.shape[0]):
         x = needed[i]
-        if actions[i] < 0:
-            worth[i] = -recent[x // E, x % E]
-            cpu_rest_s += _read_s(x, on_disk, expert_bytes, disk_bytes_per_s) + expert_bytes[x] / cpu_bytes_per_s
-    for i in np.argsort(worth):  # each miss where the step ends sooner, the misses below it on the CPU
+        worth[i] = -recent[x // E, x % E] if actions[i] < 0 else 0.0
+    for i in np.argsort(worth):
         if actions[i] >= 0:
             continue
         x = needed[i]
-        read_s = _read_s(x, on_disk, expert_bytes, disk_bytes_per_s)
         c = _victim(value, S, always)
-        g = c // S if c >= 0 else 0
-        fetch_s = read_s + expert_bytes[x] / h2d_bytes_per_s
-        compute_s = read_s + expert_bytes[x] / cpu_bytes_per_s
-        cpu_rest_s -= compute_s
-        fetch_end = max(link_s[g] + fetch_s, cpu_s + cpu_rest_s)
-        cpu_end = max(link_s[g], cpu_s + compute_s + cpu_rest_s)
         # a miss (next use L / q steps away) displaces only a copy expected back clearly later: a weak guess that
-        # wins the link would evict a better one; a fetched copy saves a miss at the next visit with chance q
+        # wins the slot would evict a better one
         q = min(max(recent[x // E, x % E], EPS), 1.0)
-        admit = c >= 0 and value[c] > admit_margin * L / q
-        keep_gain = keep_weight * q * min(fetch_s, compute_s) if admit else 0.0
-        if admit and fetch_end <= cpu_end + keep_gain:
+        if c >= 0 and value[c] > admit_margin * L / q:
             _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes)
             value[c] = -1.0
-            link_s[g] += fetch_s
             actions[i] = FETCH
+            cpu_s += _run_not_ready(x, c // S, on_disk, expert_bytes, remaining_bytes, disk_bytes_per_s,
+                                    h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share, link_s, cpu_s, promote_s)
         else:
-            cpu_s += compute_s
-            actions[i] = CPU
+            g = np.argmin(link_s)
+            _, by_link_s, by_cpu_s = uncached(expert_bytes[x], _read_s(x, on_disk, expert_bytes, disk_bytes_per_s),
+                                              link_s[g], cpu_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share)
+            link_s[g] += by_link_s
+            cpu_s += by_cpu_s
+            actions[i] = BYPASS
     step_s = max(gpu_step_s, cpu_s)
     for g in range(G):
         step_s = max(step_s, link_s[g])
     free_s = np.empty(G)
     for g in range(G):
-        free_s[g] = queue_steps * step_s - link_s[g] - backlog_s[g]
+        free_s[g] = queue_steps * step_s - link_s[g] - backlog_s[g] - promote_s[g]
     if free_s.max() <= 0.0:
         return 0  # the link is busy with demand copies: no room for speculation
     D = ahead.shape[0]
     P = prefetch.shape[0]
     lead_s = np.inf  # link time queued ahead of a new prefetch on the least busy link
     for g in range(G):
-        lead_s = min(lead_s, link_s[g] + backlog_s[g])
+        lead_s = min(lead_s, link_s[g] + backlog_s[g] + promote_s[g])
     best_x = np.empty(P, np.int64)  # the P candidates of smallest E[T], ascending
     best_v = np.full(P, np.inf)
     n_ahead = min(D, L - 1) * E
     for j in range(n_ahead + needed.shape[0]):  # the next D layers (wrapping to the next token), then the
-        # experts this step ran on the CPU: routing that repeats from token to token wants them next time
+        # experts this step left uncached: routing that repeats from token to token wants them next time
         x = ((layer + 1 + j // E) % L) * E + j % E if j < n_ahead else needed[j - n_ahead]
         if expert_slot[x] >= 0 or on_disk[x]:
             continue

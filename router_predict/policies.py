@@ -2,7 +2,8 @@
 
 Shape key: G GPUs, S slots per GPU, X = L*E experts (flat id `layer * E + expert`), K experts per step.
 A policy sees one layer step at a time and answers, for each needed expert, HIT (ready in a slot), FETCH
-(copied to a slot now, evicting the policy's choice) or CPU (computed from host memory, not cached).
+(copied to a slot now, evicting the policy's choice), BYPASS (not cached: the cost model stages it or runs it on the
+CPU, planner.uncached) or CPU (computed on the CPU, as llama.cpp runs the experts it does not offload).
 Only the planner also prefetches.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from router_predict.next_visit import DECAY, HALF_LIVES_TOKENS, NextVisit
 from router_predict.online import update
-from router_predict.planner import CPU, FETCH, HIT, plan_step
+from router_predict.planner import BYPASS, CPU, FETCH, HIT, plan_step
 from router_predict.predictors import MAX_DISTANCE, Combined, chosen
 from router_predict.trace import Trace
 
@@ -103,7 +104,7 @@ class DemandPolicy:
                 candidates = np.flatnonzero(~np.isin(flat, needed))
                 c = int(candidates[np.argmin(self.keep(flat[candidates]))]) if candidates.size else -1
             if c < 0 or (flat[c] >= 0 and self.bypass(int(x), int(flat[c]))):
-                actions[i] = CPU
+                actions[i] = BYPASS
             else:
                 state.place(int(x), c)
                 actions[i] = FETCH
@@ -167,7 +168,8 @@ class LFRU(LRU):
 
 
 class StaticPinning(DemandPolicy):
-    """The experts used most in the fitting traces stay in VRAM; everything else runs on the CPU."""
+    """The experts used most in the fitting traces stay in VRAM; everything else runs on the CPU, as llama.cpp runs
+    the experts it keeps in host memory (`--n-cpu-moe`, `-ot`) at decode: the peer, not moe-tier's decode."""
 
     name = "static pinning"
 
@@ -177,7 +179,7 @@ class StaticPinning(DemandPolicy):
 
 class Belady(DemandPolicy):
     """The offline optimum: evict the expert used furthest in the future, and bypass a miss used later still
-    (run on the CPU). Without bypass it is the classic MIN, the optimum when every miss must be cached."""
+    (not cached). Without bypass it is the classic MIN, the optimum when every miss must be cached."""
 
     def __init__(self, test: Trace, allow_bypass: bool = True):
         self.allow_bypass = allow_bypass
@@ -218,7 +220,6 @@ class PlannerSettings:
     online_weight: float = 0.5  # in the next-visit prediction: running frequency vs token reuse
     recency_weight: float = 0.3  # ... and uses with exponential forgetting vs both
     half_life_tokens: float = 8.0
-    keep_weight: float = 0.0  # how much a cached copy counts when a miss could run on the CPU instead
     admit_margin: float = 1.0  # a miss evicts only an expert expected back this many times later than itself
     lookahead_weight: float = 0.7  # gate lookahead vs the fitted predictors, where the engine provides it
     fitted_visits: bool = False  # next visits from the least-squares NextVisit instead of the three weights above
@@ -228,7 +229,7 @@ class PlannerSettings:
     def __str__(self) -> str:
         visits = f"fitted next visit over {self.visit_horizon_tokens:g} tokens" if self.fitted_visits else \
             f"recency {self.recency_weight:g} / {self.half_life_tokens:g} tokens, frequency {self.online_weight:g}"
-        return f"{visits}, keep {self.keep_weight:g}, admit {self.admit_margin:g}x, {self.max_distance} layers ahead"
+        return f"{visits}, admit {self.admit_margin:g}x, {self.max_distance} layers ahead"
 
 
 class Planner:
@@ -283,7 +284,7 @@ class Planner:
         c = self.cost
         n = plan_step(layer, needed.astype(np.int64), self.ahead, self.recent, state.slot_expert,
                       state.expert_slot, state.remaining_bytes, state.on_disk, state.expert_bytes,
-                      c.h2d_bytes_per_s, c.cpu_bytes_per_s, c.disk_bytes_per_s,
+                      c.h2d_bytes_per_s, c.cpu_bytes_per_s, c.disk_bytes_per_s, c.stage_cpu_share,
                       c.gpu_s(int(state.expert_bytes[needed].sum())), state.queued_bytes / c.h2d_bytes_per_s,
-                      self.s.queue_steps, self.s.keep_weight, self.s.admit_margin, actions, self.prefetch)
+                      self.s.queue_steps, self.s.admit_margin, actions, self.prefetch)
         return actions, self.prefetch[:n]

@@ -6,7 +6,7 @@ import numpy as np
 
 from router_predict.next_visit import DECAY, features, forget
 from router_predict.online import update
-from router_predict.planner import CPU, FETCH, HIT, next_use_steps, plan_step
+from router_predict.planner import BYPASS, FETCH, HIT, next_use_steps, plan_step
 from router_predict.policies import LRU, CacheState, Planner
 from router_predict.replay import CacheConfig, CostModel, replay, tuning_split
 from router_predict.trace import Trace
@@ -22,14 +22,14 @@ def setup(resident, slots=4, n_gpu=1):
 
 
 def call(state, layer, needed, ahead=None, recent=None, h2d=100 * MB, cpu=100 * MB, gpu_step_s=0.0, backlog=None,
-         max_prefetch=4):
+         max_prefetch=4, share=0.0, admit_margin=1.0):
     ahead = np.full((D, E), 0.25, np.float32) if ahead is None else ahead
     recent = np.full((L, E), 0.25, np.float32) if recent is None else recent
     actions, prefetch = np.empty(len(needed), np.int8), np.empty(max_prefetch, np.int64)
     backlog = np.zeros(state.slot_expert.shape[0]) if backlog is None else backlog
     n = plan_step(layer, np.array(needed, np.int64), ahead, recent, state.slot_expert, state.expert_slot,
                   state.remaining_bytes, state.on_disk, state.expert_bytes, float(h2d), float(cpu), 10.0 * MB,
-                  gpu_step_s, backlog, 1.0, 0.0, 1.0, actions, prefetch)
+                  share, gpu_step_s, backlog, 1.0, admit_margin, actions, prefetch)
     state.check()
     return actions.tolist(), prefetch[:n].tolist()
 
@@ -43,28 +43,26 @@ def test_expected_next_use():
     assert next_use_steps(0 * E + 3, 0, ahead, recent) == L + 0.5 * L / 0.5  # this layer: next token, p = 0.5
 
 
-def test_hits_and_misses_balanced_between_link_and_cpu():
+def test_free_slots_take_every_miss_whatever_the_rates():
+    """Caching a miss costs the step nothing (it runs uncached while its copy goes on behind), so a free slot
+    takes it however the link and the CPU compare."""
     state = setup([0, 1])
     actions, _ = call(state, 0, [0, 1])
     assert actions == [HIT, HIT]
-    state = setup([0, 1])
-    actions, _ = call(state, 0, [2, 3], h2d=100 * MB, cpu=100 * MB)
-    assert sorted(actions) == [FETCH, CPU]  # equal rates: one each finishes the step soonest
-    state = setup([0, 1])
-    actions, _ = call(state, 0, [2, 3], h2d=100 * MB, cpu=1 * MB)
-    assert actions == [FETCH, FETCH]
-    state = setup([0, 1])
-    actions, _ = call(state, 0, [2, 3], h2d=1 * MB, cpu=100 * MB)
-    assert actions == [CPU, CPU]
+    for h2d, cpu in ((100 * MB, 100 * MB), (100 * MB, 1 * MB), (1 * MB, 100 * MB)):
+        state = setup([0, 1])
+        actions, _ = call(state, 0, [2, 3], h2d=h2d, cpu=cpu)
+        assert actions == [FETCH, FETCH]
+        assert state.expert_slot[2] >= 0 and state.expert_slot[3] >= 0
 
 
-def test_misses_least_worth_keeping_run_on_the_cpu():
+def test_the_miss_most_likely_back_takes_the_free_slot():
     recent = np.full((L, E), 0.25, np.float32)
     recent[0, 2], recent[0, 3] = 0.9, 0.05  # 2 is likely again next token, 3 is not
     for needed in ([2, 3], [3, 2]):
-        state = setup([0, 1])
+        state = setup([1 * E, 1 * E + 1], slots=3)  # one free slot; the residents are back before 3 would be
         actions, _ = call(state, 0, needed, recent=recent)
-        assert dict(zip(needed, actions)) == {2: FETCH, 3: CPU}
+        assert dict(zip(needed, actions)) == {2: FETCH, 3: BYPASS}
 
 
 def test_prefetch_that_lands_after_its_layer_evicts_nothing():
@@ -88,13 +86,22 @@ def test_never_evicts_what_the_layer_needs():
     assert state.expert_slot[0] >= 0 and state.expert_slot[9] >= 0
 
 
-def test_miss_expected_back_later_than_every_victim_runs_on_the_cpu():
+def test_miss_expected_back_later_than_every_victim_is_staged_evicting_nothing():
     state = setup([0, 1, 2, 3], slots=4)  # full; layer 0 needs 4, whose next use is far off
     recent = np.full((L, E), 0.25, np.float32)
     recent[0, 4] = 0.01
-    actions, _ = call(state, 0, [0, 4], recent=recent, cpu=1 * MB)  # the link alone would fetch it
-    assert actions == [HIT, CPU]
-    assert state.expert_slot[4] < 0 and state.expert_slot[0] >= 0
+    ahead = np.zeros((D, E), np.float32)
+    ahead[0, 5] = 0.9  # a prefetch candidate for the link time the step leaves idle
+    before = state.slot_expert.copy()
+    actions, prefetch = call(state, 0, [0, 4], ahead=ahead, recent=recent, cpu=1 * MB, gpu_step_s=0.015)
+    assert actions == [HIT, BYPASS]
+    assert (state.slot_expert == before).all() and state.expert_slot[4] < 0
+    # staged, not run on the 1 MiB/s CPU: its 10 ms of link go first, so a prefetch for layer 1 would land after
+    # that layer ran (a 15 ms step), no better than what it evicts
+    assert prefetch == []
+    state = setup([0, 1, 2, 3], slots=4)
+    _, prefetch = call(state, 0, [0, 1], ahead=ahead, recent=recent, cpu=1 * MB, gpu_step_s=0.015)
+    assert prefetch == [1 * E + 5]  # the same step with no miss: the link is free and the prefetch lands in time
     recent[0, 4] = 0.9  # back next token, sooner than any resident but 0: it takes a slot
     actions, _ = call(state, 0, [0, 4], recent=recent, cpu=1 * MB)
     assert actions == [HIT, FETCH]
@@ -152,12 +159,13 @@ def test_last_layer_prefetches_for_the_next_token():
     assert actions == [HIT, HIT] and prefetch[0] == 0 * E + 6  # 1.5 MiB of idle link after the last layer
 
 
-def test_experts_run_on_the_cpu_are_prefetch_candidates():
+def test_experts_left_uncached_are_prefetch_candidates():
     recent = np.full((L, E), 0.05, np.float32)
-    recent[0, 5] = 0.9  # layer 0 keeps choosing expert 5 (token reuse), which is missing now
+    recent[0, 5], recent[1, :2], recent[2, :2] = 0.3, 0.2, 0.2  # 5 recurs; the residents are back a bit sooner
     state = setup([1 * E, 1 * E + 1, 2 * E, 2 * E + 1])
-    actions, prefetch = call(state, 0, [5, 7], recent=recent, h2d=1 * MB, cpu=100 * MB)
-    assert actions == [CPU, CPU]  # a slow link: both run on the CPU, leaving the link idle
+    # admission 2x refuses both misses, yet 5 is back sooner than the residents: the idle link may fetch it ahead
+    actions, prefetch = call(state, 0, [5, 7], recent=recent, h2d=1 * MB, cpu=100 * MB, admit_margin=2.0)
+    assert actions == [BYPASS, BYPASS]  # a slow link: both run on the CPU, leaving the link idle
     assert 5 in prefetch and 7 not in prefetch
 
 

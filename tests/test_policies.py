@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from router_predict.planner import CPU, FETCH, HIT
+from router_predict.planner import BYPASS, CPU, FETCH, HIT
 from router_predict.policies import LFRU, LFU, LRU, Belady, CacheState, Planner, StaticPinning
 from router_predict.replay import CacheConfig, CostModel, compare, replay
 from router_predict.trace import Trace
@@ -68,7 +70,7 @@ def test_belady_evicts_furthest_next_use_and_bypasses():
     seq = [0, 1, 2, 0, 1, 3, 0, 1, 2, 2]
     actions, _ = run_steps(Belady(one_layer(seq)), seq, slots=2)
     # 2 first returns after 0 and 1 do, 3 never: bypass both; at the end 2 replaces 0 (never used again)
-    assert actions == [FETCH, FETCH, CPU, HIT, HIT, CPU, HIT, HIT, FETCH, HIT]
+    assert actions == [FETCH, FETCH, BYPASS, HIT, HIT, BYPASS, HIT, HIT, FETCH, HIT]
     actions, _ = run_steps(Belady(one_layer(seq), allow_bypass=False), seq, slots=2)
     # MIN must cache every miss: 2 evicts 1 (next used at 4, 0 at 3), 1 evicts 2, 3 evicts 1, ...
     assert actions == [FETCH, FETCH, FETCH, HIT, FETCH, FETCH, HIT, FETCH, FETCH, HIT]
@@ -127,3 +129,20 @@ def test_planner_replay_keeps_the_slot_table_consistent():
     planner = Planner(COST)
     _, state = run_steps(planner, seq, slots=3, train=one_layer(seq[:100], 6))
     state.check()
+
+
+def test_a_bypassed_miss_is_staged_when_the_link_is_faster():
+    """Belady bypasses 2 and 3 (preloaded 0 and 1 come back first) and caches 2 at the end. Each miss is staged
+    through the link, evicting nothing, with the CPU computing its share meanwhile: 1 MiB / (link + CPU rate). The
+    cached one's copy into its slot runs behind its step: it is a hit at the next token."""
+    seq = [0, 1, 2, 0, 1, 3, 0, 1, 2, 2]
+    t, eb = one_layer(seq), np.full(4, MB, np.int64)
+    share = 1 / 3  # the CPU's 50 MiB/s against the link's 100: both parts take 1/150 s
+    r = replay(Belady(t), t, one_layer([0, 1]), replace(COST, stage_cpu_share=share), CacheConfig(1, 2), eb)
+    assert r.hit_rate == 0.7 and r.staged_share == 0.3 and r.cpu_share == 0  # staged still counts as a miss
+    assert r.h2d_bytes_per_token == pytest.approx((3 * (1 - share) * MB + MB) / 10)  # staged parts and one promotion
+    step_s = [MB / COST.gpu_bytes_per_s] * 7 + [1 / 150] * 3
+    assert r.tokens_per_s == pytest.approx(10 / sum(step_s))
+    slow_link = replay(Belady(t), t, one_layer([0, 1]), replace(COST, h2d_bytes_per_s=10 * MB), CacheConfig(1, 2), eb)
+    assert slow_link.cpu_share == 0.2 and slow_link.staged_share == 0  # the bypassed ones: the CPU finishes first
+    assert slow_link.hit_rate == 0.7 and slow_link.h2d_bytes_per_token == pytest.approx(MB / 10)  # the cached one
