@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from bench.report import update_section
-from moe_tier.cpu_share import balanced_share
+from moe_tier.tiers.links import balanced_share
 from router_predict.next_visit import DECAY
 from router_predict.online import update
 from router_predict.planner import plan_step

@@ -13,7 +13,7 @@ import numpy as np
 
 from bench import mixtral_routing as mx
 from bench.report import update_section
-from moe_tier.cpu_share import balanced_share
+from moe_tier.tiers.links import balanced_share
 from router_predict.policies import Planner
 from router_predict.predictors import chosen
 from router_predict.replay import ADMIT_MARGINS, CacheConfig, CostModel, fitted_policies, replay, slots_for_vram

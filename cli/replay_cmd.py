@@ -15,6 +15,7 @@ from moe_tier.errors import MoeTierError
 from moe_tier.machine import probe
 from moe_tier.plan import plan_tiers
 from moe_tier.reader import Category, ExpertId, open_model
+from moe_tier.tiers.links import balanced_share
 from moe_tier.units import format_bytes, parse_bytes
 from router_predict import trace as tr
 from router_predict.replay import CacheConfig, CostModel, compare, holdout
@@ -58,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
                              for e in range(test.n_expert)], np.int64)
     slots = min(min(g.n_slots for g in plan.gpus), -(-expert_bytes.size // n_gpu))  # more would stay empty
     dense = sum(t.n_bytes for t in desc.tensors.values() if t.category is not Category.ROUTED and t.layer is not None)
-    cost = CostModel(rates["h2d"], rates["cpu_read"], rates["disk"], rates["gpu_read"], dense // desc.config.n_layer)
+    # a miss not cached is staged as decode stages it: the CPU computes the share that finishes with the link
+    cost = CostModel(rates["h2d"], rates["cpu_read"], rates["disk"], rates["gpu_read"], dense // desc.config.n_layer,
+                     stage_cpu_share=balanced_share(rates["cpu_read"], rates["h2d"]))
     cache = CacheConfig(n_gpu, slots, plan.ram_budget_bytes)
     results = compare(fit, test, cost, cache, expert_bytes)
     if args.json:

@@ -40,17 +40,7 @@ from moe_tier.tensors import matrix_dims
 # The cut is a multiple of this many rows of gate and up: the host's values and the GPU's then fill whole q8_1
 # blocks of the down projection's input (silu_mul quantizes them together).
 CUT_VALUES = 512
-MIN_SHARE = 0.1
 POLL_TIMEOUT_S = 60.0  # a GPU that has not published by then has failed; the host stops waiting
-
-
-def balanced_share(cpu_bytes_per_s: float, link_bytes_per_s: float) -> float:
-    """The CPU's fraction of a staged expert's bytes at which it and the link finish together; 0 (no share) under
-    MIN_SHARE: a CPU that slow is usually a busy one, and numba's parallel regions then stall on threads that are
-    not scheduled (an H200 host compiling on half its cores measured 3.9 GB/s; a 4% share cut decode from 62.8 to
-    25.2 tokens/s)."""
-    share = cpu_bytes_per_s / (cpu_bytes_per_s + link_bytes_per_s)
-    return share if share >= MIN_SHARE else 0.0
 
 
 def side_by_side(tiers, share: float, n_experts: int = 8, repeats: int = 3) -> tuple[float, float] | None:

@@ -65,11 +65,12 @@ class Engine:
         it reads it back per layer."""
         import torch
 
+        from moe_tier.cpu_share import side_by_side
         from moe_tier.gpu_ops import GpuOps
-        from moe_tier.cpu_share import balanced_share, side_by_side
         from moe_tier.moe_decode import DeviceMoE, device_path_possible, lookaheads
         from moe_tier.moe_gpu import moe_ffn_gpu
         from moe_tier.tiers.gpu_pool import GpuTiers, TierConfig
+        from moe_tier.tiers.links import balanced_share
 
         k = self.desc.config.n_expert_used
         config = TierConfig(policy=self.policy, prior=use_per_token(self.desc, self.expert_freq),

@@ -155,7 +155,8 @@ def test_gpu_decode_with_a_cpu_share_matches_cpu_engine(tmp_path, monkeypatch, a
     engine stages the rest for the GPU, handing ids and rows over through pinned memory and flags inside the step's
     CUDA graph. Eager and graphed steps give the CPU engine's logits, and each warm use is counted on both sides."""
     from moe_tier import gpu_graph, kernels
-    from moe_tier.cpu_share import balanced_share, side_by_side
+    from moe_tier.cpu_share import side_by_side
+    from moe_tier.tiers.links import balanced_share
     from moe_tier.models import Segment
     from moe_tier.synth import tiny, write_fast
 

@@ -233,14 +233,6 @@ def test_the_cpu_computes_its_share_of_each_staged_expert(no_cuda_streams, tmp_p
     assert moved["warm->gpu read"].bytes == n_warm * (blob - cut.cpu_bytes)
 
 
-def test_the_cpu_share_balances_the_measured_rates_and_is_off_for_a_busy_cpu():
-    from moe_tier.cpu_share import MIN_SHARE, balanced_share
-
-    assert balanced_share(55e9, 55e9) == 0.5
-    assert abs(balanced_share(20e9, 60e9) - 0.25) < 1e-12
-    assert balanced_share(3.9e9, 55e9) == 0.0 < MIN_SHARE
-
-
 def test_the_cut_covers_each_expert_once_between_cpu_and_gpu(tmp_path):
     """plan_cut: the CPU's bytes (gate and up rows [0, f)) and the GPU's contiguous ranges (the rest, all of down)
     partition the expert's blob; the share is of the whole blob's bytes, at most gate's and up's less one

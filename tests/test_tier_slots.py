@@ -12,7 +12,7 @@ import pytest
 from moe_tier.errors import MoeTierError
 from moe_tier.reader import ExpertId
 from moe_tier.tiers.cold import ALIGN_BYTES, ColdReader
-from moe_tier.tiers.links import LinkSpeeds, Miss, decide
+from moe_tier.tiers.links import MIN_SHARE, LinkSpeeds, Miss, balanced_share, decide
 from moe_tier.tiers.planner_policy import PlannerPolicy
 from moe_tier.tiers.slots import POLICIES, LfuPolicy, LruPolicy, Slot, SlotTable, Tier
 
@@ -200,3 +200,9 @@ def test_cpu_rate_is_timed_over_every_sampled_expert_in_turn(monkeypatch):
     rate = links.measure_cpu(experts, n_embd=8, repeats=3)
     assert seen == [1000, 3000] * 4  # a warm-up round, then three timed ones
     assert rate == pytest.approx(3 * 4000 / 0.5)
+
+
+def test_the_cpu_share_balances_the_measured_rates_and_is_off_for_a_busy_cpu():
+    assert balanced_share(55e9, 55e9) == 0.5
+    assert abs(balanced_share(20e9, 60e9) - 0.25) < 1e-12
+    assert balanced_share(3.9e9, 55e9) == 0.0 < MIN_SHARE
