@@ -18,7 +18,7 @@ from moe_tier.reader import Category, ExpertId, open_model
 from moe_tier.tiers.links import balanced_share
 from moe_tier.units import format_bytes, parse_bytes
 from router_predict import trace as tr
-from router_predict.replay import CacheConfig, CostModel, compare, holdout
+from router_predict.replay import OBJECTIVES, CacheConfig, CostModel, compare, holdout
 
 RATES = {"h2d": "pinned host -> GPU copy rate per GPU, e.g. 51GiB",
          "cpu_read": "rate the CPU streams expert weights through its matmuls, e.g. 55GiB",
@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gpus", type=int, help="GPUs to plan for when --vram gives one budget (default: measured or 1)")
     for name, text in RATES.items():
         p.add_argument(f"--{name.replace('_', '-')}", required=True, metavar="BYTES_PER_S", help=text + " (per second)")
+    p.add_argument("--objective", choices=sorted(OBJECTIVES), default="hit-rate",
+                   help="what the planner's settings are tuned for on the fitting traces (then the other breaks ties)")
     p.add_argument("--json", action="store_true", help="one JSON list on stdout")
 
 
@@ -63,16 +65,18 @@ def run(args: argparse.Namespace) -> int:
     cost = CostModel(rates["h2d"], rates["cpu_read"], rates["disk"], rates["gpu_read"], dense // desc.config.n_layer,
                      stage_cpu_share=balanced_share(rates["cpu_read"], rates["h2d"]))
     cache = CacheConfig(n_gpu, slots, plan.ram_budget_bytes)
-    results = compare(fit, test, cost, cache, expert_bytes)
+    results = compare(fit, test, cost, cache, expert_bytes, args.objective)
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
         return 0
     belady = results[-1].hit_rate
-    table = Table("policy", "hit rate", "of Belady", "moved / token", "on CPU", "est. tokens/s",
+    table = Table("policy", "hit rate", "of Belady", "moved / token", "staged", "on CPU", "est. tokens/s",
                   title=f"{desc.path.name}: {n_gpu} GPU x {slots} slots for {expert_bytes.size} experts; fitted on "
-                        f"{fit.n_tokens} tokens, scored on {test.n_tokens} held-out tokens")
+                        f"{fit.n_tokens} tokens, scored on {test.n_tokens} held-out tokens; the planner tuned for "
+                        f"{args.objective}")
     for r in results:
         table.add_row(r.policy, f"{r.hit_rate:.3f}", f"{r.hit_rate / belady:.0%}" if belady else "-",
-                      format_bytes(r.h2d_bytes_per_token), f"{r.cpu_share:.0%}", f"{r.tokens_per_s:.1f}")
+                      format_bytes(r.h2d_bytes_per_token), f"{r.staged_share:.0%}", f"{r.cpu_share:.0%}",
+                      f"{r.tokens_per_s:.1f}")
     Console().print(table)
     return 0

@@ -88,6 +88,9 @@ def test_replay_command_and_its_bad_input(synth_model, tmp_path, capsys):
     assert results["static pinning"]["h2d_bytes_per_token"] == 0 and results["LRU"]["cpu_share"] == 0
     assert main(replay_args(trace, model)) == 0
     assert "planner" in capsys.readouterr().out
+    assert main(replay_args(trace, model) + ["--objective", "speed"]) == 0  # the planner tuned for tokens/s
+    out = capsys.readouterr().out
+    assert "planner" in out and "tuned for speed" in out
     assert main(replay_args(trace, other)) == 2  # another model's trace
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "recorded on model" in err
