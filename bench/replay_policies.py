@@ -76,7 +76,7 @@ def main() -> None:
             "ways; mean of the two folds). Hit rate: needed experts ready in VRAM when their layer ran. "
             "Misses run as moe-tier's decode runs them (router_predict/replay.py): staged, i.e. copied into a "
             "staging slot that evicts nothing while the CPU computes its share of the same pinned bytes (the "
-            "share cpu_share.balanced_share sets, so both finish after bytes / (link + CPU rate)), or computed "
+            "share links.balanced_share sets, so both finish after bytes / (link + CPU rate)), or computed "
             "whole on the CPU where that ends the step sooner (the link busy); \"staged\" and \"on CPU\" count "
             "them. A miss a policy caches is staged too (never run whole on the CPU: its bytes cross the link "
             "anyway) and copied into its slot behind the step (decode promotes by a copy nothing waits for), taking "

@@ -32,7 +32,7 @@ class CostModel:
     disk_bytes_per_s: float  # cold tier reads
     gpu_bytes_per_s: float  # weights the GPU reads per second while computing
     dense_layer_bytes: int  # attention, norms and router weights of one layer
-    stage_cpu_share: float = 0.0  # of a staged miss's bytes, what the CPU computes (cpu_share.balanced_share)
+    stage_cpu_share: float = 0.0  # of a staged miss's bytes, what the CPU computes (tiers.links.balanced_share)
 
     def __post_init__(self):
         if min(self.h2d_bytes_per_s, self.cpu_bytes_per_s, self.disk_bytes_per_s, self.gpu_bytes_per_s) <= 0:
