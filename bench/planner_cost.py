@@ -75,7 +75,7 @@ def run_compiled(slot_expert, expert_slot, needed, gate, recent, tables):
         predict(s % L, needed[s], gate[s], recent, ahead, tables)
         total += plan_step(s % L, needed[s], ahead, recent, slot_expert, expert_slot, remaining, on_disk,
                            expert_bytes, H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, STAGE_CPU_SHARE,
-                           GPU_STEP_S, backlog, 1.0, 1.5, actions, prefetch)
+                           GPU_STEP_S, backlog, 1.0, 1.5, 0.0, actions, prefetch)
         remaining[:] = 0  # transfers land before the next step
     return total
 
@@ -98,7 +98,7 @@ def run_python(slot_expert, expert_slot, needed, gate, recent, tables) -> np.nda
                decayed, 0.9, 0.5, 0.3, visit_weights, forgetting, DECAY, recent, ahead)
         plan_step(layer, needed[s], ahead, recent, slot_expert, expert_slot, remaining, on_disk, expert_bytes,
                   H2D_BYTES_PER_S, CPU_BYTES_PER_S, DISK_BYTES_PER_S, STAGE_CPU_SHARE, GPU_STEP_S, backlog, 1.0,
-                  1.5, actions, prefetch)
+                  1.5, 0.0, actions, prefetch)
         times[s] = time.perf_counter() - t0
         remaining[:] = 0
     return times

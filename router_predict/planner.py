@@ -14,7 +14,9 @@ after. A step's misses most worth keeping take the slots first, and every miss t
 cached (FETCH), as decode promotes every miss its policy prefers to a slot's holder: it is staged (copied into a
 staging slot with the CPU computing a share) while its copy into the slot goes on behind the step, taking link time
 from later steps and prefetches (`not_ready`). The rest (BYPASS) are staged, evicting nothing, or run whole on the
-CPU, whichever ends the step sooner (`uncached`).
+CPU, whichever ends the step sooner (`uncached`). Both choices may charge the link time a miss takes at a tuned
+`link_value` step seconds a second: a miss run the slower way that leaves the link to prefetches can raise later
+hits, and the step still lasts as long as the path it took.
 """
 
 from __future__ import annotations
@@ -35,28 +37,33 @@ def _staged_s(n_bytes, read_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share
 
 
 @njit(cache=True, inline="always")
-def uncached(n_bytes, read_s, link_s, cpu_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share):
+def uncached(n_bytes, read_s, link_s, cpu_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share, link_value=0.0):
     """How a miss that takes no slot runs: (staged, link seconds, CPU seconds) it adds to a step that already has
     `link_s` of link and `cpu_s` of CPU work. Staged (`_staged_s`), or computed whole on the CPU (the read-back
-    path's choice for a miss it does not fetch), whichever ends the step sooner; a tie stages, as the device path
-    always does."""
+    path's choice for a miss it does not fetch), whichever ends the step sooner once each second of link staging
+    takes is charged `link_value` seconds (what the link time would carry instead: the planner's prefetches; 0
+    for a policy that has none); a tie stages, as the device path always does."""
     stage_link, stage_cpu = _staged_s(n_bytes, read_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share)
     whole = read_s + n_bytes / cpu_bytes_per_s
-    if max(link_s + stage_link, cpu_s + stage_cpu) <= max(link_s, cpu_s + whole):
+    if max(link_s + stage_link, cpu_s + stage_cpu) + link_value * stage_link <= max(link_s, cpu_s + whole):
         return True, stage_link, stage_cpu
     return False, 0.0, whole
 
 
 @njit(cache=True, inline="always")
-def not_ready(n_bytes, remaining_bytes, read_s, link_s, cpu_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share):
+def not_ready(n_bytes, remaining_bytes, read_s, link_s, cpu_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share,
+              link_value=0.0):
     """How an expert given a slot but not yet in it runs: (waits, link seconds, CPU seconds) it adds to the step.
     Either the step waits for the `remaining_bytes` of its copy (the read-back path fetches a miss so), or the miss
     is staged while its copy goes on behind the step (the device path: decode promotes a miss by a copy nothing
-    waits for, moe_decode's account()), whichever ends the step sooner; a tie waits. Never whole on the CPU: a miss
-    the engine caches crosses the link either way."""
+    waits for, moe_decode's account()), whichever ends the step sooner, each second of link (staging and promotion
+    both) charged `link_value` seconds as in `uncached`; a tie waits. Never whole on the CPU: a miss the engine
+    caches crosses the link either way."""
     wait_link = read_s + remaining_bytes / h2d_bytes_per_s
     stage_link, stage_cpu = _staged_s(n_bytes, read_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share)
-    if max(link_s + wait_link, cpu_s) <= max(link_s + stage_link, cpu_s + stage_cpu):
+    promote_link = remaining_bytes / h2d_bytes_per_s
+    if max(link_s + wait_link, cpu_s) + link_value * wait_link <= \
+            max(link_s + stage_link, cpu_s + stage_cpu) + link_value * (stage_link + promote_link):
         return True, wait_link, 0.0
     return False, stage_link, stage_cpu
 
@@ -136,12 +143,12 @@ def _place(x, c, slot_expert, expert_slot, remaining_bytes, expert_bytes):
 
 @njit(cache=True, inline="always")
 def _run_not_ready(x, g, on_disk, expert_bytes, remaining_bytes, disk_bytes_per_s, h2d_bytes_per_s, cpu_bytes_per_s,
-                   stage_cpu_share, link_s, cpu_s, promote_s):
+                   stage_cpu_share, link_value, link_s, cpu_s, promote_s):
     """`not_ready` for expert x in a slot of GPU g: adds its link time to link_s[g] or, where the step does not wait
     for it, its copy to promote_s[g]; returns the CPU seconds it adds."""
     waits, add_link_s, add_cpu_s = not_ready(expert_bytes[x], remaining_bytes[x],
                                              _read_s(x, on_disk, expert_bytes, disk_bytes_per_s), link_s[g], cpu_s,
-                                             h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share)
+                                             h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share, link_value)
     link_s[g] += add_link_s
     if not waits:
         promote_s[g] += remaining_bytes[x] / h2d_bytes_per_s
@@ -151,7 +158,7 @@ def _run_not_ready(x, g, on_disk, expert_bytes, remaining_bytes, disk_bytes_per_
 @njit(cache=True)
 def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_bytes, on_disk, expert_bytes,
               h2d_bytes_per_s, cpu_bytes_per_s, disk_bytes_per_s, stage_cpu_share, gpu_step_s, backlog_s, queue_steps,
-              admit_margin, actions, prefetch):
+              admit_margin, link_value, actions, prefetch):
     """Decide one layer step in place; returns how many prefetches were written to `prefetch`.
 
     layer: current MoE layer position; needed (K,) flat ids routed now; ahead (D, E) predicted use of
@@ -161,6 +168,7 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
     queued per link; queue_steps: how many steps of idle link time the prefetch queue may hold;
     stage_cpu_share: the share of a staged miss's bytes the CPU computes (`uncached`);
     admit_margin: how many times later than a miss its victim must be expected back for the miss to take the slot;
+    link_value: step seconds each second of link a miss takes is charged (`uncached`, `not_ready`);
     actions (K,) out: HIT / FETCH / BYPASS; prefetch (P,) out: flat ids newly in flight.
     All times in seconds, rates in bytes per second; nothing here knows the machine.
     """
@@ -180,7 +188,8 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
         elif c >= 0:
             actions[i] = FETCH
             cpu_s += _run_not_ready(x, c // S, on_disk, expert_bytes, remaining_bytes, disk_bytes_per_s,
-                                    h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share, link_s, cpu_s, promote_s)
+                                    h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share, link_value, link_s, cpu_s,
+                                    promote_s)
         else:
             actions[i] = -1
     worth = np.zeros(needed.shape[0])  # misses most worth keeping take the slots first
@@ -200,11 +209,13 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
             value[c] = -1.0
             actions[i] = FETCH
             cpu_s += _run_not_ready(x, c // S, on_disk, expert_bytes, remaining_bytes, disk_bytes_per_s,
-                                    h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share, link_s, cpu_s, promote_s)
+                                    h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share, link_value, link_s, cpu_s,
+                                    promote_s)
         else:
             g = np.argmin(link_s)
             _, by_link_s, by_cpu_s = uncached(expert_bytes[x], _read_s(x, on_disk, expert_bytes, disk_bytes_per_s),
-                                              link_s[g], cpu_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share)
+                                              link_s[g], cpu_s, h2d_bytes_per_s, cpu_bytes_per_s, stage_cpu_share,
+                                              link_value)
             link_s[g] += by_link_s
             cpu_s += by_cpu_s
             actions[i] = BYPASS

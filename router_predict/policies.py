@@ -75,6 +75,7 @@ class DemandPolicy:
     """Fetch every miss into the slot of the least worth-keeping expert; subclasses define `keep`."""
 
     name = "demand"
+    link_value = 0.0  # how its misses run prices link time at nothing (planner.uncached): no prefetches want it
 
     def start(self, state: CacheState, train: Trace) -> None:
         self.clock = 0
@@ -221,6 +222,7 @@ class PlannerSettings:
     recency_weight: float = 0.3  # ... and uses with exponential forgetting vs both
     half_life_tokens: float = 8.0
     admit_margin: float = 1.0  # a miss evicts only an expert expected back this many times later than itself
+    link_value: float = 0.0  # step seconds a miss's second of link is charged (planner.uncached, not_ready)
     lookahead_weight: float = 0.7  # gate lookahead vs the fitted predictors, where the engine provides it
     fitted_visits: bool = False  # next visits from the least-squares NextVisit instead of the three weights above
     visit_horizon_tokens: float = 1.0  # NextVisit's target: uses over about this many tokens (1: the next only)
@@ -229,7 +231,8 @@ class PlannerSettings:
     def __str__(self) -> str:
         visits = f"fitted next visit over {self.visit_horizon_tokens:g} tokens" if self.fitted_visits else \
             f"recency {self.recency_weight:g} / {self.half_life_tokens:g} tokens, frequency {self.online_weight:g}"
-        return f"{visits}, admit {self.admit_margin:g}x, {self.max_distance} layers ahead"
+        return (f"{visits}, admit {self.admit_margin:g}x, link value {self.link_value:g}, "
+                f"{self.max_distance} layers ahead")
 
 
 class Planner:
@@ -250,6 +253,7 @@ class Planner:
         look = f" + gate lookahead {settings.lookahead_weight:g}" if lookahead is not None else ""
         look += f" + next token {settings.next_token_weight:g}" if next_token is not None else ""
         self.name = f"planner{look} ({settings})"
+        self.link_value = settings.link_value
 
     def start(self, state: CacheState, train: Trace) -> None:
         self.model = Combined.fit(train, self.s.max_distance)
@@ -286,5 +290,5 @@ class Planner:
                       state.expert_slot, state.remaining_bytes, state.on_disk, state.expert_bytes,
                       c.h2d_bytes_per_s, c.cpu_bytes_per_s, c.disk_bytes_per_s, c.stage_cpu_share,
                       c.gpu_s(int(state.expert_bytes[needed].sum())), state.queued_bytes / c.h2d_bytes_per_s,
-                      self.s.queue_steps, self.s.admit_margin, actions, self.prefetch)
+                      self.s.queue_steps, self.s.admit_margin, self.s.link_value, actions, self.prefetch)
         return actions, self.prefetch[:n]

@@ -7,8 +7,10 @@ through the link, evicting nothing, with the CPU computing its share of the same
 the CPU, whichever ends the step sooner. A miss a policy caches (FETCH) runs so too while its copy into the slot (a
 promotion) goes on behind the step, unless waiting for that copy ends the step as soon (planner.not_ready); the
 promotion is ready for the next step, and its link time is owed by the steps after (their copies queue behind it)
-before any prefetch, first issued first, gets the idle rest. Either kind is a miss. CPU (static pinning, the llama.cpp
-peer) runs whole on the CPU. Every bandwidth is an input: the runtime holds no machine constants.
+before any prefetch, first issued first, gets the idle rest. Both choices charge link time at the policy's
+`link_value` (the planner's is tuned: link time left idle carries its prefetches). Either kind is a miss. CPU (static
+pinning, the llama.cpp peer) runs whole on the CPU. Every bandwidth is an input: the runtime holds no machine
+constants.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def replay(policy, test: Trace, train: Trace, cost: CostModel, cache: CacheConfi
                     g = state.expert_slot[x] // S
                     waits, add_link_s, add_cpu_s = not_ready(expert_bytes[x], state.remaining_bytes[x], read_s,
                                                              link_s[g], cpu_s, cost.h2d_bytes_per_s,
-                                                             cost.cpu_bytes_per_s, cost.stage_cpu_share)
+                                                             cost.cpu_bytes_per_s, cost.stage_cpu_share,
+                                                             policy.link_value)
                     link_s[g] += add_link_s
                     cpu_s += add_cpu_s
                     demand[g] |= add_link_s > 0
@@ -141,7 +144,7 @@ def replay(policy, test: Trace, train: Trace, cost: CostModel, cache: CacheConfi
                 read_s = expert_bytes[x] / cost.disk_bytes_per_s if on_disk[x] else 0.0
                 g = int(np.argmin(link_s))
                 _, add_link_s, add_cpu_s = uncached(expert_bytes[x], read_s, link_s[g], cpu_s, cost.h2d_bytes_per_s,
-                                                    cost.cpu_bytes_per_s, cost.stage_cpu_share)
+                                                    cost.cpu_bytes_per_s, cost.stage_cpu_share, policy.link_value)
                 link_s[g] += add_link_s
                 cpu_s += add_cpu_s
                 demand[g] |= add_link_s > 0
@@ -206,6 +209,7 @@ PLANNER_GRID = [PlannerSettings(recency_weight=r, half_life_tokens=h, online_wei
 LOOKAHEAD_WEIGHTS = (0.5, 0.8, 1.0)
 NEXT_TOKEN_WEIGHTS = (0.0, 0.2, 0.3, 0.5)
 ADMIT_MARGINS = (1.0, 1.5, 2.0, 3.0)
+LINK_VALUES = (0.0, 1.0, 2.0)
 MAX_DISTANCES = (4, 8)
 
 
@@ -225,8 +229,9 @@ OBJECTIVES = {"hit-rate": lambda r: (r.hit_rate, r.tokens_per_s), "speed": lambd
 def fit_planner(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes: np.ndarray,
                 lookahead: np.ndarray | None = None, next_token: np.ndarray | None = None,
                 objective: str = "hit-rate") -> Planner:
-    """The planner settings (recency vs frequency, how sure a miss must be to evict, how many of this token's
-    layers ahead get predictions and prefetches, how much to trust gate lookahead) best by `objective`
+    """The planner settings (recency vs frequency, how sure a miss must be to evict and what the link time misses
+    take is worth to prefetches, the two tuned together as both decide the link time left idle, how many of this
+    token's layers ahead get predictions and prefetches, how much to trust gate lookahead) best by `objective`
     (OBJECTIVES) on fitting tokens its predictors were not fitted on (`tuning_split`): which wins depends on the
     model, and tuning on the predictors' own tokens would favour trusting them.
     `lookahead` (N, L, D, E) and `next_token` (N, L, E): gate lookahead for the fitting tokens (this token's next
@@ -240,7 +245,7 @@ def fit_planner(train: Trace, cost: CostModel, cache: CacheConfig, expert_bytes:
         return OBJECTIVES[objective](replay(planner, tune, fit, cost, cache, expert_bytes))
 
     best = max(PLANNER_GRID, key=score)
-    best = max([replace(best, admit_margin=m) for m in ADMIT_MARGINS], key=score)
+    best = max([replace(best, admit_margin=m, link_value=v) for m in ADMIT_MARGINS for v in LINK_VALUES], key=score)
     best = max([replace(best, max_distance=d) for d in MAX_DISTANCES], key=score)
     if lookahead is not None:  # then how much to trust it, the rest fixed
         best = max([replace(best, lookahead_weight=w) for w in LOOKAHEAD_WEIGHTS], key=score)

@@ -22,14 +22,14 @@ def setup(resident, slots=4, n_gpu=1):
 
 
 def call(state, layer, needed, ahead=None, recent=None, h2d=100 * MB, cpu=100 * MB, gpu_step_s=0.0, backlog=None,
-         max_prefetch=4, share=0.0, admit_margin=1.0):
+         max_prefetch=4, share=0.0, admit_margin=1.0, link_value=0.0):
     ahead = np.full((D, E), 0.25, np.float32) if ahead is None else ahead
     recent = np.full((L, E), 0.25, np.float32) if recent is None else recent
     actions, prefetch = np.empty(len(needed), np.int8), np.empty(max_prefetch, np.int64)
     backlog = np.zeros(state.slot_expert.shape[0]) if backlog is None else backlog
     n = plan_step(layer, np.array(needed, np.int64), ahead, recent, state.slot_expert, state.expert_slot,
                   state.remaining_bytes, state.on_disk, state.expert_bytes, float(h2d), float(cpu), 10.0 * MB,
-                  share, gpu_step_s, backlog, 1.0, admit_margin, actions, prefetch)
+                  share, gpu_step_s, backlog, 1.0, admit_margin, link_value, actions, prefetch)
     state.check()
     return actions.tolist(), prefetch[:n].tolist()
 
@@ -105,6 +105,20 @@ def test_miss_expected_back_later_than_every_victim_is_staged_evicting_nothing()
     recent[0, 4] = 0.9  # back next token, sooner than any resident but 0: it takes a slot
     actions, _ = call(state, 0, [0, 4], recent=recent, cpu=1 * MB)
     assert actions == [HIT, FETCH]
+
+
+def test_valued_link_time_runs_a_refused_miss_whole_on_the_cpu_for_a_prefetch():
+    """Staging a refused miss ends the step in 5 ms but fills the link; whole on the CPU it ends in 10 ms and leaves
+    the link idle for a prefetch. With link time valued at 2 step seconds a second, the planner takes the latter."""
+    recent = np.full((L, E), 0.25, np.float32)
+    recent[0, 4] = 0.01  # refused: back later than every resident
+    ahead = np.zeros((D, E), np.float32)
+    ahead[0, 5] = 0.9
+    for link_value, want in ((0.0, []), (2.0, [1 * E + 5])):
+        state = setup([0, 1, 2, 3])
+        actions, prefetch = call(state, 0, [0, 4], ahead=ahead, recent=recent, share=0.5, gpu_step_s=0.001,
+                                 link_value=link_value)
+        assert actions == [HIT, BYPASS] and prefetch == want
 
 
 def test_prefetch_only_into_idle_link_time():

@@ -146,3 +146,19 @@ def test_a_bypassed_miss_is_staged_when_the_link_is_faster():
     slow_link = replay(Belady(t), t, one_layer([0, 1]), replace(COST, h2d_bytes_per_s=10 * MB), CacheConfig(1, 2), eb)
     assert slow_link.cpu_share == 0.2 and slow_link.staged_share == 0  # the bypassed ones: the CPU finishes first
     assert slow_link.hit_rate == 0.7 and slow_link.h2d_bytes_per_token == pytest.approx(MB / 10)  # the cached one
+
+
+def test_valued_link_time_runs_bypassed_misses_on_the_cpu_and_cached_ones_by_waiting():
+    """The same replay with the link valued at 3 step seconds a second (what a planner's prefetches would make of
+    it): the bypassed misses run whole on the CPU (20 ms each, not 1/150 s staged plus 3 x its 1/150 s of link),
+    the cached one waits for its 10 ms copy instead of staging and promoting (1/150 s, then 10 ms of link behind
+    it). The step times count the slower paths."""
+    seq = [0, 1, 2, 0, 1, 3, 0, 1, 2, 2]
+    t, eb = one_layer(seq), np.full(4, MB, np.int64)
+    belady = Belady(t)
+    belady.link_value = 3.0
+    r = replay(belady, t, one_layer([0, 1]), replace(COST, stage_cpu_share=1 / 3), CacheConfig(1, 2), eb)
+    assert r.hit_rate == 0.7 and r.cpu_share == 0.2 and r.staged_share == 0
+    assert r.h2d_bytes_per_token == pytest.approx(MB / 10)  # the cached one's copy, once
+    step_s = [MB / COST.gpu_bytes_per_s] * 7 + [MB / COST.cpu_bytes_per_s] * 2 + [MB / COST.h2d_bytes_per_s]
+    assert r.tokens_per_s == pytest.approx(10 / sum(step_s))
