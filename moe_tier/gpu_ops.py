@@ -23,7 +23,8 @@ from moe_tier.config import ModelConfig, RopeStyle
 from moe_tier.kernels import gpu_decode_ops
 from moe_tier.kernels.gpu import matmul
 from moe_tier.kernels.gpu_gemv import gemv
-from moe_tier.kernels.gpu_moe_decode import route_topk
+from moe_tier.kernels.gpu_moe_decode import route_topk, router_topk
+from moe_tier.kernels.gpu_q8_1 import carried_q8_1
 from moe_tier.layers import KVCache, rope, rope_angles
 from moe_tier.moe import Routing, route
 from moe_tier.reader import Category
@@ -116,8 +117,9 @@ class GpuOps:
     @staticmethod
     def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """x + r and its norm in one launch, on the GPU of the norm's layer (activations move there)."""
-        with on(weight.device):
-            return gpu_decode_ops.add_rms_norm(x.to(weight.device), r.to(weight.device), weight, eps)
+        with on(weight.device):  # at decode the norm comes as q8_1 too, for the matrix-vector products it feeds
+            return gpu_decode_ops.add_rms_norm(x.to(weight.device), r.to(weight.device), weight, eps,
+                                               quant=len(x) <= GEMV_MAX_ROWS)
 
     silu = staticmethod(F.silu)
     sigmoid = staticmethod(torch.sigmoid)
@@ -159,7 +161,8 @@ class GpuOps:
             if blocks.dtype == torch.float32:  # a small float matrix (the router): one cuBLAS call, exact float32
                 y = x.float() @ blocks.T
             elif len(x) <= GEMV_MAX_ROWS:
-                y = gemv(x, blocks, self._zeros[blocks.device][: len(x)], q.qtype, q.n_rows, q.n_cols)
+                y = gemv(x, blocks, self._zeros[blocks.device][: len(x)], q.qtype, q.n_rows, q.n_cols,
+                         xq=carried_q8_1(x))
             else:
                 y = matmul(x.contiguous(), blocks, q.qtype, q.n_rows, q.n_cols)
         bias = self.vector(f"{name}.bias")
@@ -219,11 +222,17 @@ class GpuOps:
                                        for a in rope_angles(start, n, c.n_rot, c.rope_freq_base, c.rope_freq_scale))
         return self._rope[device]
 
-    def route(self, logits: torch.Tensor, bias: torch.Tensor | None) -> Routing:
-        """On the device with device_routing (as moe.route, one kernel); else on the host by the one route()."""
+    def route(self, router: str, h: torch.Tensor, bias: torch.Tensor | None) -> Routing:
+        """The router's logits and the top-k. With device_routing on the device, in one launch (router_topk) where
+        the router was uploaded as float32; else read back to the host for the one route()."""
         c = self.cfg
         if not self.device_routing:
             host_bias = None if bias is None else self.to_host(bias)
-            return route(self.to_host(logits), c.n_expert_used, c.gating, c.weights_norm, c.weights_scale, host_bias)
-        with on(logits.device):
-            return route_topk(logits, bias, c.n_expert_used, c.gating, c.weights_norm, c.weights_scale)
+            logits = self.to_host(self.linear(router, h))
+            return route(logits, c.n_expert_used, c.gating, c.weights_norm, c.weights_scale, host_bias)
+        blocks, _ = self._upload(f"{router}.weight")
+        with on(blocks.device):
+            if blocks.dtype == torch.float32:
+                return router_topk(h.to(blocks.device), blocks, self.vector(f"{router}.bias"), bias, c.n_expert_used,
+                                   c.gating, c.weights_norm, c.weights_scale)
+            return route_topk(self.linear(router, h), bias, c.n_expert_used, c.gating, c.weights_norm, c.weights_scale)

@@ -76,9 +76,9 @@ class HostOps:
         keys, values = cache.store(layer, start, rope(k, cos, sin, c.rope), v)
         return attention(rope(q, cos, sin, c.rope), keys, values, start, 1.0 / np.sqrt(c.head_dim_k))
 
-    def route(self, logits: np.ndarray, bias: np.ndarray | None) -> Routing:
+    def route(self, router: str, h: np.ndarray, bias: np.ndarray | None) -> Routing:
         c = self.cfg
-        return route(logits, c.n_expert_used, c.gating, c.weights_norm, c.weights_scale, bias)
+        return route(self.linear(router, h), c.n_expert_used, c.gating, c.weights_norm, c.weights_scale, bias)
 
     def moe(self, x: np.ndarray, routing: Routing, layer: int) -> np.ndarray:
         return moe_ffn(x, routing, layer, self.experts)

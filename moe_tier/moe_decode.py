@@ -24,8 +24,8 @@ import torch
 from moe_tier.cpu_share import CpuShare, plan_cuts
 from moe_tier.host_tiers import blob_layout
 from moe_tier.kernels.gpu_gemv import SKIP, gemv_parts, gemv_split, has_kernel
-from moe_tier.kernels.gpu_moe_decode import combine, locate, route_topk, silu_mul, stage
-from moe_tier.kernels.gpu_q8_1 import quantize_q8_1
+from moe_tier.kernels.gpu_moe_decode import combine, locate, router_topk, silu_mul, stage
+from moe_tier.kernels.gpu_q8_1 import carried_q8_1, quantize_q8_1
 from moe_tier.moe import Routing
 from moe_tier.moe_gpu import DECODE_MAX_ROWS, aligned, gate_up_parts, moe_ffn_gpu
 from moe_tier.reader import ExpertId
@@ -184,7 +184,9 @@ class DeviceMoE:
                 stage(ids, loc, first, arena, late, blob_bytes)
         if ahead is not None:
             main.wait_event(ahead[4])  # the experts staged ahead are read with the hot ones
-        xq = quantize_q8_1(x.float().contiguous()) if has_kernel(gate.qtype, n_embd) else None  # once for both
+        xq = None  # x as q8_1, once for gate and up (the norm before may have written it)
+        if has_kernel(gate.qtype, n_embd):
+            xq = carried_q8_1(x) or quantize_q8_1(x.float().contiguous())
         gate_up_parts(x, xq, arena, now, gate, up, at, gate_up[:, :split])
         if cut is None:
             if n_stage:
@@ -218,10 +220,8 @@ class DeviceMoE:
         main, side = torch.cuda.current_stream(arena.device), self._stream(arena.device, "ahead")
         side.wait_stream(main)  # x is ready; the buffer's last reader (d + 1 layers before the target) is queued
         with torch.cuda.device(arena.device), torch.cuda.stream(side):
-            logits = x.to(arena.device) @ la.matrix.T
-            if la.bias is not None:
-                logits = logits + la.bias
-            pred = route_topk(logits, la.select_bias, k, c.gating, False, 1.0).ids.reshape(-1)
+            pred = router_topk(x.to(arena.device), la.matrix, la.bias, la.select_bias, k, c.gating, False,
+                               1.0).ids.reshape(-1)
             at = tiers.stage_at[gpu] + k * (1 + self.buffer[la.target]) * tiers.slot_bytes
             first = la.target * c.n_expert
             late = locate(pred, tiers.locations.loc[gpu], first, arena, at, k, tiers.slot_bytes)[1]

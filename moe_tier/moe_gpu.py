@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from moe_tier.host_tiers import blob_layout
 from moe_tier.kernels.gpu import DEQUANT_MIN_ROWS, matmul_dequantized, moe_matmul
-from moe_tier.kernels.gpu_gemv import gemv_parts, gemv_split
+from moe_tier.kernels.gpu_gemv import gemv, gemv_parts, gemv_split
 from moe_tier.kernels.gpu_moe_decode import silu_mul
 from moe_tier.moe import Routing, swiglu_ffn
 from moe_tier.reader import ExpertId, ExpertPart
@@ -88,7 +88,7 @@ def _grouped_swiglu(x, routing: Routing, group, arena: torch.Tensor, tiers: GpuT
         rows = _dev(np.repeat(np.array([off for _, off in group], np.int64), np.diff(seg)), dev)
         gate, up, down = (ref.part(m) for m in ("gate", "up", "down"))
         h, hq = silu_mul(gate_up_parts(xg, None, arena, rows, gate, up, layout))
-        y = gemv_parts(h, arena, rows, down.qtype, *matrix_dims(down.shape), (layout["down"],), xq=hq)[0].sum(dim=0)
+        y = gemv(h, arena, rows, down.qtype, *matrix_dims(down.shape), part_offset=layout["down"], xq=hq)
     else:
         y = matmul(F.silu(matmul(xg, "gate")) * matmul(xg, "up"), "down")  # (M, D)
     y = y * _dev(routing.weights[tok, slot], dev)[:, None]

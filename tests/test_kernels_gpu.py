@@ -187,6 +187,7 @@ def test_skipped_rows_read_nothing(qtype):
 @pytest.mark.parametrize("split", [1, 3, None])
 def test_gemv_reads_each_rows_own_matrix_and_skips_negative_offsets(qtype, split):
     """Decode's kernel: row r of x times the matrix at base + offsets[r] + part_offset; SKIP gives zeros."""
+    from moe_tier.kernels.gpu import _COUNTERS
     from moe_tier.kernels.gpu_gemv import SKIP, gemv
 
     rng = np.random.default_rng(int(qtype) + 7)
@@ -206,3 +207,7 @@ def test_gemv_reads_each_rows_own_matrix_and_skips_negative_offsets(qtype, split
         else:
             want = gemv_reference(x[r : r + 1], weights[i], qtype, n_rows, n_cols)[0]
             assert rel_err(got[r], want) < TOL, (r, i)
+    # the launch summed its split parts itself and re-armed its tile counters: a second launch sums afresh
+    again = gemv(torch.from_numpy(2 * x).to(DEVICE), base, offsets, qtype, n_rows, n_cols, part_offset=pad, split=split)
+    np.testing.assert_allclose(again.cpu().numpy(), 2 * got, rtol=1e-5, atol=1e-4)
+    assert not any(b.any() for buffers in _COUNTERS.values() for b in buffers)

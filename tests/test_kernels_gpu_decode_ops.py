@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from moe_tier.config import RopeStyle
 from moe_tier.gpu_ops import GpuOps
 from moe_tier.kernels.gpu_decode_ops import add_rms_norm, decode_attention, rms_norm
+from moe_tier.kernels.gpu_q8_1 import carried_q8_1, quantize_q8_1
 from moe_tier.layers import rope, rope_angles
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,6 +46,19 @@ def test_add_rms_norm_returns_the_residual_sum_and_its_norm():
     s, h = add_rms_norm(x, r, w, 1e-5)
     assert torch.equal(s, x + r) and torch.equal(x, x_before)  # a new tensor, the input left alone
     torch.testing.assert_close(h, GpuOps.rms_norm(x + r, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [96, 160], ids=str)  # 160: a row narrower than its power-of-2 block
+def test_add_rms_norm_writes_the_q8_1_form_the_gemv_would_quantize(width):
+    """With quant, the norm carries its q8_1 form, bit for bit what quantize_q8_1 makes of it, for the matrix-vector
+    kernels after it; without, or for rows not a multiple of 32 wide, nothing is carried."""
+    rng = np.random.default_rng(width)
+    x, r, w = randn(rng, 3, width), randn(rng, 3, width), randn(rng, width)
+    _, h = add_rms_norm(x, r, w, 1e-5, quant=True)
+    for got, want in zip(carried_q8_1(h), quantize_q8_1(h)):
+        assert torch.equal(got, want)
+    assert carried_q8_1(add_rms_norm(x, r, w, 1e-5)[1]) is None
+    assert carried_q8_1(add_rms_norm(x[:, :40], r[:, :40], w[:40], 1e-5, quant=True)[1]) is None
 
 
 def reference_attention(q, k, v, cos, sin, style, k_cache, v_cache, pos, n_keys):

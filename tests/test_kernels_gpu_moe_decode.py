@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from moe_tier.config import Gating  # noqa: E402
 from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts, gemv_split  # noqa: E402
 from moe_tier.kernels.gpu_moe_decode import (await_share, await_staged, combine, locate, publish,  # noqa: E402
-                                             route_topk, silu_mul, stage)
+                                             route_topk, router_topk, silu_mul, stage)
 from moe_tier.kernels.gpu_q8_1 import quantize_q8_1  # noqa: E402
 from moe_tier.moe import route  # noqa: E402
 from tests.test_kernels_gpu import DEVICE, TOL, gemv_reference, random_weight, rel_err  # noqa: E402
@@ -40,6 +40,32 @@ def test_route_topk_matches_moe_route(gating, norm, scale, bias, E, k):
                      k, gating, norm, scale)
     np.testing.assert_array_equal(got.ids.cpu().numpy(), want.ids)
     np.testing.assert_allclose(got.weights.cpu().numpy(), want.weights, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gating,norm,scale,bias,E,k,D", [
+    (Gating.SOFTMAX, True, 1.0, False, 8, 2, 4096),  # Mixtral: the router over 8 programs
+    (Gating.SOFTMAX, False, 1.0, False, 60, 4, 200),  # qwen2moe: E and D not powers of two
+    (Gating.SIGMOID, True, 2.5, True, 64, 6, 96),
+    (Gating.SOFTMAX_WEIGHT, False, 1.0, False, 32, 4, 288),  # gpt-oss: its router has a bias
+])
+def test_router_topk_computes_the_logits_and_routes_as_moe_route(gating, norm, scale, bias, E, k, D):
+    """router_topk: the router's product in the same launch (parts of D summed by the last program of each
+    token), then moe.route's selection; its counters are left 0 for the next launch (run twice)."""
+    from moe_tier.kernels.gpu import _COUNTERS
+
+    rng = np.random.default_rng(E + D)
+    x = rng.standard_normal((3, D)).astype(np.float32)
+    router = (rng.standard_normal((E, D)) / np.sqrt(D) * 3).astype(np.float32)
+    router_bias = rng.standard_normal(E).astype(np.float32) if gating is Gating.SOFTMAX_WEIGHT else None
+    b = rng.standard_normal(E).astype(np.float32) * 0.5 if bias else None
+    logits = (x.astype(np.float64) @ router.T.astype(np.float64)).astype(np.float32)
+    want = route(logits if router_bias is None else logits + router_bias, k, gating, norm, scale, b)
+    dev = [None if a is None else torch.from_numpy(a).to(DEVICE) for a in (x, router, router_bias, b)]
+    for _ in range(2):
+        got = router_topk(*dev, k, gating, norm, scale)
+        np.testing.assert_array_equal(got.ids.cpu().numpy(), want.ids)
+        np.testing.assert_allclose(got.weights.cpu().numpy(), want.weights, rtol=1e-4, atol=1e-6)
+    assert not any(c.any() for buffers in _COUNTERS.values() for c in buffers)
 
 
 def test_gemv_parts_two_matrices_share_rows_of_x():

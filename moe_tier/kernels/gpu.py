@@ -46,6 +46,21 @@ SKIP = -(2**62)  # a matrix offset that means "skip this row" (real ones, relati
 SKIP_C = tl.constexpr(SKIP)  # the same for kernel code, which may read only constexpr globals
 
 
+_COUNTERS: dict[tuple, list[torch.Tensor]] = {}  # every buffer handed out, the last current: a captured graph
+# replays with the one it captured
+
+
+def counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n zeroed int32 counters for launches whose last program to finish a piece of work completes it
+    (the matrix-vector sums, the router): each launch leaves them 0 again, so launches queued one after another
+    on a stream share them; each stream has its own."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    buffers = _COUNTERS.setdefault((device, stream), [])
+    if not buffers or buffers[-1].numel() < n:
+        buffers.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device))
+    return buffers[-1]
+
+
 @triton.jit
 def _u8(p, mask):
     return tl.load(p, mask=mask, other=0).to(tl.int32)

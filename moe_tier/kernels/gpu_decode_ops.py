@@ -11,8 +11,8 @@ L = n_keys cache rows attended, S split parts of the keys.
   out         (1, H * dv) float32
 
 At batch 1 the torch version of these steps is dozens of launches of a few microseconds each; here a norm is
-one launch and attention is two (plus a sum over split parts when the keys are split). Attention rounds where
-llama.cpp (and GpuOps._causal) round: q and the cache to f16, scores and softmax in float32, probabilities to f16
+one launch (at decode also writing its q8_1 form) and attention is two (the second's last program of each kv head
+sums the split parts). Attention rounds where llama.cpp (and GpuOps._causal) round: q and the cache to f16, scores and softmax in float32, probabilities to f16
 after normalising. Normalising before rounding needs the global max and sum first, hence two passes over the
 keys: the first launch finds each split part's max and sum (and writes the new row), the second combines them
 and accumulates f16 probabilities times values. Splitting the keys over S programs per kv head keeps long
@@ -25,6 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_tier.kernels.gpu import counters
+from moe_tier.kernels.gpu_q8_1 import q8_1_blocks, q8_1_empty
+
 BLOCK_L = 64  # cache rows per step of the key loops
 MIN_SPLIT_KEYS = 256  # keys per split part at least: fewer would spend more on the combine than they save
 TARGET_PROGRAMS = 256  # kv heads x split parts: about two per SM of an H100
@@ -32,9 +35,12 @@ NEG = tl.constexpr(-1e30)  # masked score: finite, so a part with no keys gives 
 
 
 @triton.jit
-def _rms_norm(x_ptr, r_ptr, s_ptr, w_ptr, out_ptr, eps, D: tl.constexpr, BLOCK_D: tl.constexpr, ADD: tl.constexpr):
-    """Program per row: (s = x + r, written when ADD), out = s * rsqrt(mean(s^2) + eps) * w."""
-    at = tl.program_id(0).to(tl.int64) * D + tl.arange(0, BLOCK_D)
+def _rms_norm(x_ptr, r_ptr, s_ptr, w_ptr, out_ptr, q_ptr, d_ptr, qs_ptr, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
+              ADD: tl.constexpr, QUANT: tl.constexpr):
+    """Program per row: (s = x + r, written when ADD), out = s * rsqrt(mean(s^2) + eps) * w, and with QUANT out
+    as q8_1 too (quants, scales, scaled sums: gpu_q8_1), which the matrix-vector kernels after the norm read."""
+    row = tl.program_id(0).to(tl.int64)
+    at = row * D + tl.arange(0, BLOCK_D)
     m = tl.arange(0, BLOCK_D) < D
     x = tl.load(x_ptr + at, mask=m, other=0.0)
     if ADD:
@@ -42,18 +48,31 @@ def _rms_norm(x_ptr, r_ptr, s_ptr, w_ptr, out_ptr, eps, D: tl.constexpr, BLOCK_D
         tl.store(s_ptr + at, x, mask=m)
     ms = tl.sum(x * x, axis=0) / D
     w = tl.load(w_ptr + tl.arange(0, BLOCK_D), mask=m, other=0.0)
-    tl.store(out_ptr + at, x * tl.rsqrt(ms + eps) * w, mask=m)
+    y = x * tl.rsqrt(ms + eps) * w
+    tl.store(out_ptr + at, y, mask=m)
+    if QUANT:
+        blk = tl.arange(0, BLOCK_D // 32)
+        i = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+        q, d, qs = q8_1_blocks(tl.reshape(y, (BLOCK_D // 32, 32)))
+        tl.store(q_ptr + row * D + i, q.to(tl.int8), mask=i < D)
+        tl.store(d_ptr + row * (D // 32) + blk, d, mask=blk < D // 32)
+        tl.store(qs_ptr + row * (D // 32) + blk, qs, mask=blk < D // 32)
 
 
-def _norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def _norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, eps: float, quant: bool = False):
     x = x.contiguous()
     D = x.shape[-1]
     out = torch.empty_like(x)
     s = out if r is None else torch.empty_like(x)
     block = triton.next_power_of_2(D)
+    quant = quant and x.dim() == 2 and D % 32 == 0
+    xq = q8_1_empty(len(x), D, x.device) if quant else (x, x, x)
     if x.numel():
-        _rms_norm[(x.numel() // D,)](x, x if r is None else r.contiguous(), s, weight.contiguous(), out, float(eps),
-                                     D=D, BLOCK_D=block, ADD=r is not None, num_warps=min(16, max(1, block // 256)))
+        _rms_norm[(x.numel() // D,)](x, x if r is None else r.contiguous(), s, weight.contiguous(), out, *xq, float(eps),
+                                     D=D, BLOCK_D=block, ADD=r is not None, QUANT=quant,
+                                     num_warps=min(16, max(1, block // 256)))
+    if quant:
+        out.q8_1 = xq  # carried with the tensor: gpu_q8_1.carried_q8_1
     return s, out
 
 
@@ -62,10 +81,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _norm(x, None, weight, eps)[1]
 
 
-def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, rms_norm(s)) with s = x + r, the residual sum, in one launch."""
-    return _norm(x, r, weight, eps)
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float,
+                 quant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, rms_norm(s)) with s = x + r, the residual sum, in one launch. quant: the norm (N, D) also as q8_1, which
+    the next matrix-vector products take instead of quantizing it themselves (one launch fewer each)."""
+    return _norm(x, r, weight, eps, quant)
 
 
 @triton.jit
@@ -89,14 +109,15 @@ def _rope(ptr, row, rmask, j, cos_ptr, sin_ptr, D: tl.constexpr, HALF: tl.conste
 
 
 @triton.jit
-def _attend_pass(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, m_ptr, l_ptr, out_ptr,
-                 n_keys, scale, kc_row, kc_head, vc_row, vc_head, SPLIT, CHUNK: tl.constexpr, H: tl.constexpr,
+def _attend_pass(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, m_ptr, l_ptr, out_ptr, sum_ptr,
+                 cnt_ptr, n_keys, scale, kc_row, kc_head, vc_row, vc_head, SPLIT, CHUNK: tl.constexpr, H: tl.constexpr,
                  D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr,
                  D_PAD: tl.constexpr, DV_PAD: tl.constexpr, G_PAD: tl.constexpr,
                  SPLIT_PAD: tl.constexpr, BLOCK_L: tl.constexpr, SECOND: tl.constexpr):
     """Program (kv head h, split part sp) over the part's keys at or before pos, for the G query heads of h.
     First pass: write the new row (last part), store the part's running max m and sum l of exp(score - m).
-    Second pass: p = exp(score - M) / L with the global M, L of the parts, rounded to f16; store sum p * v."""
+    Second pass: p = exp(score - M) / L with the global M, L of the parts, rounded to f16; store sum p * v, and
+    the kv head's last part to finish (a counter per kv head, left 0) sums the parts in order into sum_ptr."""
     h = tl.program_id(0)
     sp = tl.program_id(1)
     pos = tl.load(pos_ptr).to(tl.int32)  # loop bounds and row offsets all int32
@@ -147,6 +168,14 @@ def _attend_pass(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr,
     if SECOND:
         omask = (g < G)[:, None] & (jv < DV)[None, :]
         tl.store(out_ptr + (sp * H + heads[:, None]) * DV + jv[None, :], acc, mask=omask)
+        tl.debug_barrier()  # every thread's store before the counter moves
+        if tl.atomic_add(cnt_ptr + h, 1) == SPLIT - 1:
+            total = tl.zeros((G_PAD, DV_PAD), dtype=tl.float32)
+            for p in tl.static_range(SPLIT_PAD):  # from L2: other SMs wrote them
+                total += tl.load(out_ptr + (p * H + heads[:, None]) * DV + jv[None, :], mask=omask & (p < SPLIT),
+                                 other=0.0, cache_modifier=".cg")
+            tl.store(sum_ptr + heads[:, None] * DV + jv[None, :], total, mask=omask)
+            tl.atomic_xchg(cnt_ptr + h, 0)
     else:
         tl.store(m_ptr + sp * H + heads, m, mask=g < G)
         tl.store(l_ptr + sp * H + heads, l, mask=g < G)
@@ -166,13 +195,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     split = triton.cdiv(n_keys, chunk)  # no part left without rows
     stats = torch.empty((2, split, H), dtype=torch.float32, device=q.device)  # max, sum per part and head
     out = torch.empty((split, H, dv), dtype=torch.float32, device=q.device)
+    total = out[0] if split == 1 else torch.empty((H, dv), dtype=torch.float32, device=q.device)
     G = H // Hkv
     args = (q.contiguous(), k.contiguous(), v.contiguous(), cos.contiguous(), sin.contiguous(), pos, k_cache,
-            v_cache, stats[0], stats[1], out, n_keys, float(scale), k_cache.stride(0), k_cache.stride(1),
+            v_cache, stats[0], stats[1], out, total, counters(q.device, Hkv), n_keys, float(scale), k_cache.stride(0),
+            k_cache.stride(1),
             v_cache.stride(0), v_cache.stride(1), split)  # split at run time: a new bucket compiles nothing
     pads = [max(16, triton.next_power_of_2(n)) for n in (d, dv, G)]  # tl.dot takes no side under 16
     for second in (False, True):
         _attend_pass[(Hkv, split)](*args, CHUNK=chunk, H=H, D=d, DV=dv, G=G, HALF=cos.shape[-1], NEOX=rope_neox,
                                    D_PAD=pads[0], DV_PAD=pads[1], G_PAD=pads[2],
                                    SPLIT_PAD=max(2, triton.next_power_of_2(split)), BLOCK_L=block_l, SECOND=second)
-    return (out[0] if split == 1 else out.sum(dim=0)).reshape(1, H * dv)
+    return total.reshape(1, H * dv)

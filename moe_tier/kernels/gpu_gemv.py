@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
-from moe_tier.kernels.gpu import SKIP, SKIP_C, moe_matmul
+from moe_tier.kernels.gpu import SKIP, SKIP_C, counters, moe_matmul
 from moe_tier.kernels.gpu_q8_1 import dp4a, quantize_q8_1
 
 QK_K = 256
@@ -64,9 +64,28 @@ def _program(off_ptr, p0, p1, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_out, stride_part, stride_mat,
-               K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
-               STAGES: tl.constexpr, ASM: tl.constexpr, Q5: tl.constexpr = False):
+def _finish(total, out_ptr, sum_ptr, cnt_ptr, mat, part, r, n, nmask, N, stride_out, stride_part, stride_mat,
+            SPLIT: tl.constexpr, REDUCE: tl.constexpr):
+    """Store the program's part. REDUCE: the tile's last part to arrive (a counter per tile, re-armed to 0 for the
+    next launch or graph replay) also sums the parts in order into sum[matrix, row, n], so that no reduction
+    launch follows the product (at batch 1 such a launch and its gap cost about what a small matrix does)."""
+    at = out_ptr + mat * stride_mat + r.to(tl.int64) * stride_out + n
+    tl.store(at + part * stride_part, total, mask=nmask)
+    if REDUCE:
+        tl.debug_barrier()  # every thread's store before the counter moves (the atomic releases them to the GPU)
+        tile = (mat * tl.num_programs(1) + r) * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(cnt_ptr + tile, 1) == SPLIT - 1:
+            acc = tl.zeros_like(total)
+            for p in range(SPLIT):  # from L2: another SM wrote them
+                acc += tl.load(at + p * stride_part, mask=nmask, other=0.0, cache_modifier=".cg")
+            tl.store(sum_ptr + (mat * tl.num_programs(1) + r).to(tl.int64) * N + n, acc, mask=nmask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, sum_ptr, cnt_ptr, N, stride_out, stride_part,
+               stride_mat, K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
+               STAGES: tl.constexpr, ASM: tl.constexpr, REDUCE: tl.constexpr, Q5: tl.constexpr = False):
     """Program (n tile, row, matrix * SPLIT + part): out[matrix, part, row, n] = sum over the part's super-blocks
     of x[row // X_DIV] . W[n], W the row's matrix at part offset p0 (matrix 0) or p1 (matrix 1), x as q8_1.
     Q5: Q5_K, whose blocks (176 bytes) hold a fifth bit per value (qh[32]) between the scales and the nibbles."""
@@ -119,14 +138,14 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
                 mn = tl.where(lo, b_s4 & 63, (b_s4 >> 4) | ((b_s >> 6) << 4)).to(tl.float32)
                 acc += d[:, None] * xd[None, :] * (dot * sc).to(tl.float32)
                 acc_min += dmin[:, None] * mn * xs[None, :]
-    total = tl.sum(acc, axis=1) - tl.sum(acc_min, axis=1)
-    tl.store(out_ptr + mat * stride_mat + part * stride_part + r.to(tl.int64) * stride_out + n, total, mask=n < N)
+    _finish(tl.sum(acc, axis=1) - tl.sum(acc_min, axis=1), out_ptr, sum_ptr, cnt_ptr, mat, part, r, n, nmask, N,
+            stride_out, stride_part, stride_mat, SPLIT, REDUCE)
 
 
 @triton.jit
-def _q6_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_out, stride_part, stride_mat,
-               K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
-               STAGES: tl.constexpr, ASM: tl.constexpr):
+def _q6_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, sum_ptr, cnt_ptr, N, stride_out, stride_part,
+               stride_mat, K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
+               STAGES: tl.constexpr, ASM: tl.constexpr, REDUCE: tl.constexpr):
     """As _q4_k_gemv for Q6_K (ql[128] low nibbles | qh[64] high bit pairs | scales[16] int8 | d f16, 210 bytes):
     blocks are only 2-byte aligned, so they are read as 16-bit halfwords, paired into words in registers. As
     llama.cpp's vec_dot_q6_K_q8_1: dp4a of the unsigned 6-bit quants, minus 32 times the activations' sum."""
@@ -166,14 +185,14 @@ def _q6_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
                 sc = ((sc2[:, :, None] << (24 - 8 * i2)[None, None, :]) >> 24)  # the two int8 scales, sign-extended
                 xd = tl.load(xd_ptr + x_row * (K // 32) + sb * 8 + 4 * (c // 2) + j, mask=ok, other=0.0)
                 acc += d[:, None] * xd[None, :] * tl.sum(sc * halves, axis=2).to(tl.float32)
-    tl.store(out_ptr + mat * stride_mat + part * stride_part + r.to(tl.int64) * stride_out + n, tl.sum(acc, axis=1),
-             mask=nmask)
+    _finish(tl.sum(acc, axis=1), out_ptr, sum_ptr, cnt_ptr, mat, part, r, n, nmask, N, stride_out, stride_part,
+            stride_mat, SPLIT, REDUCE)
 
 
 @triton.jit
-def _q8_0_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, stride_out, stride_part, stride_mat,
-               K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
-               STAGES: tl.constexpr, ASM: tl.constexpr):
+def _q8_0_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, sum_ptr, cnt_ptr, N, stride_out, stride_part,
+               stride_mat, K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
+               STAGES: tl.constexpr, ASM: tl.constexpr, REDUCE: tl.constexpr):
     """As _q4_k_gemv for Q8_0 (d f16 | qs[32] int8, 34 bytes, 2-byte aligned: read as halfwords), eight blocks
     (256 values) a step: dp4a of the int8 quants, times both scales, as llama.cpp's vec_dot_q8_0_q8_1."""
     r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
@@ -196,8 +215,8 @@ def _q8_0_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, N, st
             xd = tl.load(xd_ptr + x_row * (K // 32) + step * 8 + b, mask=ok, other=0.0)
             dot = tl.sum(dp4a(q, tl.broadcast_to(xw[None], (BLOCK_N, 8, 8)), tl.zeros_like(q), ASM), axis=2)
             acc += d * xd[None, :] * dot.to(tl.float32)
-    tl.store(out_ptr + mat * stride_mat + part * stride_part + r.to(tl.int64) * stride_out + n, tl.sum(acc, axis=1),
-             mask=nmask)
+    _finish(tl.sum(acc, axis=1), out_ptr, sum_ptr, cnt_ptr, mat, part, r, n, nmask, N, stride_out, stride_part,
+            stride_mat, SPLIT, REDUCE)
 
 
 @triton.jit
@@ -227,11 +246,13 @@ def gemv_split(qtype: Q, n_rows: int, n_cols: int, R: int, M: int = 1, block_n: 
 def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype: Q, n_rows: int, n_cols: int,
                part_offsets: tuple[int, ...] = (0,), x_div: int = 1, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
                split: int | None = None, stages: int = STAGES, out: torch.Tensor | None = None,
-               xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               total: torch.Tensor | None = None) -> torch.Tensor:
     """parts (M, S, R, n_rows): row r's products x[r // x_div] @ W.T with W (n_rows, n_cols) at base + offsets[r] +
     part_offsets[m], split over S parts of K (sum over S for the product). No host sync: offsets stay on the device.
     out: where to write them (a view with S from gemv_split, so that two launches can fill one buffer).
-    xq: x already as q8_1 (quantize_q8_1(x), or a kernel that produced x wrote it): one launch fewer."""
+    xq: x already as q8_1 (quantize_q8_1(x), or a kernel that produced x wrote it): one launch fewer.
+    total: (M, R, n_rows), where the same launch also writes the sum over S (contiguous)."""
     qtype = Q(qtype)
     x = x.float().contiguous()
     R, M = offsets.shape[0], len(part_offsets)
@@ -242,6 +263,8 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
         skip = offsets == SKIP
         parts = torch.stack([torch.where(skip[:, None], 0.0, moe_matmul(
             xr, base, torch.where(skip, SKIP, offsets + p), seg, 1, qtype, n_rows, n_cols)) for p in part_offsets])[:, None]
+        if total is not None:
+            total.view(M, R, n_rows).copy_(parts[:, 0])
         return parts if out is None else out.copy_(parts)
     tiles = triton.cdiv(n_rows, block_n)
     if out is not None:
@@ -250,18 +273,26 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
         split = gemv_split(qtype, n_rows, n_cols, R, M, block_n)
     if out is None:
         out = torch.empty((M, split, R, n_rows), dtype=torch.float32, device=x.device)
+    reduce = total is not None and split > 1
+    if total is not None and split == 1:
+        out = total.view(M, 1, R, n_rows)  # one part: it is the sum
     if R and n_rows:
         p0, p1 = part_offsets[0], part_offsets[-1]
         xq, xd, xs = quantize_q8_1(x) if xq is None else xq
         kernel, consts = KERNELS[qtype]
-        kernel[(tiles, R, split * M)](xq, xd, xs, base, offsets, p0, p1, out, n_rows, out.stride(2), out.stride(1),
-                                      out.stride(0), K=n_cols, SPLIT=split, X_DIV=x_div, BLOCK_N=block_n, STAGES=stages,
-                                      ASM=x.is_cuda, num_warps=num_warps, **consts)
+        kernel[(tiles, R, split * M)](xq, xd, xs, base, offsets, p0, p1, out, total if reduce else out,
+                                      counters(x.device, tiles * R * M) if reduce else offsets, n_rows,
+                                      out.stride(2), out.stride(1), out.stride(0), K=n_cols, SPLIT=split, X_DIV=x_div,
+                                      BLOCK_N=block_n, STAGES=stages, ASM=x.is_cuda, REDUCE=reduce,
+                                      num_warps=num_warps, **consts)
     return out
 
 
 def gemv(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype: Q, n_rows: int, n_cols: int,
-         part_offset: int = 0, x_div: int = 1, **tile) -> torch.Tensor:
-    """out[r] = x[r // x_div] @ W_r.T, W_r (n_rows, n_cols) at base + offsets[r] + part_offset; (R, n_rows) float32."""
-    parts = gemv_parts(x, base, offsets, qtype, n_rows, n_cols, (part_offset,), x_div, **tile)[0]
-    return parts[0] if len(parts) == 1 else parts.sum(dim=0)
+         part_offset: int = 0, x_div: int = 1, xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+         **tile) -> torch.Tensor:
+    """out[r] = x[r // x_div] @ W_r.T, W_r (n_rows, n_cols) at base + offsets[r] + part_offset; (R, n_rows) float32,
+    summed over split parts by the launch itself."""
+    total = torch.empty((offsets.shape[0], n_rows), dtype=torch.float32, device=x.device)
+    gemv_parts(x, base, offsets, qtype, n_rows, n_cols, (part_offset,), x_div, xq=xq, total=total, **tile)
+    return total

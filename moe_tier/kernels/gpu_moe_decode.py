@@ -2,7 +2,8 @@
 
 Shape key: T tokens, E experts per layer, k experts per token, R = T * k rows (row t * k + j is token t's j-th
 expert), S split-K parts, D embedding width, F expert FFN width.
-  route_topk  logits (T, E) -> ids (T, k) int32, weights (T, k): moe.route's semantics (stable ties: lower id)
+  route_topk  logits (T, E) -> ids (T, k) int32, weights (T, k): moe.route's semantics (stable ties: lower id);
+              router_topk the same from x (T, D) and the router (E, D), its logits computed in the launch
   locate      ids (R,), location table -> offsets (3, R) int64: where each row's expert can be read now (hot),
               later (warm: after stage copies it into a staging slot) and either
   stage       copies the warm rows' blobs from pinned host memory into their staging slots in VRAM: a kernel
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 
 from moe_tier.config import Gating
-from moe_tier.kernels.gpu import SKIP_C
+from moe_tier.kernels.gpu import SKIP_C, counters
 from moe_tier.kernels.gpu_q8_1 import q8_1_blocks, q8_1_empty
 from moe_tier.moe import MIN_WEIGHT_SUM, Routing
 
@@ -34,12 +35,9 @@ AWAIT_MAX_SPINS = 1 << 26  # ~1 us a read of host memory: about a minute, past t
 
 
 @triton.jit
-def _route(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, min_sum, K: tl.constexpr, BLOCK_E: tl.constexpr,
-           BLOCK_K: tl.constexpr, GATING: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
-    t = tl.program_id(0)
-    e = tl.arange(0, BLOCK_E)
-    valid = e < E
-    z = tl.load(logits_ptr + t * E + e, mask=valid, other=-float("inf"))
+def _select(z, t, e, valid, bias_ptr, ids_ptr, w_ptr, scale, min_sum, K: tl.constexpr, BLOCK_K: tl.constexpr,
+            GATING: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+    """Token t's top-k of logits z (BLOCK_E,), padded with -inf: moe.route's gating, selection bias and weights."""
     if GATING == 1:  # softmax
         p = tl.exp(z - tl.max(z, axis=0))
         p = p / tl.sum(p, axis=0)
@@ -65,16 +63,89 @@ def _route(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, min_sum, K: tl.conste
     tl.store(w_ptr + t * K + kk, w * scale, mask=chosen)
 
 
+@triton.jit
+def _route(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, min_sum, K: tl.constexpr, BLOCK_E: tl.constexpr,
+           BLOCK_K: tl.constexpr, GATING: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+    t = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    z = tl.load(logits_ptr + t * E + e, mask=e < E, other=-float("inf"))
+    _select(z, t, e, e < E, bias_ptr, ids_ptr, w_ptr, scale, min_sum, K, BLOCK_K, GATING, HAS_BIAS, NORM)
+
+
+@triton.jit
+def _router_route(x_ptr, router_ptr, rbias_ptr, parts_ptr, cnt_ptr, bias_ptr, ids_ptr, w_ptr, E, D, scale, min_sum,
+                  CHUNK: tl.constexpr, PARTS: tl.constexpr, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                  GATING: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, NORM: tl.constexpr):
+    """Program (token t, part): the router's columns [part * CHUNK, + CHUNK) times x[t], partial logits to parts;
+    the token's last part to finish (a counter per token, left 0) sums the parts in order, adds the router's bias
+    and selects."""
+    t = tl.program_id(0)
+    part = tl.program_id(1)
+    e = tl.arange(0, BLOCK_E)
+    valid = e < E
+    acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, CHUNK, BLOCK_D):
+        d = part * CHUNK + d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + t * D + d, mask=d < D, other=0.0)
+        w = tl.load(router_ptr + e[:, None].to(tl.int64) * D + d[None, :], mask=valid[:, None] & (d < D)[None, :],
+                    other=0.0)
+        acc += w * x[None, :]
+    T = tl.num_programs(0)
+    tl.store(parts_ptr + (part * T + t) * E + e, tl.sum(acc, axis=1), mask=valid)
+    tl.debug_barrier()  # every thread's store before the counter moves
+    if tl.atomic_add(cnt_ptr + t, 1) == PARTS - 1:
+        z = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for p in range(PARTS):  # from L2: other SMs wrote them
+            z += tl.load(parts_ptr + (p * T + t) * E + e, mask=valid, other=0.0, cache_modifier=".cg")
+        if HAS_RBIAS:
+            z += tl.load(rbias_ptr + e, mask=valid, other=0.0)
+        _select(tl.where(valid, z, -float("inf")), t, e, valid, bias_ptr, ids_ptr, w_ptr, scale, min_sum, K, BLOCK_K,
+                GATING, HAS_BIAS, NORM)
+        tl.atomic_xchg(cnt_ptr + t, 0)
+
+
 def route_topk(logits: torch.Tensor, bias: torch.Tensor | None, k: int, gating: Gating, weights_norm: bool,
                weights_scale: float) -> Routing:
     T, E = logits.shape
-    ids = torch.empty((T, k), dtype=torch.int32, device=logits.device)
-    weights = torch.empty((T, k), dtype=torch.float32, device=logits.device)
-    scale = 1.0 if weights_scale in (0.0, 1.0) else weights_scale
+    ids, weights, scale, consts = _routing_out(T, E, k, gating, weights_norm, weights_scale, bias, logits.device)
     _route[(T,)](logits.float().contiguous(), logits if bias is None else bias.float().contiguous(), ids, weights, E,
-                 scale, MIN_WEIGHT_SUM, K=k, BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(k),
-                 GATING=gating.value, HAS_BIAS=bias is not None, NORM=weights_norm)
+                 scale, MIN_WEIGHT_SUM, **consts)
     return Routing(ids, weights)
+
+
+ROUTER_PART_BYTES = 16 << 10  # router bytes a program reads: Mixtral's 128 KiB router over 8 programs
+ROUTER_MAX_PARTS = 64
+
+
+def router_topk(x: torch.Tensor, router: torch.Tensor, router_bias: torch.Tensor | None, bias: torch.Tensor | None,
+                k: int, gating: Gating, weights_norm: bool, weights_scale: float) -> Routing:
+    """route_topk of the logits x @ router.T (+ router_bias), computed in the same launch: x (T, D), router (E, D)
+    float32. At decode the router's product alone was two cuBLAS launches, each with its gap in the graph."""
+    T, D = x.shape
+    E = router.shape[0]
+    ids, weights, scale, consts = _routing_out(T, E, k, gating, weights_norm, weights_scale, bias, x.device)
+    block_d = max(16, min(512, 4096 // consts["BLOCK_E"]))  # a (BLOCK_E, BLOCK_D) tile of 4096 values a step
+    parts = min(ROUTER_MAX_PARTS, triton.cdiv(D, block_d), max(1, E * D * 4 // ROUTER_PART_BYTES))
+    chunk = triton.cdiv(triton.cdiv(D, parts), block_d) * block_d
+    parts = triton.cdiv(D, chunk)
+    partial = torch.empty((parts, T, E), dtype=torch.float32, device=x.device)
+    if T:
+        _router_route[(T, parts)](x.float().contiguous(), router, router if router_bias is None else router_bias, partial,
+                                  counters(x.device, T), router if bias is None else bias.float().contiguous(), ids,
+                                  weights, E, D, scale, MIN_WEIGHT_SUM, CHUNK=chunk, PARTS=parts, BLOCK_D=block_d,
+                                  HAS_RBIAS=router_bias is not None, num_warps=4, **consts)
+    return Routing(ids, weights)
+
+
+def _routing_out(T: int, E: int, k: int, gating: Gating, weights_norm: bool, weights_scale: float,
+                 bias: torch.Tensor | None, device: torch.device):
+    """ids and weights to fill, the weights' scale, and the selection's constants."""
+    ids = torch.empty((T, k), dtype=torch.int32, device=device)
+    weights = torch.empty((T, k), dtype=torch.float32, device=device)
+    scale = 1.0 if weights_scale in (0.0, 1.0) else weights_scale
+    consts = dict(K=k, BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(k), GATING=gating.value,
+                  HAS_BIAS=bias is not None, NORM=weights_norm)
+    return ids, weights, scale, consts
 
 
 @triton.jit

@@ -66,3 +66,8 @@ def quantize_q8_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     if R:
         _quantize_q8_1[(R, triton.cdiv(K // 32, BLOCKS))](x, q, d, s, K, BLOCKS=BLOCKS)
     return q, d, s
+
+
+def carried_q8_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """x's q8_1 form where the kernel that wrote x wrote it too (gpu_decode_ops.add_rms_norm with quant), else None."""
+    return getattr(x, "q8_1", None)

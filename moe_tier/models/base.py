@@ -86,7 +86,7 @@ class MoEDecoder:
 
     def ffn(self, il: int, h, observer: RoutingObserver | None):
         ops = self.ops
-        routing = ops.route(ops.linear(f"blk.{il}.ffn_gate_inp", h), ops.vector(f"blk.{il}.exp_probs_b.bias"))
+        routing = ops.route(f"blk.{il}.ffn_gate_inp", h, ops.vector(f"blk.{il}.exp_probs_b.bias"))
         if observer is not None:
             seen = routing.host()
             observer.record(il, seen.ids, seen.weights)
