@@ -31,7 +31,7 @@ from moe_tier.copy_engine import CopyEngine
 from moe_tier.host_tiers import blob_layout
 from moe_tier.kernels.activations import Activations
 from moe_tier.kernels.gpu_gemv import KERNELS
-from moe_tier.kernels.gpu_moe_decode import await_share, await_staged, publish
+from moe_tier.kernels.gpu_moe_decode import HostRows, Publish, await_staged
 from moe_tier.layers import silu
 from moe_tier.moe_gpu import aligned
 from moe_tier.reader import ExpertId, ExpertRef
@@ -158,22 +158,23 @@ class CpuShare:
             t.fill_(self.seq)
         self.step = []
 
-    def publish(self, gpu: int, layer: int, ids: torch.Tensor, late: torch.Tensor, x: torch.Tensor) -> Point:
-        key = (layer, gpu, ids.numel(), len(x))
+    def publish(self, gpu: int, layer: int, n_rows: int, x: torch.Tensor) -> tuple[Point, Publish]:
+        """The layer's point of this step, and where locate publishes its staged rows for the host."""
+        key = (layer, gpu, n_rows, len(x))
         if key not in self.points:
-            self.points[key] = self._point(gpu, layer, ids.numel(), x.shape, self.cuts[layer].rows)
+            self.points[key] = self._point(gpu, layer, n_rows, x.shape, self.cuts[layer].rows)
         p = self.points[key]
-        publish(ids, late, x.float().contiguous(), self.arenas[gpu], p.at["flag_in"], p.at["ids"], p.at["late"],
-                p.at["x"], self.seq_dev[gpu])
         self.step.append(p)
-        return p
+        return p, Publish(x, self.arenas[gpu], p.at["flag_in"], p.at["ids"], p.at["late"], p.at["x"], self.seq_dev[gpu])
 
     def await_staged(self, p: Point, late: torch.Tensor) -> None:
         """The stream waits for the copy engine's part of the staged rows (queued by the host in serve)."""
         await_staged(late, p.staged, self.seq_dev[p.gpu])
 
-    def wait(self, p: Point, late: torch.Tensor, out: torch.Tensor) -> None:
-        await_share(late, self.arenas[p.gpu], p.at["flag_out"], p.at["out"], self.seq_dev[p.gpu], out)
+    def rows(self, p: Point, late: torch.Tensor) -> HostRows:
+        """The host's rows of the point's staged rows, for silu_mul to wait for and read."""
+        return HostRows(late, self.arenas[p.gpu], p.at["flag_out"], p.at["out"], self.seq_dev[p.gpu],
+                        self.cuts[p.layer].rows)
 
     def _point(self, gpu: int, layer: int, R: int, x_shape, f: int) -> Point:
         bufs = dict(flag_in=torch.zeros(1, dtype=torch.int32), ids=torch.zeros(R, dtype=torch.int32),

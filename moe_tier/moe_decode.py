@@ -169,10 +169,10 @@ class DeviceMoE:
         ids, loc, n_stage = routing.ids.reshape(-1).to(arena.device), tiers.locations.loc[gpu], tiers.stage_slots[gpu]
         if self.lookahead:
             n_stage = min(n_stage, tiers.desc.config.n_expert_used)  # the rest are the lookahead's buffers
-        now, late, every = locate(ids, loc, first, arena, tiers.stage_at[gpu], n_stage, tiers.slot_bytes,
-                                  None if ahead is None else ahead[1:3])
         cut = self.cpu.cuts.get(layer) if self.cpu is not None and n_stage else None
-        point = self.cpu.publish(gpu, layer, ids, late, x) if cut is not None else None
+        point, hand = self.cpu.publish(gpu, layer, len(ids), x) if cut is not None else (None, None)
+        now, late, every = locate(ids, loc, first, arena, tiers.stage_at[gpu], n_stage, tiers.slot_bytes,
+                                  None if ahead is None else ahead[1:3], hand)
         split = gemv_split(gate.qtype, n_ff, n_embd, len(ids), 2)
         whole = n_stage and cut is None  # the stage kernel copies whole blobs; hot and staged rows share one buffer
         gate_up = torch.empty((2, 2 * split if whole else split, len(ids), n_ff), dtype=torch.float32, device=x.device)
@@ -205,9 +205,7 @@ class DeviceMoE:
             self.cpu.serve([point])  # eager: the host queues the GPU's copies and computes its part now
         self.cpu.await_staged(point, late)
         late_gate_up = gate_up_parts(x, xq, arena, late, gate, up, cut.gate_up_at, rows=n_ff - cut.rows)
-        host = torch.empty((len(ids), cut.rows), dtype=torch.float32, device=x.device)
-        self.cpu.wait(point, late, host)
-        h_late, hq_late = silu_mul(late_gate_up, head=host)
+        h_late, hq_late = silu_mul(late_gate_up, head=self.cpu.rows(point, late))  # waits for the host's rows
         gemv_parts(h_late, arena, late, down.qtype, n_embd, n_ff, (at["down"],), xq=hq_late, out=parts[:, S:])
         return combine(parts[0], routing.weights.to(arena.device))
 

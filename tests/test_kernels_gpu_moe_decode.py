@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from moe_tier.config import Gating  # noqa: E402
 from moe_tier.kernels.gpu_gemv import SKIP, gemv, gemv_parts, gemv_split  # noqa: E402
-from moe_tier.kernels.gpu_moe_decode import (await_share, await_staged, combine, locate, publish,  # noqa: E402
+from moe_tier.kernels.gpu_moe_decode import (HostRows, Publish, await_staged, combine, locate,  # noqa: E402
                                              route_topk, router_topk, silu_mul, stage)
 from moe_tier.kernels.gpu_q8_1 import quantize_q8_1  # noqa: E402
 from moe_tier.moe import route  # noqa: E402
@@ -213,31 +213,38 @@ def test_await_staged_waits_for_the_flag_copied_after_the_staged_rows():
         torch.cuda.synchronize()
 
 
-def test_publish_and_await_share_hand_rows_between_gpu_and_host():
-    """publish writes the staged rows' experts (-1 elsewhere), the input and the step's number to host memory;
-    await_share gives the staged rows what the host wrote once its flag holds that number, 0 to the others."""
-    R, D = 4, 1500
-    base = torch.zeros(16, dtype=torch.uint8, device=DEVICE)
+def test_locate_publishes_and_silu_mul_waits_for_the_hosts_rows():
+    """locate with a Publish also writes the staged rows' experts (-1 elsewhere), their staging offsets, the input
+    and the step's number to host memory; silu_mul with HostRows puts what the host wrote in front of the staged
+    rows' values once its flag holds that number, 0 in front of the others'."""
+    R, D, H, F, slot_bytes = 4, 1500, 64, 96, 4096
+    arena = torch.zeros(R * slot_bytes, dtype=torch.uint8, device=DEVICE)
     host = {name: torch.zeros(shape, dtype=dtype) for name, shape, dtype in
             [("flag_in", 1, torch.int32), ("ids", R, torch.int32), ("late", R, torch.int64), ("x", (2, D), torch.float32),
-             ("flag_out", 1, torch.int32), ("out", (R, D), torch.float32)]}
+             ("flag_out", 1, torch.int32), ("out", (R, H), torch.float32), ("warm", slot_bytes, torch.uint8)]}
     if DEVICE == "cuda":
         host = {name: t.pin_memory() for name, t in host.items()}
-    at = {name: t.data_ptr() - base.data_ptr() for name, t in host.items()}
+    at = {name: t.data_ptr() - arena.data_ptr() for name, t in host.items()}
+    loc = torch.zeros(8, dtype=torch.int64)
+    loc[[1, 2]] = at["warm"]  # experts 1 and 2 warm, the rest in slot 0
     ids = torch.tensor([5, 2, 7, 1], dtype=torch.int32, device=DEVICE)
-    late = torch.tensor([SKIP, 4096, SKIP, 8192], dtype=torch.int64, device=DEVICE)
     x = torch.randn(2, D, device=DEVICE)
     seq = torch.tensor([7], dtype=torch.int32, device=DEVICE)
-    publish(ids, late, x, base, at["flag_in"], at["ids"], at["late"], at["x"], seq)
+    hand = Publish(x, arena, at["flag_in"], at["ids"], at["late"], at["x"], seq)
+    now, late, every = locate(ids, loc.to(DEVICE), 0, arena, 0, R, slot_bytes, publish=hand)
+    assert late.tolist() == [SKIP, slot_bytes, SKIP, 3 * slot_bytes]
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     assert host["flag_in"].tolist() == [7] and host["ids"].tolist() == [-1, 2, -1, 1]
     assert host["late"].tolist() == late.tolist()
     torch.testing.assert_close(host["x"], x.cpu())
-    host["out"].copy_(torch.randn(R, D))
+    host["out"].copy_(torch.randn(R, H))
     host["flag_out"].fill_(7)
-    out = torch.full((R, D), float("nan"), device=DEVICE)
-    await_share(late, base, at["flag_out"], at["out"], seq, out)
-    want = host["out"].clone()
-    want[[0, 2]] = 0
-    torch.testing.assert_close(out.cpu(), want)
+    gate_up = torch.randn(2, 1, R, F, device=DEVICE)
+    h, _ = silu_mul(gate_up, head=HostRows(late, arena, at["flag_out"], at["out"], seq, H))
+    want_head = host["out"].clone()
+    want_head[[0, 2]] = 0
+    torch.testing.assert_close(h[:, :H].cpu(), want_head)
+    torch.testing.assert_close(h[:, H:], silu_mul(gate_up)[0])
+
+

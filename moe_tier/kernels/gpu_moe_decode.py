@@ -5,21 +5,23 @@ expert), S split-K parts, D embedding width, F expert FFN width.
   route_topk  logits (T, E) -> ids (T, k) int32, weights (T, k): moe.route's semantics (stable ties: lower id);
               router_topk the same from x (T, D) and the router (E, D), its logits computed in the launch
   locate      ids (R,), location table -> offsets (3, R) int64: where each row's expert can be read now (hot),
-              later (warm: after stage copies it into a staging slot) and either
+              later (warm: after stage copies it into a staging slot) and either; with a CPU share it also
+              publishes the staged rows' experts, their staging offsets and the layer's input to pinned host
+              memory, then a flag: the host queues copies of the GPU's share of those experts (copy engines) and
+              computes its own
   stage       copies the warm rows' blobs from pinned host memory into their staging slots in VRAM: a kernel
               reading host memory contiguously moves ~51 GB/s on an H100 host, the Q4_K gemv reading it in place
               ~28 (bench/gpu_host_reads.py); it runs on a side stream while the hot rows compute
-  publish     the staged rows' experts, their staging offsets and the layer's input to pinned host memory, then
-              a flag: the host queues copies of the GPU's share of those experts (copy engines) and computes its own
   await_staged  the stream waits for the flag the host queues after those copies
-  await_share the host's share of each staged row (its first values of silu(gate) * up), after spinning on the
-              host's flag in the stream
   silu_mul    parts (2, S, R, F) of gate and up -> silu(gate) * up (R, F), and the same as q8_1 for the down
-              projection's Q4_K kernel (no separate quantizing launch); optionally after the host's first values
+              projection's Q4_K kernel (no separate quantizing launch); optionally after given first values, or
+              after the host's share of each staged row (its first values), spinning on the host's flag
   combine     parts (S, R, D) of down, weights (T, k) -> sum_j weights[t, j] * down[t * k + j] (T, D)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -150,7 +152,9 @@ def _routing_out(T: int, E: int, k: int, gating: Gating, weights_norm: bool, wei
 
 @triton.jit
 def _locate(ids_ptr, loc_ptr, first, arena_bytes, stage_at, slot_bytes, pf_ids_ptr, pf_at_ptr, out_ptr, R,
-            N_STAGE: tl.constexpr, N_PF: tl.constexpr, BLOCK: tl.constexpr):
+            x_ptr, base_ptr, at_flag, at_ids, at_late, at_x, seq_ptr, N_STAGE: tl.constexpr, N_PF: tl.constexpr,
+            BLOCK: tl.constexpr, PUBLISH: tl.constexpr, N_X: tl.constexpr, BLOCK_X: tl.constexpr,
+            ASM: tl.constexpr):
     r = tl.arange(0, BLOCK)
     m = r < R
     e = tl.load(ids_ptr + r, mask=m, other=0)
@@ -163,23 +167,54 @@ def _locate(ids_ptr, loc_ptr, first, arena_bytes, stage_at, slot_bytes, pf_ids_p
     now = tl.where(warm & (fetched != SKIP_C), fetched, offset)
     stage = warm & (fetched == SKIP_C) & (r < N_STAGE)
     dst = stage_at + r.to(tl.int64) * slot_bytes
+    late = tl.where(stage, dst, SKIP_C)
     tl.store(out_ptr + r, tl.where(stage, SKIP_C, now), mask=m)  # now
-    tl.store(out_ptr + R + r, tl.where(stage, dst, SKIP_C), mask=m)  # late
+    tl.store(out_ptr + R + r, late, mask=m)
     tl.store(out_ptr + 2 * R + r, tl.where(stage, dst, now), mask=m)  # every
+    if PUBLISH:  # each row's expert where it is staged (else -1), its staging offset and the layer's input to
+        # pinned host memory, then this step's number to the flag the host polls
+        tl.store((base_ptr + at_ids).to(tl.pointer_type(tl.int32), bitcast=True) + r, tl.where(stage, e, -1), mask=m)
+        tl.store((base_ptr + at_late).to(tl.pointer_type(tl.int64), bitcast=True) + r, late, mask=m)
+        x_host = (base_ptr + at_x).to(tl.pointer_type(tl.float32), bitcast=True)
+        for i in tl.static_range(0, N_X, BLOCK_X):
+            j = i + tl.arange(0, BLOCK_X)
+            tl.store(x_host + j, tl.load(x_ptr + j, mask=j < N_X), mask=j < N_X)
+        tl.debug_barrier()
+        seq = _fence(tl.load(seq_ptr), ASM)
+        tl.store((base_ptr + at_flag).to(tl.pointer_type(tl.int32), bitcast=True), seq)
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Where locate also hands the staged rows to the host (cpu_share.CpuShare): the layer's input x (T, D), and
+    pinned buffers at base + at_* (base: the GPU's slot arena) for the rows' experts, their staging offsets and x,
+    then the flag, which gets the step's number seq (1,) int32 last."""
+    x: torch.Tensor
+    base: torch.Tensor
+    at_flag: int
+    at_ids: int
+    at_late: int
+    at_x: int
+    seq: torch.Tensor
 
 
 def locate(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor, stage_at: int, n_stage: int,
-           slot_bytes: int, prefetched: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           slot_bytes: int, prefetched: tuple[torch.Tensor, torch.Tensor] | None = None,
+           publish: Publish | None = None) -> torch.Tensor:
     """(3, R) offsets from arena's start for rows ids (R,) of the layer whose table entries start at loc[first]:
     now (readable at once: hot slots, experts a lookahead staged ahead, rows past n_stage read in place; SKIP for
     rows to stage), late (row r's staging slot stage_at + r * slot_bytes for a warm row r < n_stage, else SKIP)
     and every (now, or late). prefetched: (expert ids, their staged offsets or SKIP), from an earlier locate's
-    late and the stage that filled it."""
+    late and the stage that filled it. publish: the staged rows for the host's share, in the same launch."""
     R = ids.numel()
     out = torch.empty((3, R), dtype=torch.int64, device=arena.device)
     pf_ids, pf_at = prefetched if prefetched is not None else (ids, out)  # unread when N_PF is 0
-    _locate[(1,)](ids, loc, first, arena.numel(), stage_at, slot_bytes, pf_ids, pf_at, out, R, N_STAGE=n_stage,
-                  N_PF=0 if prefetched is None else pf_ids.numel(), BLOCK=triton.next_power_of_2(max(R, 16)))
+    p = publish or Publish(out, arena, 0, 0, 0, 0, ids)  # unused when PUBLISH is off
+    x = p.x.float().contiguous()
+    _locate[(1,)](ids, loc, first, arena.numel(), stage_at, slot_bytes, pf_ids, pf_at, out, R, x, p.base, p.at_flag,
+                  p.at_ids, p.at_late, p.at_x, p.seq, N_STAGE=n_stage, N_PF=0 if prefetched is None else pf_ids.numel(),
+                  BLOCK=triton.next_power_of_2(max(R, 16)), PUBLISH=publish is not None,
+                  N_X=x.numel() if publish is not None else 0, BLOCK_X=1024, ASM=x.is_cuda)
     return out
 
 
@@ -221,35 +256,6 @@ def _fence(x, ASM: tl.constexpr):
 
 
 @triton.jit
-def _publish(ids_ptr, late_ptr, x_ptr, base_ptr, at_flag, at_ids, at_late, at_x, seq_ptr, R, N_X: tl.constexpr,
-             BLOCK_R: tl.constexpr, BLOCK_X: tl.constexpr, ASM: tl.constexpr):
-    """One program: each row's expert where it is staged (else -1), its staging offset and the layer's input to
-    pinned host memory, then this step's number to the flag the host polls."""
-    r = tl.arange(0, BLOCK_R)
-    late = tl.load(late_ptr + r, mask=r < R, other=SKIP_C)
-    ids = tl.load(ids_ptr + r, mask=r < R, other=-1)
-    tl.store((base_ptr + at_ids).to(tl.pointer_type(tl.int32), bitcast=True) + r, tl.where(late != SKIP_C, ids, -1),
-             mask=r < R)
-    tl.store((base_ptr + at_late).to(tl.pointer_type(tl.int64), bitcast=True) + r, late, mask=r < R)
-    x_host = (base_ptr + at_x).to(tl.pointer_type(tl.float32), bitcast=True)
-    for i in tl.static_range(0, N_X, BLOCK_X):
-        j = i + tl.arange(0, BLOCK_X)
-        tl.store(x_host + j, tl.load(x_ptr + j, mask=j < N_X), mask=j < N_X)
-    tl.debug_barrier()
-    seq = _fence(tl.load(seq_ptr), ASM)
-    tl.store((base_ptr + at_flag).to(tl.pointer_type(tl.int32), bitcast=True), seq)
-
-
-def publish(ids: torch.Tensor, late: torch.Tensor, x: torch.Tensor, base: torch.Tensor, at_flag: int, at_ids: int,
-            at_late: int, at_x: int, seq: torch.Tensor) -> None:
-    """For the host's share of the staged rows (cpu_share.CpuShare): ids (R,) where late stages them, late (R,),
-    x (T, D), and the step's number seq (1,) int32 last, to pinned host buffers at base + at_*."""
-    R = ids.numel()
-    _publish[(1,)](ids, late, x, base, at_flag, at_ids, at_late, at_x, seq, R, x.numel(),
-                   BLOCK_R=triton.next_power_of_2(R), BLOCK_X=1024, ASM=x.is_cuda)
-
-
-@triton.jit
 def _spin(flag_ptr, seq, MAX_SPINS: tl.constexpr):
     """Read the int32 at flag_ptr until it holds seq, at most MAX_SPINS times (a host that never answers must not
     hang the stream): the last value read."""
@@ -277,38 +283,25 @@ def await_staged(late: torch.Tensor, flag: torch.Tensor, seq: torch.Tensor) -> N
     _await_staged[(1,)](late, flag, seq, R, BLOCK_R=triton.next_power_of_2(R), MAX_SPINS=AWAIT_MAX_SPINS)
 
 
-@triton.jit
-def _await_share(late_ptr, base_ptr, at_flag, at_out, seq_ptr, out_ptr, D, BLOCK: tl.constexpr, ASM: tl.constexpr,
-                 MAX_SPINS: tl.constexpr):
-    """Program (block of D, row): a staged row waits until the host's flag holds this step's number, then copies
-    the host's part of its output; other rows write 0."""
-    r = tl.program_id(1)
-    d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    y = tl.zeros((BLOCK,), dtype=tl.float32)
-    if tl.load(late_ptr + r) != SKIP_C:
-        seq = tl.load(seq_ptr)
-        seen = _spin((base_ptr + at_flag).to(tl.pointer_type(tl.int32), bitcast=True), seq, MAX_SPINS)
-        seen = _fence(seen, ASM)  # the loads below depend on it: they read what the host wrote before the flag
-        host = (base_ptr + at_out).to(tl.pointer_type(tl.float32), bitcast=True) + (seen - seq)
-        y = tl.load(host + r.to(tl.int64) * D + d, mask=d < D, volatile=True)
-        y = tl.where(seen == seq, y, float("nan"))  # a host that never answered: NaN, not a hang
-    tl.store(out_ptr + r.to(tl.int64) * D + d, y, mask=d < D)
-
-
-def await_share(late: torch.Tensor, base: torch.Tensor, at_flag: int, at_out: int, seq: torch.Tensor,
-                out: torch.Tensor) -> None:
-    """out (R, D): the host's part of each staged row (pinned, at base + at_out) once its flag at base + at_flag
-    holds seq; 0 for the rest. The stream waits here, not the host."""
-    R, D = out.shape
-    BLOCK = 1024
-    _await_share[(triton.cdiv(D, BLOCK), R)](late, base, at_flag, at_out, seq, out, D, BLOCK=BLOCK, ASM=out.is_cuda,
-                                             MAX_SPINS=AWAIT_MAX_SPINS)
+@dataclass(frozen=True)
+class HostRows:
+    """The host's first values of each staged row (late (R,) not SKIP), (R, width) float32 in pinned memory at
+    base + at_out, valid once the int32 at base + at_flag holds the step's number seq (1,) int32."""
+    late: torch.Tensor
+    base: torch.Tensor
+    at_flag: int
+    at_out: int
+    seq: torch.Tensor
+    width: int
 
 
 @triton.jit
-def _silu_mul(parts_ptr, head_ptr, out_ptr, q_ptr, d_ptr, s_ptr, F, H, stride_mat, stride_part, S: tl.constexpr,
-              BLOCK: tl.constexpr, Q8: tl.constexpr):
-    """Program (block of H + F, row): the row's first H values from head (H may be 0), then silu(gate) * up."""
+def _silu_mul(parts_ptr, head_ptr, out_ptr, q_ptr, d_ptr, s_ptr, late_ptr, at_flag, at_out, seq_ptr, F, H,
+              stride_mat, stride_part, S: tl.constexpr, BLOCK: tl.constexpr, Q8: tl.constexpr, HOST: tl.constexpr,
+              ASM: tl.constexpr, MAX_SPINS: tl.constexpr):
+    """Program (block of H + F, row): the row's first H values from head (H may be 0), then silu(gate) * up.
+    HOST: head_ptr is HostRows' base, the host's rows at + at_out: a staged row's programs over them wait until the
+    host's flag holds this step's number (the stream waits, not the host), then read them; other rows' are 0."""
     r = tl.program_id(1)
     n = H + F
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -320,7 +313,18 @@ def _silu_mul(parts_ptr, head_ptr, out_ptr, q_ptr, d_ptr, s_ptr, F, H, stride_ma
         g += tl.load(parts_ptr + s * stride_part + r * F + f, mask=m, other=0.0)
         u += tl.load(parts_ptr + stride_mat + s * stride_part + r * F + f, mask=m, other=0.0)
     h = g / (1.0 + tl.exp(-g)) * u
-    h = tl.where(c < H, tl.load(head_ptr + r * H + c, mask=c < H, other=0.0), h)
+    if HOST:
+        head = tl.zeros((BLOCK,), dtype=tl.float32)
+        if (tl.program_id(0) * BLOCK < H) & (tl.load(late_ptr + r) != SKIP_C):
+            seq = tl.load(seq_ptr)
+            seen = _spin((head_ptr + at_flag).to(tl.pointer_type(tl.int32), bitcast=True), seq, MAX_SPINS)
+            seen = _fence(seen, ASM)  # the loads below depend on it: they read what the host wrote before the flag
+            rows = (head_ptr + at_out + (seen - seq)).to(tl.pointer_type(tl.float32), bitcast=True)
+            head = tl.load(rows + r * H + c, mask=c < H, volatile=True)
+            head = tl.where(seen == seq, head, float("nan"))  # a host that never answered: NaN, not a hang
+        h = tl.where(c < H, head, h)
+    else:
+        h = tl.where(c < H, tl.load(head_ptr + r * H + c, mask=c < H, other=0.0), h)
     tl.store(out_ptr + r * n + c, h, mask=c < n)
     if Q8:  # n is a multiple of 32: whole q8_1 blocks, masked by block
         q, d, sums = q8_1_blocks(tl.reshape(h, (BLOCK // 32, 32)))
@@ -331,18 +335,25 @@ def _silu_mul(parts_ptr, head_ptr, out_ptr, q_ptr, d_ptr, s_ptr, F, H, stride_ma
         tl.store(s_ptr + r * (n // 32) + blk, sums, mask=blk < n // 32)
 
 
-def silu_mul(parts: torch.Tensor, head: torch.Tensor | None = None
+def silu_mul(parts: torch.Tensor, head: torch.Tensor | HostRows | None = None
              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """(silu(gate) * up (R, F) from parts (2, S, R, F), the same as q8_1 (gemv_parts' xq), or None where F is not
-    whole q8_1 blocks). head (R, H): values that go before each row's (the CPU's share of a staged expert's rows)."""
+    whole q8_1 blocks). head (R, H): values that go before each row's (the CPU's share of a staged expert's rows),
+    or HostRows: those values as the host writes them, waited for here."""
     _, S, R, F = parts.shape
-    H = 0 if head is None else head.shape[1]
+    host = isinstance(head, HostRows)
+    H = 0 if head is None else head.width if host else head.shape[1]
     out = torch.empty((R, H + F), dtype=torch.float32, device=parts.device)
     xq = q8_1_empty(R, H + F, parts.device) if (H + F) % 32 == 0 else None
     q, d, s = xq or (out, out, out)  # unused pointers when there is no q8_1 output
+    if host:
+        head_t, late, at_flag, at_out, seq = head.base, head.late, head.at_flag, head.at_out, head.seq
+    else:
+        head_t, late, at_flag, at_out, seq = out if head is None else head.contiguous(), out, 0, 0, out
     BLOCK = 1024
-    _silu_mul[(triton.cdiv(H + F, BLOCK), R)](parts, out if head is None else head.contiguous(), out, q, d, s, F, H,
-                                              parts.stride(0), parts.stride(1), S=S, BLOCK=BLOCK, Q8=xq is not None)
+    _silu_mul[(triton.cdiv(H + F, BLOCK), R)](parts, head_t, out, q, d, s, late, at_flag, at_out, seq, F, H,
+                                              parts.stride(0), parts.stride(1), S=S, BLOCK=BLOCK, Q8=xq is not None,
+                                              HOST=host, ASM=parts.is_cuda, MAX_SPINS=AWAIT_MAX_SPINS)
     return out, xq
 
 
