@@ -25,6 +25,7 @@ import numpy as np
 from numba import njit
 
 HIT, FETCH, CPU, BYPASS = 0, 1, 2, 3  # BYPASS: not cached, run by `uncached`; CPU: on the CPU whatever the link
+FREE, NO_SLOT = -1, -2  # slot_expert entries: an empty slot; padding of a GPU with fewer than S slots (never chosen)
 EPS = 1e-3
 
 
@@ -95,13 +96,13 @@ def next_hit_steps(x, layer, ahead, recent, lands_s, step_s):
 
 @njit(cache=True)
 def _slot_values(layer, needed, ahead, recent, slot_expert, value):
-    """value (G*S,): E[T] of each slot's expert, +inf for a free slot, -1 for one the layer needs now."""
+    """value (G*S,): E[T] of each slot's expert, +inf for a free slot, -1 for one the layer needs now or padding."""
     E = recent.shape[1]
     flat = slot_expert.ravel()
     for c in range(flat.shape[0]):
         x = flat[c]
         if x < 0:
-            value[c] = np.inf
+            value[c] = np.inf if x == FREE else -1.0
             continue
         v = next_use_steps(x, layer, ahead, recent)
         if x // E == layer:
@@ -164,7 +165,7 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
     layer: current MoE layer position; needed (K,) flat ids routed now; ahead (D, E) predicted use of
     layers layer+1..layer+D; recent (L, E) predicted use of each layer's next visit (this layer's row
     already from the current token); slot_expert (G, S) / expert_slot (X,) / remaining_bytes (X,) the slot
-    table, updated here; on_disk (X,) experts in the cold tier; backlog_s (G,) prefetch work already
+    table, updated here (slot_expert FREE or NO_SLOT where no expert is); on_disk (X,) experts in the cold tier; backlog_s (G,) prefetch work already
     queued per link; queue_steps: how many steps of idle link time the prefetch queue may hold;
     stage_cpu_share: the share of a staged miss's bytes the CPU computes (`uncached`);
     admit_margin: how many times later than a miss its victim must be expected back for the miss to take the slot;
