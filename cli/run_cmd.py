@@ -12,7 +12,7 @@ from moe_tier.engine import Engine
 from moe_tier.errors import MoeTierError
 from moe_tier.reader import open_model
 from moe_tier.sampling import SamplingConfig
-from moe_tier.tiers.slots import POLICIES
+from moe_tier.tiers.slots import POLICY_NAMES
 from moe_tier.units import format_bytes
 
 
@@ -26,8 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--policy", choices=sorted(POLICIES), default="planner",
-                   help="which hot expert a promoted miss replaces on the GPU (default: planner)")
+    p.add_argument("--policy", choices=POLICY_NAMES, default="planner",
+                   help="which hot expert a miss replaces on the GPU; planner: the live planner, which also "
+                        "prefetches (default)")
     add_budget_options(p)
 
 

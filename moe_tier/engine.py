@@ -124,7 +124,8 @@ class Engine:
              ctx: int = 2048, expert_freq: np.ndarray | None = None, policy: str = "planner",
              lookahead: int = 0, cpu_share: float | None = None) -> Engine:
         """vram/ram: bytes or sizes like "12GiB" (vram may list one per GPU); expert_freq (layer, expert)
-        from a routing profile ranks experts for the tiers; policy (tiers.slots.POLICIES) picks slot victims;
+        from a routing profile ranks experts for the tiers; policy (tiers.slots.POLICY_NAMES) picks slot victims
+        (planner: the live planner, tiers/live_planner.py, which also decides misses and prefetches);
         lookahead: d > 0: decode on the GPU stages each MoE layer's predicted warm experts while the d layers before
         it run (moe_decode.Lookahead; it takes (d + 1) k more staging slots); 0: off. cpu_share: the fraction of
         each staged expert the CPU computes while the GPU stages the rest (cpu_share.py); None: from the measured

@@ -258,9 +258,10 @@ class DeviceMoE:
         self.step = []
 
     def account(self) -> None:
-        """Count the last snapshot's hits, tell the policy, promote what it prefers (copies queue; nobody waits).
-        Runs at each step's first MoE layer (eager steps) or right after the next step's graph is queued, so
-        that it overlaps the GPU's work; the engine calls it once more after the last step."""
+        """Count the last snapshot's hits; then the live planner decides each layer step's promotions (the misses it
+        gives a slot) and prefetches, or the policy is told every use and promotes the misses it prefers (copies
+        queue; nobody waits). Runs at each step's first MoE layer (eager steps) or right after the next step's
+        graph is queued, so that it overlaps the GPU's work; the engine calls it once more after the last step."""
         tiers, stats = self.tiers, self.tiers.stats
         if self._seen is None:
             self.snapshot()  # an eager step: its routing is read now
@@ -274,13 +275,15 @@ class DeviceMoE:
             for layer, row in zip(layers, rows):
                 cut = self.cpu.cuts.get(layer) if self.cpu is not None else None
                 cpu_bytes = cut.cpu_bytes if cut is not None else 0  # a staged expert's bytes the CPU computed
-                wanted = [ExpertId(layer, int(e)) for e in sorted(set(row[:n_rows].tolist()))]
+                ids, counts = np.unique(row[:n_rows], return_counts=True)
+                wanted = [ExpertId(layer, int(e)) for e in ids]
                 ahead = {ExpertId(layer, int(e)) for e in row[n_rows:] if e >= 0}
                 for eid in ahead:
                     stats.moved("warm->gpu ahead", tiers.desc.experts[eid].n_bytes)
                 for eid in wanted:
                     n_bytes = tiers.desc.experts[eid].n_bytes
-                    tiers.policy.touch(eid)
+                    if tiers.policy is not None:
+                        tiers.policy.touch(eid)
                     if eid in ready:
                         stats.served("hot", n_bytes)
                     elif eid in ahead:
@@ -290,10 +293,16 @@ class DeviceMoE:
                         if cpu_bytes:
                             stats.moved("warm->cpu share", cpu_bytes)
                         stats.moved("warm->gpu read", n_bytes - cpu_bytes)
-                used.append((layer, wanted))
+                used.append((layer, wanted, dict(zip(ids.tolist(), counts.tolist()))))
             self._seen = None
         tiers.settle()
-        for layer, wanted in used:
+        if tiers.planner is not None:
+            step_s = tiers.planner.tick(len(used))
+            share = self.cpu.fraction() if self.cpu is not None else 0.0
+            for layer, _, tokens in used:
+                tiers.planned(layer, tokens, step_s, share, read_back=False)
+            return
+        for layer, wanted, _ in used:
             for eid in wanted:
                 if eid not in tiers.table.slot_of:
                     tiers.promote(eid, tiers.layer_gpu[layer], frozenset(wanted))

@@ -87,7 +87,8 @@ def test_gpu_backend_dense_path_matches_cpu_backend(synth_model, arch, qtype):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("hot", ["all", "half", "none"])
 @pytest.mark.parametrize("arch,qtype", [("qwen3moe", "Q8_0"), ("llama", "Q4_0"), ("qwen2moe", "F32")])
-def test_gpu_engine_matches_cpu_engine(synth_model, arch, qtype, hot):
+@pytest.mark.parametrize("policy", ["planner", "lru"])
+def test_gpu_engine_matches_cpu_engine(synth_model, arch, qtype, hot, policy):
     path = synth_model(arch, qtype=qtype)
     desc = open_model(path)
     host = HostOps(desc.config, Weights(desc), HostExperts(desc, [], EngineStats()))
@@ -95,8 +96,8 @@ def test_gpu_engine_matches_cpu_engine(synth_model, arch, qtype, hot):
     g = first_gpu_plan(desc, ctx=128)
     n_hot = {"all": len(desc.experts), "half": len(desc.experts) // 2, "none": 0}[hot]
     vram = g.fixed_bytes + n_hot * g.slot_bytes + g.slot_bytes // 2
-    eng = Engine.open(path, ctx=128, vram=on_first_gpu(vram), ram=0 if hot == "none" else None)
-    assert type(eng.model.ops).__name__ == "GpuOps"
+    eng = Engine.open(path, ctx=128, vram=on_first_gpu(vram), ram=0 if hot == "none" else None, policy=policy)
+    assert type(eng.model.ops).__name__ == "GpuOps" and (eng.tiers.planner is not None) == (policy == "planner")
     assert len(eng.plan.hot) == n_hot
     if hot == "none":  # no RAM for a warm tier: the summary says why decode reads routing back
         assert eng.decode_mode.startswith("routing read back every layer: some experts are cold")
@@ -113,10 +114,13 @@ def test_gpu_engine_matches_cpu_engine(synth_model, arch, qtype, hot):
 @pytest.mark.parametrize("hot", ["all", "half", "none"])
 @pytest.mark.parametrize("arch,qtype", [("llama", "Q4_K"), ("qwen3moe", "Q8_0")])
 @pytest.mark.parametrize("lookahead", [0, 1], ids=["", "lookahead"])
-def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monkeypatch, arch, qtype, hot, lookahead):
+@pytest.mark.parametrize("policy", ["planner", "lfu"])
+def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monkeypatch, arch, qtype, hot, lookahead,
+                                                                  policy):
     """Token by token, as generation runs: every expert pinned, so the router's choice never leaves the GPU;
     eagerly and as CUDA graphs (a small bucket, so the step crosses several captured lengths); with the gate
-    lookahead staging predicted warm experts a layer early, the same logits."""
+    lookahead staging predicted warm experts a layer early; slots promoted and prefetched by the live planner or
+    promoted by LFU: the same logits."""
     from moe_tier import gpu_graph
     from moe_tier.models import Segment
     from moe_tier.moe_decode import DeviceMoE
@@ -129,7 +133,7 @@ def test_gpu_decode_with_routing_on_the_device_matches_cpu_engine(tmp_path, monk
     g = first_gpu_plan(desc, ctx=64)
     n_hot = {"all": len(desc.experts), "half": len(desc.experts) // 2, "none": 0}[hot]
     eng = Engine.open(path, ctx=64, vram=on_first_gpu(g.fixed_bytes + n_hot * g.slot_bytes + g.slot_bytes // 2),
-                      lookahead=lookahead)
+                      lookahead=lookahead, policy=policy)
     assert isinstance(eng.model.ops.moe, DeviceMoE) and len(eng.plan.hot) == n_hot
     assert eng.decode_mode == "routing stays on the GPU, one CUDA graph a step"
     tokens = np.random.default_rng(1).integers(3, eng.n_vocab, 24)

@@ -171,14 +171,16 @@ def test_layer_needing_more_experts_than_slots_computes_the_rest_on_cpu(models):
     tiers.close()
 
 
-def test_decode_steps_with_few_slots_evict_and_stay_exact(models):
-    """Random routing over many steps through 3 slots: evictions under acquire keep the table and results right."""
+@pytest.mark.parametrize("policy", ["lfu", "planner"])
+def test_decode_steps_with_few_slots_evict_and_stay_exact(models, policy):
+    """Random routing over many steps through 3 slots: evictions under acquire (the live planner's: its fetches,
+    CPU misses and prefetches) keep the table, the planner's mirror of it and results right."""
     from moe_tier.moe_gpu import moe_ffn_gpu
 
     desc = models["Q4_K"]
     cfg = desc.config
     experts = list(desc.experts)
-    tiers, stats = open_tiers(desc, hot=experts[:3], warm=experts[::2], n_slots=3, policy="lfu")
+    tiers, stats = open_tiers(desc, hot=experts[:3], warm=experts[::2], n_slots=3, policy=policy)
     exact = DequantizedExperts(desc)
     rng = np.random.default_rng(11)
     for step in range(10):
@@ -192,6 +194,11 @@ def test_decode_steps_with_few_slots_evict_and_stay_exact(models):
             tiers.check()
             assert len(tiers.table.hot_on(0)) == 3  # the pool stays full: a miss replaces, never grows
     assert stats.links["warm->gpu"].hits + stats.links["disk->gpu"].hits > 3  # evictions happened
+    if policy == "planner":
+        torch.cuda.synchronize()
+        tiers.settle()  # every prefetch landed: the planner's copies in flight are none
+        tiers.check()
+        assert not tiers.planner.in_flight
     tiers.close()
 
 

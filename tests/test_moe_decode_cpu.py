@@ -66,6 +66,7 @@ class HostPool:
     def __init__(self, desc, n_hot: int, stage: int):
         self.desc, self.stats = desc, EngineStats()
         self.policy = type("Policy", (), {"touch": lambda self, eid: None})()
+        self.planner = None  # the LRU path of account(): touch, then promote (never, here)
         self.slot_bytes = align_up(max(r.n_bytes for r in desc.experts.values()))
         self.arena = {0: torch.zeros((n_hot + stage) * self.slot_bytes, dtype=torch.uint8)}
         self.layer_gpu = dict.fromkeys(range(desc.config.n_layer), 0)

@@ -13,8 +13,7 @@ from moe_tier.errors import MoeTierError
 from moe_tier.reader import ExpertId
 from moe_tier.tiers.cold import ALIGN_BYTES, ColdReader
 from moe_tier.tiers.links import MIN_SHARE, LinkSpeeds, Miss, balanced_share, decide
-from moe_tier.tiers.planner_policy import PlannerPolicy
-from moe_tier.tiers.slots import POLICIES, LfuPolicy, LruPolicy, Slot, SlotTable, Tier
+from moe_tier.tiers.slots import LfuPolicy, LruPolicy, Slot, SlotTable, Tier
 
 EXPERTS = [ExpertId(layer, e) for layer in range(3) for e in range(8)]
 
@@ -47,6 +46,14 @@ def test_slot_table_refuses_double_placement_and_full_gpu():
         table.place(EXPERTS[1], 0)
 
 
+def test_slot_table_places_into_a_chosen_free_slot():
+    table = SlotTable(EXPERTS, {0: 3}, pinned=[])
+    assert table.place(EXPERTS[0], 0, index=2) == Slot(0, 2)
+    with pytest.raises(ValueError):
+        table.place(EXPERTS[1], 0, index=2)  # taken
+    table.check()
+
+
 def test_check_catches_a_corrupted_table():
     table = SlotTable(EXPERTS, {0: 2}, pinned=[])
     table.place(EXPERTS[0], 0)
@@ -66,69 +73,6 @@ def test_lru_evicts_least_recent_and_lfu_least_frequent():
     assert lru.victim([b, c]) == c
     assert lru.victim([]) is None
 
-
-
-def test_planner_policy_never_picks_a_protected_expert():
-    rng = np.random.default_rng(1)
-    policy = PlannerPolicy()
-    for _ in range(40):  # tokens: two experts of each layer, layers in order
-        for layer in range(3):
-            for e in rng.choice(8, 2, replace=False):
-                policy.touch(ExpertId(layer, int(e)))
-        protected = {EXPERTS[i] for i in rng.choice(len(EXPERTS), 20, replace=False)}
-        victim = policy.victim(e for e in EXPERTS if e not in protected)
-        assert victim is not None and victim not in protected
-    assert policy.victim([]) is None
-
-
-def test_planner_policy_prefers_a_frequent_miss_to_a_cold_victim_and_not_the_reverse():
-    policy = PlannerPolicy()
-    hot, cold = ExpertId(1, 3), ExpertId(1, 5)
-    policy.touch(cold)
-    for _ in range(10):  # ten tokens that use `hot` at layer 1
-        policy.touch(ExpertId(0, 0))
-        policy.touch(hot)
-    assert policy.next_use_tokens(hot) < policy.next_use_tokens(cold)
-    assert policy.prefers(hot, cold)
-    assert not policy.prefers(cold, hot)
-    assert policy.victim([hot, cold]) == cold
-
-
-def _live_hit_rate(policy, steps: list[list[list[ExpertId]]], n_slots: int) -> float:
-    """DeviceMoE.account's rule on a SlotTable: use a step, touch its experts, then offer each miss the policy's
-    victim among experts its layer did not use."""
-    table = SlotTable(EXPERTS, {0: n_slots}, pinned=EXPERTS)
-    hits = uses = 0
-    for step in steps:
-        hits += sum(eid in table.slot_of for wanted in step for eid in wanted)
-        uses += sum(map(len, step))
-        for wanted in step:
-            for eid in wanted:
-                policy.touch(eid)
-        for wanted in step:
-            for eid in wanted:
-                if eid in table.slot_of:
-                    continue
-                if not table.n_free(0):
-                    victim = policy.victim(e for e in table.hot_on(0) if e not in wanted)
-                    if victim is None or not policy.prefers(eid, victim):
-                        continue
-                    table.evict(victim)
-                    policy.forget(victim)
-                table.place(eid, 0)
-        table.check()
-    return hits / uses
-
-
-def test_planner_policy_keeps_a_skewed_hot_set_that_lru_thrashes():
-    """Layer 0 uses experts 0 and 1 every token; layer 1 scans its 8 experts two at a time. With 3 slots, LRU
-    gives each scanned pair a slot and so evicts a hot expert every token (misses at both layers); keeping the
-    hot pair and leaving the scan in host memory hits half of all uses, which the planner's E[T] must find."""
-    steps = [[[ExpertId(0, 0), ExpertId(0, 1)], [ExpertId(1, 2 * t % 8), ExpertId(1, (2 * t + 1) % 8)]]
-             for t in range(200)]
-    lru = _live_hit_rate(LruPolicy(), steps, n_slots=3)
-    planner = _live_hit_rate(POLICIES["planner"](), steps, n_slots=3)
-    assert planner > 0.45 and planner > lru + 0.2, (planner, lru)
 
 
 def _file(directory: Path, n_bytes: int) -> tuple[Path, bytes]:

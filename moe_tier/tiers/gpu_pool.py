@@ -4,7 +4,8 @@ Shape key: S slots per GPU of slot_bytes each; arena[g] is (S * slot_bytes,) uin
 [i * slot_bytes, (i + 1) * slot_bytes); an expert's blob (host_tiers.blob_layout) sits at the start of its slot.
 
 acquire(layer, {expert: tokens}) returns where each chosen expert will be computed: GPU slots (hits and
-fetches) or the CPU (from the warm arena or the file map), per the cost model in links.py. Copies run on one
+fetches) or the CPU (from the warm arena or the file map), per the cost model in links.py and the eviction policy
+(lru, lfu), or as the live planner decides (planner: live_planner.py, which also prefetches). Copies run on one
 copy stream per GPU and are ordered against compute with events; the host waits only on a staging buffer's
 own event before reusing it, never on the whole device.
 """
@@ -29,20 +30,22 @@ from moe_tier.tiers import links
 from moe_tier.tiers.cold import ColdReader
 from moe_tier.tiers.links import LinkSpeeds, Miss
 from moe_tier.tiers.locations import ExpertLocations
-from moe_tier.tiers.planner_policy import PlannerPolicy
+from moe_tier.tiers.live_planner import LIVE_SETTINGS, LivePlanner, StepPlan
 from moe_tier.tiers.slots import POLICIES, Slot, SlotTable, Tier
+from router_predict.policies import PlannerSettings
 from moe_tier.host_tiers import blob_weights
 from moe_tier.tiers.warm import PinnedArena, align_up
 
 
 @dataclass(frozen=True)
 class TierConfig:
-    policy: str = "lru"  # slots.POLICIES
+    policy: str = "lru"  # slots.POLICY_NAMES
     reader_threads: int = 4
     staging_buffers: int = 2  # cold fetches in flight per acquire
     headroom_bytes: int = 256 << 20  # must stay allocatable on each GPU after its arena (activations)
     speeds: LinkSpeeds | None = None  # None: measured at start-up
     prior: Mapping[ExpertId, float] | None = None  # chance of use per token from a routing profile (planner policy)
+    planner: PlannerSettings = LIVE_SETTINGS  # the planner policy's settings
     stage_slots: int = 0  # slots per GPU kept out of the table where decode copies warm experts (moe_decode), if
     # every expert is pinned and the pool cannot hold them all
 
@@ -96,8 +99,8 @@ class GpuTiers:
         self.stage_slots = {g: min(config.stage_slots, n) if stages else 0 for g, n in n_slots.items()}  # last slots
         self.stage_at = {g: (n - self.stage_slots[g]) * self.slot_bytes for g, n in n_slots.items()}
         self.table = SlotTable(desc.experts, {g: n - self.stage_slots[g] for g, n in n_slots.items()}, plan.pinned)
-        policy = POLICIES[config.policy]
-        self.policy = policy(config.prior) if policy is PlannerPolicy else policy()  # the one that reads a profile
+        self.policy = POLICIES[config.policy]() if config.policy != "planner" else None
+        self.planner: LivePlanner | None = None
         self.copy_stream = {g: torch.cuda.Stream(torch.device("cuda", g)) for g in self.arena}
         staging_bytes = max(ColdReader.staging_bytes([(p.offset, p.n_bytes) for p in r.parts]) for r in desc.experts.values())
         self.staging = [torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(config.staging_buffers)]
@@ -108,6 +111,10 @@ class GpuTiers:
         for gpu in self.arena:
             placed = [eid for eid, g in plan.hot.items() if g == gpu][: self.table.n_free(gpu)]
             self.fetch(placed, gpu)  # planned hot experts beyond a shrunk pool stay warm or cold
+        if config.policy == "planner":
+            self.planner = LivePlanner({e: r.n_bytes for e, r in desc.experts.items()}, desc.moe_layers,
+                                       desc.config.n_expert, desc.config.n_expert_used, self.table, config.prior,
+                                       config.planner)
         self.check()
 
     # -- placement ---------------------------------------------------------------------------------------------
@@ -118,23 +125,29 @@ class GpuTiers:
 
     def fetch(self, eids: list[ExpertId], gpu: int, protected: frozenset[ExpertId] = frozenset()) -> None:
         """Copy experts into slots on gpu (evicting by policy, never a protected one); compute waits on the copies."""
-        device = torch.device("cuda", gpu)
-        stream = self.copy_stream[gpu]
-        placed = [(eid, self._make_room(eid, gpu, protected | frozenset(eids))) for eid in eids]
-        stream.wait_stream(torch.cuda.current_stream(device))  # queued kernels may still read slots we overwrite
-        cold = []
+        self._copy_in([(eid, self._make_room(eid, gpu, protected | frozenset(eids))) for eid in eids])
+
+    def _copy_in(self, placed: list[tuple[ExpertId, Slot]]) -> None:
+        """Copy experts into the slots the table gave them; each GPU's compute waits on its copies."""
+        for gpu in sorted({slot.gpu for _, slot in placed}):
+            device, stream = torch.device("cuda", gpu), self.copy_stream[gpu]
+            stream.wait_stream(torch.cuda.current_stream(device))  # queued kernels may still read slots we overwrite
+            cold = []
+            for eid, slot in placed:
+                if slot.gpu != gpu:
+                    continue
+                if eid in self.warm:
+                    with torch.cuda.stream(stream):
+                        self._slot_view(slot, self.desc.experts[eid].n_bytes).copy_(self.warm.blob(eid),
+                                                                                    non_blocking=True)
+                    self.stats.moved("warm->gpu", self.desc.experts[eid].n_bytes)
+                else:
+                    cold.append((eid, slot))
+            for wave in range(0, len(cold), len(self.staging)):
+                self._fetch_cold(cold[wave : wave + len(self.staging)], stream)
+            torch.cuda.current_stream(device).wait_stream(stream)
         for eid, slot in placed:
-            if eid in self.warm:
-                with torch.cuda.stream(stream):
-                    self._slot_view(slot, self.desc.experts[eid].n_bytes).copy_(self.warm.blob(eid), non_blocking=True)
-                self.stats.moved("warm->gpu", self.desc.experts[eid].n_bytes)
-            else:
-                cold.append((eid, slot))
-        for wave in range(0, len(cold), len(self.staging)):
-            self._fetch_cold(cold[wave : wave + len(self.staging)], stream)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        for eid, slot in placed:
-            self.locations.hot(eid, gpu, slot.index * self.slot_bytes)
+            self.locations.hot(eid, slot.gpu, slot.index * self.slot_bytes)
 
     def promote(self, eid: ExpertId, gpu: int, protected: frozenset[ExpertId]) -> bool:
         """Start copying a warm expert into a slot, if the policy prefers it to the slot's holder, without making
@@ -143,16 +156,31 @@ class GpuTiers:
             victim = self.policy.victim(e for e in self.table.hot_on(gpu) if e not in protected)
             if victim is None or not self.policy.prefers(eid, victim):
                 return False
-        stream = self.copy_stream[gpu]
-        slot = self._make_room(eid, gpu, protected)
-        stream.wait_stream(torch.cuda.current_stream(torch.device("cuda", gpu)))
+        self._start_copy(eid, self._make_room(eid, gpu, protected))
+        return True
+
+    def planned(self, layer: int, tokens_per_expert: dict[int, int], step_s: float, stage_cpu_share: float = 0.0,
+                read_back: bool = True) -> StepPlan:
+        """The live planner's decisions for one layer step, carried out but for the copies compute waits for: slots
+        left, and the prefetches' copies started (as promote's, nothing waits for them); on the device path
+        (read_back False) the misses given a slot are copied so too, while decode stages them this step."""
+        plan = self.planner.step(layer, tokens_per_expert, self.speeds, step_s, stage_cpu_share, read_back)
+        for eid, slot in plan.evicted:
+            self.locations.left(eid, slot.gpu)
+        for eid, slot in plan.prefetch if read_back else (*plan.placed, *plan.prefetch):
+            self._start_copy(eid, slot)
+        return plan
+
+    def _start_copy(self, eid: ExpertId, slot: Slot) -> None:
+        """Queue a warm expert's copy into its slot behind the compute queued so far; settle() sees it land."""
+        stream = self.copy_stream[slot.gpu]
+        stream.wait_stream(torch.cuda.current_stream(torch.device("cuda", slot.gpu)))
         with torch.cuda.stream(stream):
             self._slot_view(slot, self.desc.experts[eid].n_bytes).copy_(self.warm.blob(eid), non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         self.pending.append((eid, slot, done))
         self.stats.moved("warm->gpu", self.desc.experts[eid].n_bytes)
-        return True
 
     def settle(self) -> None:
         """Point the table at the slots whose copies have finished (a query, never a wait)."""
@@ -162,6 +190,8 @@ class GpuTiers:
                 continue  # evicted again before its copy finished
             if done.query():
                 self.locations.hot(eid, slot.gpu, slot.index * self.slot_bytes)
+                if self.planner is not None:
+                    self.planner.landed(eid)
             else:
                 still.append((eid, slot, done))
         self.pending = still
@@ -207,7 +237,10 @@ class GpuTiers:
     # -- the engine's entry point -----------------------------------------------------------------------------
 
     def acquire(self, layer: int, tokens_per_expert: dict[int, int]) -> Acquired:
-        """Hits as they are; misses fetched into the layer's GPU or computed on the CPU, per the cost model."""
+        """Hits as they are; misses fetched into the layer's GPU or computed on the CPU, per the cost model (or
+        the live planner, which may place them on any GPU)."""
+        if self.planner is not None:
+            return self._acquire_planned(layer, tokens_per_expert)
         home = self.layer_gpu[layer]
         wanted = [ExpertId(layer, int(e)) for e in tokens_per_expert]
         protected = frozenset(wanted)
@@ -232,6 +265,29 @@ class GpuTiers:
             self.stats.served(m.tier.value, m.n_bytes)
         return out
 
+    def _acquire_planned(self, layer: int, tokens_per_expert: dict[int, int]) -> Acquired:
+        """One plan_step: misses it caches are copied into its slots (compute waits), the layer's experts whose
+        prefetch is still under way are waited for by compute, the rest run on the CPU; prefetches copy behind."""
+        self.settle()
+        plan = self.planned(layer, tokens_per_expert, self.planner.tick(1))
+        self._copy_in(plan.placed)
+        for eid in plan.waits:
+            gpu = self.table.slot_of[eid].gpu
+            torch.cuda.current_stream(torch.device("cuda", gpu)).wait_stream(self.copy_stream[gpu])
+            self.locations.hot(eid, gpu, self.table.slot_of[eid].index * self.slot_bytes)
+        out = Acquired()
+        for eid in (*plan.hits, *plan.waits, *(e for e, _ in plan.placed)):
+            self.planner.landed(eid)
+            gpu, offset = self.blob_offset(eid)
+            out.gpu.setdefault(gpu, []).append((eid, offset))
+        for eid in plan.uncached:
+            out.cpu.append((eid, self.host_weights(eid)))
+        for eid in (*plan.hits, *plan.waits):
+            self.stats.served("hot", self.desc.experts[eid].n_bytes)
+        for eid in (*(e for e, _ in plan.placed), *plan.uncached):  # a miss counts for the tier that had it
+            self.stats.served("warm" if eid in self.warm else "cold", self.desc.experts[eid].n_bytes)
+        return out
+
     def host_weights(self, eid: ExpertId) -> ExpertWeights:
         """CPU-side weights: the pinned blob if warm, else read from the file past the page cache."""
         if eid in self.warm:
@@ -253,6 +309,8 @@ class GpuTiers:
 
     def check(self) -> None:
         self.table.check()
+        if self.planner is not None:
+            self.planner.check()
         self.locations.check(self.table.slot_of, self.slot_bytes)
         for gpu, arena in self.arena.items():
             n_slots = self.table.n_slots[gpu] + self.stage_slots[gpu]

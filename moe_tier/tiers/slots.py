@@ -13,7 +13,6 @@ from collections import OrderedDict
 from typing import Iterable, NamedTuple, Protocol
 
 from moe_tier.reader import ExpertId
-from moe_tier.tiers.planner_policy import PlannerPolicy
 
 
 class Tier(enum.Enum):
@@ -51,11 +50,15 @@ class SlotTable:
     def hot_on(self, gpu: int) -> list[ExpertId]:
         return [e for e in self.holder[gpu] if e is not None]
 
-    def place(self, eid: ExpertId, gpu: int) -> Slot:
-        """Give eid a free slot on gpu (the caller then copies its bytes in)."""
+    def place(self, eid: ExpertId, gpu: int, index: int | None = None) -> Slot:
+        """Give eid a free slot on gpu, that one if index is given (the caller then copies its bytes in)."""
         assert eid in self.experts and eid not in self.slot_of, f"{eid} is not a model expert without a slot"
         assert self.free[gpu], f"GPU {gpu} has no free slot"
-        slot = Slot(gpu, self.free[gpu].pop())
+        if index is None:
+            index = self.free[gpu].pop()
+        else:
+            self.free[gpu].remove(index)  # raises if that slot is taken
+        slot = Slot(gpu, index)
         assert self.holder[gpu][slot.index] is None
         self.holder[gpu][slot.index] = eid
         self.slot_of[eid] = slot
@@ -151,4 +154,5 @@ class LfuPolicy:
         return self.uses.get(newcomer, 0) > self.uses.get(victim, 0) + LFU_MARGIN
 
 
-POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy, "planner": PlannerPolicy}
+POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy}
+POLICY_NAMES = (*POLICIES, "planner")  # planner: no eviction policy; live_planner.LivePlanner decides each step
