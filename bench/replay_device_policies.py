@@ -1,12 +1,14 @@
 """The live GPU decode path's slot policies (moe_decode.DeviceMoE) replayed over held-out routing.
 
-The mechanism replayed is the live one, on the live classes (SlotTable and the policies of tiers.slots.POLICIES):
-each step every chosen expert is read from its slot if its copy is done (hit), else copied from pinned host
-memory into a staging slot by a kernel (miss). While the next step runs, the host touches the step's experts,
-settles copies issued a step earlier and, for each miss of each layer, asks GpuTiers.promote's question: victim =
-the policy's choice among slot holders not used by that layer; copy the miss over it only if
-policy.prefers(miss, victim). Table changes made then apply from the step after the running one, so a miss at step
-t reads from its slot from step t + 3 on, and its victim is staged again from t + 2.
+The mechanism replayed is the live one, on the live classes (SlotTable, the policies of tiers.slots.POLICIES and
+tiers.live_planner.LivePlanner): each step every chosen expert is read from its slot if its copy is done (hit),
+else copied from pinned host memory into a staging slot by a kernel (miss). While the next step runs, the host
+settles copies issued a step earlier and then, with LRU or LFU, touches the step's experts and for each miss of
+each layer asks GpuTiers.promote's question: victim = the policy's choice among slot holders not used by that
+layer; copy the miss over it only if policy.prefers(miss, victim). With the planner, one LivePlanner.step per layer
+step (GpuTiers.planned, read_back False) decides the promotions, their victims and the prefetches. Table changes
+made then apply from the step after the running one, so a miss at step t reads from its slot from step t + 3 on,
+and its victim is staged again from t + 2.
 "static" never promotes (llama.cpp's fixed placement). The initial slots are the plan's (moe_tier/plan.py
 ranking): uniform (rank r of every layer before rank r + 1) or by the fitting part's frequencies (a profile).
 """
@@ -22,11 +24,12 @@ from types import SimpleNamespace
 import numpy as np
 
 from bench import mixtral_routing as mx
-from bench.replay_policies import GIB, GPU_BYTES_PER_S, RESERVED_BYTES
+from bench.replay_policies import CPU_BYTES_PER_S, DISK_BYTES_PER_S, GIB, GPU_BYTES_PER_S, RESERVED_BYTES
 from bench.report import update_section
 from moe_tier.plan import _rank
 from moe_tier.reader import ExpertId
-from moe_tier.tiers.planner_policy import PlannerPolicy
+from moe_tier.tiers.links import LinkSpeeds
+from moe_tier.tiers.live_planner import LivePlanner
 from moe_tier.tiers.slots import POLICIES, SlotTable
 from router_predict.predictors import chosen
 from router_predict.replay import slots_for_vram
@@ -46,7 +49,7 @@ class LiveResult:
     read_bytes_per_token: float  # misses, staged from pinned memory over PCIe
     copy_bytes_per_token: float  # promotions, copied into slots
     ms_per_token: float
-    decision_us: float  # host time of one promotion decision (victim + prefers), mean
+    decision_us: float  # host time of one promotion decision (victim + prefers; the planner: a layer step), mean
 
 
 def ms_per_token(read_bytes: float, copy_bytes: float, hit_bytes: float, dense_bytes: float) -> float:
@@ -63,8 +66,12 @@ def replay_live(name: str, test: Trace, n_slots: int, initial: list[ExpertId], e
     table = SlotTable(experts, {0: n_slots}, pinned=experts)
     for eid in initial[:n_slots]:
         table.place(eid, 0)
-    if name == "planner + profile prior":
-        policy = PlannerPolicy(prior)
+    planner = policy = None
+    if name.startswith("planner"):
+        planner = LivePlanner(dict.fromkeys(experts, expert_bytes), list(range(test.n_moe_layers)), test.n_expert,
+                              test.n_expert_used, table, prior)
+        speeds = LinkSpeeds(COPY_BYTES_PER_S, DISK_BYTES_PER_S, CPU_BYTES_PER_S)
+        step_s = dense_bytes / test.n_moe_layers / GPU_BYTES_PER_S  # a layer step whose experts all hit
     else:  # static: touched, never asked
         policy = POLICIES["lru" if name == "static" else name]()
     ready, pending = set(table.slot_of), set()
@@ -77,7 +84,22 @@ def replay_live(name: str, test: Trace, n_slots: int, initial: list[ExpertId], e
         hits += step_hits
         misses += sum(map(len, step)) - step_hits
         ready |= pending  # while it runs, account() of step t - 1: settle() the copies issued a step earlier,
+        for eid in pending if planner is not None else ():
+            planner.landed(eid)
         pending = set()
+        if planner is not None:
+            for m, wanted in enumerate(last_step):
+                start = time.perf_counter()
+                plan = planner.step(m, dict.fromkeys((e.expert for e in wanted), 1), speeds, step_s, read_back=False)
+                decision_s += time.perf_counter() - start
+                decisions += 1
+                for eid, _ in plan.evicted:
+                    ready.discard(eid)
+                    pending.discard(eid)
+                pending |= {eid for eid, _ in (*plan.placed, *plan.prefetch)}
+                copies += len(plan.placed) + len(plan.prefetch)
+            last_step = step
+            continue
         for wanted in last_step:  # touch every use, then promotions
             for eid in wanted:
                 policy.touch(eid)
@@ -158,8 +180,10 @@ def main() -> None:
             "its copy lands before the next count) and read from its slot from t + 3. Initial slots: the plan's ranking, uniform or by the fitting "
             "part's frequencies (profile). \"planner + profile prior\" also gives the planner policy those "
             "frequencies as its prior (as the live path does with --profile). Host us / decision: "
-            "victim + prefers on this dev box, Python. The planner policy's constants (tiers/planner_policy.py) were "
-            "chosen by replaying the fitting parts only (each fold's fitting problem, the demo's fitting prompts).\n")
+            "victim + prefers on this dev box, Python; for the planner, one layer step of LivePlanner.step "
+            "(predictions and plan_step, compiled, with its Python around them). The planner "
+            "(tiers/live_planner.py) runs with the settings the replay tuned (LIVE_SETTINGS) and also prefetches "
+            "into the link time a layer step leaves idle (a layer step's all-hit time from the HBM rate).\n")
     summary = []
     for vram in VRAM_GIB:
         slots = slots_for_vram(vram * GIB, RESERVED_BYTES, eb)
