@@ -161,12 +161,19 @@ class GpuTiers:
 
     def planned(self, layer: int, tokens_per_expert: dict[int, int], step_s: float, stage_cpu_share: float = 0.0,
                 read_back: bool = True) -> StepPlan:
-        """The live planner's decisions for one layer step, carried out but for the copies compute waits for: slots
-        left, and the prefetches' copies started (as promote's, nothing waits for them); on the device path
-        (read_back False) the misses given a slot are copied so too, while decode stages them this step."""
+        """The live planner's decisions for one layer step, carried out: slots left; on the read-back path the misses
+        given a slot copied in and those whose prefetch is under way waited for by compute, on the device path
+        (read_back False) their copies started as promote's while decode stages them this step; then the
+        prefetches' copies, queued last so that compute waits for none of them."""
         plan = self.planner.step(layer, tokens_per_expert, self.speeds, step_s, stage_cpu_share, read_back)
         for eid, slot in plan.evicted:
             self.locations.left(eid, slot.gpu)
+        if read_back:
+            self._copy_in(plan.placed)
+            for eid in plan.waits:
+                slot = self.table.slot_of[eid]
+                torch.cuda.current_stream(torch.device("cuda", slot.gpu)).wait_stream(self.copy_stream[slot.gpu])
+                self.locations.hot(eid, slot.gpu, slot.index * self.slot_bytes)
         for eid, slot in plan.prefetch if read_back else (*plan.placed, *plan.prefetch):
             self._start_copy(eid, slot)
         return plan
@@ -270,11 +277,6 @@ class GpuTiers:
         prefetch is still under way are waited for by compute, the rest run on the CPU; prefetches copy behind."""
         self.settle()
         plan = self.planned(layer, tokens_per_expert, self.planner.tick(1))
-        self._copy_in(plan.placed)
-        for eid in plan.waits:
-            gpu = self.table.slot_of[eid].gpu
-            torch.cuda.current_stream(torch.device("cuda", gpu)).wait_stream(self.copy_stream[gpu])
-            self.locations.hot(eid, gpu, self.table.slot_of[eid].index * self.slot_bytes)
         out = Acquired()
         for eid in (*plan.hits, *plan.waits, *(e for e, _ in plan.placed)):
             self.planner.landed(eid)
