@@ -6,7 +6,7 @@ the decode graphs), q8_1 quantization of the activations included. Swept: rows a
 the program count that split-K aims at (target: it sets the split). Then the grouped tl.dot kernel (kernels/gpu.py)
 for comparison, and the fastest tile reading the experts in place from pinned host memory, against a pinned
 host-to-device copy of the same bytes. Ceiling: the device-to-device copy rate. The last line names the fastest
-tile (gate+up plus down) for the module's defaults.
+tile (gate+up plus down) for the card's entry in gpu_gemv.TILES; each card has its own section.
 Usage: python -m bench.gpu_gemv
 """
 
@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as Q
 from bench.gpu_tiers import d2d_bytes_per_s
 from bench.report import update_section
 from moe_tier.kernels.gpu import matrix_bytes, moe_matmul
-from moe_tier.kernels.gpu_gemv import BLOCK_N, NUM_WARPS, gemv_parts, gemv_split
+from moe_tier.kernels.gpu_gemv import gemv_parts, gemv_split, tile
 from moe_tier.synth.fast import block_pool
 
 D, F = 4096, 14336
@@ -59,8 +59,9 @@ def main() -> None:
         seen.add((bn, warps, splits))
         tile = (bn, warps, target)
         swept.append((gb / ms(lambda tile=tile: run(experts, *tile)), tile, splits))
-    default_splits = (gemv_split(Q.Q4_K, F, D, 2, 2), gemv_split(Q.Q4_K, D, F, 2, 1))
-    default = next(r for r in swept if r[1][:2] == (BLOCK_N, NUM_WARPS) and r[2] == default_splits)
+    bn, warps, target = tile(dev)  # this card's default (gpu_gemv.TILES)
+    default_splits = (gemv_split(Q.Q4_K, F, D, 2, 2, bn, target), gemv_split(Q.Q4_K, D, F, 2, 1, bn, target))
+    default = next(r for r in swept if r[1][:2] == (bn, warps) and r[2] == default_splits)
     best = max(swept, key=lambda r: r[0])
     shown = [default] + [r for r in sorted(swept, key=lambda r: -r[0]) if r is not default][:SHOWN]
     rows = [((f"gemv block_n {r[1][0]}, warps {r[1][1]}, target {r[1][2]} (splits {r[2][0]}, {r[2][1]})"
@@ -90,9 +91,10 @@ def main() -> None:
             f"(read + write), pinned host-to-device copy {h2d:.1f} GB/s.\n\n"
             "| kernel | weights in | GB/s of weights |\n| --- | --- | ---: |\n")
     body += "".join(f"| {k} | {w} | {r:.0f} |\n" for k, w, r in rows)
-    body += f"\nFastest: BLOCK_N, NUM_WARPS, TARGET_PROGRAMS = {best[1][0]}, {best[1][1]}, {best[1][2]}\n"
+    body += f"\nFastest: rows a program, warps, target programs = {best[1][0]}, {best[1][1]}, {best[1][2]}\n"
     print(body)
-    update_section("GPU matrix-vector kernel (Q4_K, decode)", "python -m bench.gpu_gemv " + " ".join(sys.argv[1:]), body)
+    update_section(f"GPU matrix-vector kernel (Q4_K, decode), {torch.cuda.get_device_name(0)}",
+                   "python -m bench.gpu_gemv " + " ".join(sys.argv[1:]), body)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ class DeviceMoE:
         point, hand = self.cpu.publish(gpu, layer, len(ids), x) if cut is not None else (None, None)
         now, late, every = locate(ids, loc, first, arena, tiers.stage_at[gpu], n_stage, tiers.slot_bytes,
                                   None if ahead is None else ahead[1:3], hand)
-        split = gemv_split(gate.qtype, n_ff, n_embd, len(ids), 2)
+        split = gemv_split(gate.qtype, n_ff, n_embd, len(ids), 2, device=x.device)
         whole = n_stage and cut is None  # the stage kernel copies whole blobs; hot and staged rows share one buffer
         gate_up = torch.empty((2, 2 * split if whole else split, len(ids), n_ff), dtype=torch.float32, device=x.device)
         main = torch.cuda.current_stream()
@@ -197,7 +197,7 @@ class DeviceMoE:
             return combine(down_parts, routing.weights.to(arena.device))
         # The hot rows; then the staged rows once the copy engine has the GPU's part (gate and up rows [f, F), all
         # of down) and the host its silu(gate) * up of rows [0, f).
-        S = gemv_split(down.qtype, n_embd, n_ff, len(ids))
+        S = gemv_split(down.qtype, n_embd, n_ff, len(ids), device=x.device)
         parts = torch.empty((1, 2 * S, len(ids), n_embd), dtype=torch.float32, device=x.device)
         h, hq = silu_mul(gate_up)
         gemv_parts(h, arena, now, down.qtype, n_embd, n_ff, (at["down"],), xq=hq, out=parts[:, :S])

@@ -104,7 +104,7 @@ def gate_up_parts(x: torch.Tensor, xq, arena: torch.Tensor, offsets: torch.Tenso
     n_ff = n_ff if rows is None else rows
     k = len(offsets) // len(x)
     if out is None:
-        out = torch.empty((2, gemv_split(gate.qtype, n_ff, n_embd, len(offsets), 2), len(offsets), n_ff),
+        out = torch.empty((2, gemv_split(gate.qtype, n_ff, n_embd, len(offsets), 2, device=x.device), len(offsets), n_ff),
                           dtype=torch.float32, device=x.device)
     if gate.qtype == up.qtype:
         return gemv_parts(x, arena, offsets, gate.qtype, n_ff, n_embd, (at["gate"], at["up"]), x_div=k, out=out, xq=xq)

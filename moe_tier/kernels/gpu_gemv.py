@@ -23,6 +23,8 @@ and Q8_0 (34) are only 2-byte aligned, so they are read as 16-bit halfwords. Oth
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -34,6 +36,9 @@ from moe_tier.kernels.gpu_q8_1 import dp4a, quantize_q8_1
 QK_K = 256
 BLOCK_N, NUM_WARPS, STAGES = 8, 1, 1  # the fastest of bench/gpu_gemv.py's sweep on an H100 (gate + up, then down)
 TARGET_PROGRAMS = 4096  # split-K up to this many programs: enough in flight to hide HBM (and PCIe) latency
+# Cards whose sweep found another tile faster: (rows a program, warps, programs split-K aims at). On an H200 the
+# sweep read 2,903 GB/s at 16 / 1 / 2048 against 2,714 at the H100's tile, which the H100 ranks first.
+TILES = {"NVIDIA H200": (16, 1, 2048)}
 
 
 @triton.jit
@@ -235,17 +240,31 @@ def has_kernel(qtype: Q, n_cols: int) -> bool:
     return Q(qtype) in KERNELS and n_cols % QK_K == 0
 
 
-def gemv_split(qtype: Q, n_rows: int, n_cols: int, R: int, M: int = 1, block_n: int = BLOCK_N,
-               target: int = TARGET_PROGRAMS) -> int:
-    """How many parts gemv_parts splits K into by default (1 for the grouped kernel's types)."""
+@functools.cache
+def _tile_of(name: str) -> tuple[int, int, int]:
+    return TILES.get(name, (BLOCK_N, NUM_WARPS, TARGET_PROGRAMS))
+
+
+def tile(device: torch.device | None) -> tuple[int, int, int]:
+    """(rows a program, warps, programs split-K aims at) of the decode kernels on a device."""
+    if device is None or device.type != "cuda":
+        return BLOCK_N, NUM_WARPS, TARGET_PROGRAMS
+    return _tile_of(torch.cuda.get_device_name(device))
+
+
+def gemv_split(qtype: Q, n_rows: int, n_cols: int, R: int, M: int = 1, block_n: int | None = None,
+               target: int | None = None, device: torch.device | None = None) -> int:
+    """How many parts gemv_parts splits K into by default on device (1 for the grouped kernel's types)."""
     if not has_kernel(qtype, n_cols):
         return 1
+    block_n = block_n or tile(device)[0]
+    target = target or tile(device)[2]
     return max(1, min(n_cols // QK_K, target // max(1, triton.cdiv(n_rows, block_n) * R * M)))
 
 
 def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype: Q, n_rows: int, n_cols: int,
-               part_offsets: tuple[int, ...] = (0,), x_div: int = 1, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-               split: int | None = None, stages: int = STAGES, out: torch.Tensor | None = None,
+               part_offsets: tuple[int, ...] = (0,), x_div: int = 1, block_n: int | None = None,
+               num_warps: int | None = None, split: int | None = None, stages: int = STAGES, out: torch.Tensor | None = None,
                xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                total: torch.Tensor | None = None) -> torch.Tensor:
     """parts (M, S, R, n_rows): row r's products x[r // x_div] @ W.T with W (n_rows, n_cols) at base + offsets[r] +
@@ -266,11 +285,13 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
         if total is not None:
             total.view(M, R, n_rows).copy_(parts[:, 0])
         return parts if out is None else out.copy_(parts)
+    block_n = block_n or tile(x.device)[0]
+    num_warps = num_warps or tile(x.device)[1]
     tiles = triton.cdiv(n_rows, block_n)
     if out is not None:
         split = out.shape[1]
     elif split is None:
-        split = gemv_split(qtype, n_rows, n_cols, R, M, block_n)
+        split = gemv_split(qtype, n_rows, n_cols, R, M, block_n, device=x.device)
     if out is None:
         out = torch.empty((M, split, R, n_rows), dtype=torch.float32, device=x.device)
     reduce = total is not None and split > 1
