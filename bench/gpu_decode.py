@@ -49,8 +49,8 @@ class ReplayedRouter:
         self.weights = torch.from_numpy(weights.astype(np.float32)).to(ops.device)
         self.calls = self.token = 0
 
-    def __call__(self, logits, bias):
-        layer, T = self.calls % self.n_layer, logits.shape[0]
+    def __call__(self, router: str, h, bias):
+        layer, T = self.calls % self.n_layer, h.shape[0]
         self.calls += 1
         if self.ops.static is not None:
             rows = self.ops.static.pos % len(self.ids)

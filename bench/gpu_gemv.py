@@ -57,8 +57,8 @@ def main() -> None:
         if (bn, warps, splits) in seen:
             continue
         seen.add((bn, warps, splits))
-        tile = (bn, warps, target)
-        swept.append((gb / ms(lambda tile=tile: run(experts, *tile)), tile, splits))
+        tried = (bn, warps, target)
+        swept.append((gb / ms(lambda tried=tried: run(experts, *tried)), tried, splits))
     bn, warps, target = tile(dev)  # this card's default (gpu_gemv.TILES)
     default_splits = (gemv_split(Q.Q4_K, F, D, 2, 2, bn, target), gemv_split(Q.Q4_K, D, F, 2, 1, bn, target))
     default = next(r for r in swept if r[1][:2] == (bn, warps) and r[2] == default_splits)

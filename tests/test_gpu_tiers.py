@@ -190,7 +190,10 @@ def test_decode_steps_with_few_slots_evict_and_stay_exact(models, policy):
             logits = rng.standard_normal((n_tokens, cfg.n_expert)).astype(np.float32)
             routing = route(logits, cfg.n_expert_used, Gating.SOFTMAX, weights_norm=True)
             got = moe_ffn_gpu(torch.from_numpy(x).cuda(), routing, layer, tiers).cpu().numpy()
-            assert rel_err(got, moe_ffn(x, routing, layer, exact)) < 2.5e-2, (step, layer)
+            # the planner runs the misses it refuses on the CPU: a step mixes experts computed there and on the GPU,
+            # each within 2.5e-2 of exact weights (above), so the sum gets the looser bound that GPU against CPU
+            # has above; lfu fetches every miss here (0.030 seen on an H200 with the planner)
+            assert rel_err(got, moe_ffn(x, routing, layer, exact)) < (4e-2 if policy == "planner" else 2.5e-2), (step, layer)
             tiers.check()
             assert len(tiers.table.hot_on(0)) == 3  # the pool stays full: a miss replaces, never grows
     assert stats.links["warm->gpu"].hits + stats.links["disk->gpu"].hits > 3  # evictions happened
