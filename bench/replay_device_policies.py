@@ -6,7 +6,7 @@ else copied from pinned host memory into a staging slot by a kernel (miss). Whil
 settles copies issued a step earlier and then, with LRU or LFU, touches the step's experts and for each miss of
 each layer asks GpuTiers.promote's question: victim = the policy's choice among slot holders not used by that
 layer; copy the miss over it only if policy.prefers(miss, victim). With the planner, one LivePlanner.step per layer
-step (GpuTiers.planned, read_back False) decides the promotions, their victims and the prefetches. Table changes
+step (GpuTiers.planned, read_back False) decides the promotions and their victims (no prefetches on this path). Table changes
 made then apply from the step after the running one, so a miss at step t reads from its slot from step t + 3 on,
 and its victim is staged again from t + 2.
 "static" never promotes (llama.cpp's fixed placement). The initial slots are the plan's (moe_tier/plan.py
@@ -182,8 +182,10 @@ def main() -> None:
             "frequencies as its prior (as the live path does with --profile). Host us / decision: "
             "victim + prefers on this dev box, Python; for the planner, one layer step of LivePlanner.step "
             "(predictions and plan_step, compiled, with its Python around them). The planner "
-            "(tiers/live_planner.py) runs with the settings the replay tuned (LIVE_SETTINGS) and also prefetches "
-            "into the link time a layer step leaves idle (a layer step's all-hit time from the HBM rate).\n")
+            "(tiers/live_planner.py) runs with LIVE_SETTINGS, whose admission (1.5x) and recency (0.4 over 10 "
+            "tokens) were chosen by replaying the fitting parts here, and on this path issues no prefetches: "
+            "with them (one a token, 95-110 MB, on Mixtral) it hit less than LFU on every trace, the link they "
+            "take being the one every miss is staged through.\n")
     summary = []
     for vram in VRAM_GIB:
         slots = slots_for_vram(vram * GIB, RESERVED_BYTES, eb)

@@ -100,6 +100,15 @@ def test_a_prefetch_is_waited_for_until_it_lands_then_hits():
     assert planner.step(target.layer, {target.expert: 1}, FAST, step_s=1e-3).hits == [target]
 
 
+def test_decode_on_the_device_prefetches_nothing():
+    """Its misses are staged through the link a prefetch would take (LivePlanner.step)."""
+    table, planner = make({0: 6}, [ExpertId(1, 0)], settings=replace(LIVE_SETTINGS, max_prefetch=4))
+    plan = planner.step(1, {0: 1, 1: 1}, FAST, step_s=1e-3, read_back=False)  # the idle link of the test above
+    assert plan.hits == [ExpertId(1, 0)] and not plan.prefetch
+    assert {e for e, _ in plan.placed} == {ExpertId(1, 1)}  # a free slot still takes the miss
+    planner.check()
+
+
 def test_step_time_is_measured_between_ticks():
     _, planner = make({0: 2}, [])
     assert planner.tick(1) == 0.0  # nothing measured yet

@@ -30,10 +30,14 @@ from router_predict.planner import FETCH, HIT, NO_SLOT, plan_step
 from router_predict.policies import CacheState, PlannerSettings
 
 # The replay's tuned settings (BENCHMARKS.md replay-policies, replay.fit_planner, hit-rate objective), Mixtral-8x7B
-# at 16 GiB: recency 0.3 with a 4-token half-life, a miss takes a slot only from a copy expected back 3x later than
-# itself, each second of link a miss takes is charged 2 step seconds, 8 layers ahead. The replay mixed in token
-# reuse (online_weight 0.2); live there is no reuse table, so the running frequency stands for both (1.0).
-LIVE_SETTINGS = PlannerSettings(online_weight=1.0, recency_weight=0.3, half_life_tokens=4.0, admit_margin=3.0,
+# at 16 GiB: link value 2, 8 layers ahead. The replay mixed in token reuse (online_weight 0.2); live there is no
+# reuse table, so the running frequency stands for both (1.0). Admission and recency were retuned on the device
+# path (bench.replay_device_policies, fitting parts replayed, prefetches off): with the replay's admit 3x / recency
+# 0.3 over 4 tokens a miss almost never took a slot (Mixtral 24 GiB, uniform slots: hit 0.896 against LFU's
+# 0.932); admit 1.5x with recency 0.4 over 10 tokens hit 0.933 copying 43 MB a token (LFU 51), 0.472 / 92 MB at
+# 12 GiB (LFU 0.474 / 115), and led LFU on the demo traces (0.465 / 0.713 / 0.890 against 0.326 / 0.599 / 0.825).
+# Admit 1.0-1.25x or recency 0.5 churned (up to 1.9 GB a token at 12 GiB).
+LIVE_SETTINGS = PlannerSettings(online_weight=1.0, recency_weight=0.4, half_life_tokens=10.0, admit_margin=1.5,
                                 link_value=2.0, max_distance=8)
 PROFILE_TOKENS = 256.0  # tokens' worth of counts a profile's frequencies start with, against the decoded ones
 STEP_EMA = 0.1  # weight of the latest layer step's measured time in the running estimate
@@ -132,6 +136,11 @@ class LivePlanner:
             margin = np.inf
         elif read_back and most > 1:
             margin = 0.0
+        # Decode on the device stages every miss through the same link, so a prefetch takes link time from later
+        # steps' misses, and at batch 1 with no trace tables its prediction is the running frequency alone: in the
+        # device replay one prefetch a token (95-110 MB) lowered the hit rate (Mixtral 24 GiB, uniform slots: 0.925
+        # against LFU's 0.932), and no queue (no prefetches) beat every setting with one on every trace.
+        queue_steps = self.s.queue_steps if read_back else 0.0
         st, needed = self.state, experts + pos * self.E
         backlog_s = np.zeros(len(self.gpus))
         for g, n_bytes in self.in_flight.values():
@@ -139,7 +148,7 @@ class LivePlanner:
         actions = self.actions[:K]
         n = plan_step(pos, needed, self.ahead, self.recent, st.slot_expert, st.expert_slot, st.remaining_bytes,
                       st.on_disk, st.expert_bytes, speeds.h2d_bytes_per_s, cpu_bytes_per_s,
-                      speeds.disk_bytes_per_s, stage_cpu_share, step_s, backlog_s, self.s.queue_steps, margin,
+                      speeds.disk_bytes_per_s, stage_cpu_share, step_s, backlog_s, queue_steps, margin,
                       self.s.link_value, actions, self.prefetch)
         out = StepPlan()
         for i in range(K):
