@@ -259,8 +259,8 @@ class DeviceMoE:
 
     def account(self) -> None:
         """Count the last snapshot's hits; then the live planner decides each layer step's promotions (the misses it
-        gives a slot) and prefetches, or the policy is told every use and promotes the misses it prefers (copies
-        queue; nobody waits). Runs at each step's first MoE layer (eager steps) or right after the next step's
+        gives a slot; no prefetches on this path: live_planner.py says why), or the policy is told every use and
+        promotes the misses it prefers (copies queue; nobody waits). Runs at each step's first MoE layer (eager steps) or right after the next step's
         graph is queued, so that it overlaps the GPU's work; the engine calls it once more after the last step."""
         tiers, stats = self.tiers, self.tiers.stats
         if self._seen is None:
