@@ -9,11 +9,11 @@ the link's full rate (a column range of every row of down, which an earlier cut 
 against 55 on an H200 host). Each layer's f is set once, from the rates measured at start-up: the CPU reads f rows
 of gate and up while the link moves the rest, so both finish together.
 
-Hand-off without the host in the stream: for each layer (and GPU) the step publishes its staged rows' experts, their
-staging slots and its input to pinned memory, then a flag word; the host polls the flag, queues copies of the GPU's
-part of those experts on a copy stream (the copy engine; a flag in VRAM follows them, which a kernel in the stream
-spins on before the staged rows compute), computes its own part, writes its rows and then its own flag, which
-another kernel spins on before the staged rows' down projection (kernels/gpu_moe_decode.py). A step thus stays one
+Hand-off without the host in the stream: for each layer (and GPU) the step's locate kernel publishes its staged
+rows' experts, their staging slots and its input to pinned memory, then a flag word; the host polls the flag, queues
+copies of the GPU's part of those experts on a copy stream (the copy engine; a flag in VRAM follows them, which a
+kernel in the stream spins on before the staged rows compute), computes its own part, writes its rows and then its
+own flag, on which silu_mul spins before it reads those rows for the down projection (kernels/gpu_moe_decode.py). A step thus stays one
 CUDA graph: the host serves the step's points in order after queuing it (DecodeGraphs.step), or inline (eager
 steps). A point's buffers live as long as this object: captured graphs hold their addresses.
 """

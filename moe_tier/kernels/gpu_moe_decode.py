@@ -277,8 +277,8 @@ def _await_staged(late_ptr, flag_ptr, seq_ptr, R, BLOCK_R: tl.constexpr, MAX_SPI
 
 def await_staged(late: torch.Tensor, flag: torch.Tensor, seq: torch.Tensor) -> None:
     """The stream waits until flag (1,) int32 in VRAM holds seq, where any row is staged (late (R,) not SKIP): the
-    host queues that flag after its copies of the staged rows (cpu_share.py). Bounded like await_share: a host
-    that never answers leaves garbage in the rows (and NaN from await_share), not a hang."""
+    host queues that flag after its copies of the staged rows (cpu_share.py). Bounded like silu_mul's wait for the
+    host's rows: a host that never answers leaves garbage in the rows (and NaN from silu_mul), not a hang."""
     R = late.numel()
     _await_staged[(1,)](late, flag, seq, R, BLOCK_R=triton.next_power_of_2(R), MAX_SPINS=AWAIT_MAX_SPINS)
 
