@@ -168,14 +168,15 @@ def _attend_pass(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr,
     if SECOND:
         omask = (g < G)[:, None] & (jv < DV)[None, :]
         tl.store(out_ptr + (sp * H + heads[:, None]) * DV + jv[None, :], acc, mask=omask)
-        tl.debug_barrier()  # every thread's store before the counter moves
-        if tl.atomic_add(cnt_ptr + h, 1) == SPLIT - 1:
-            total = tl.zeros((G_PAD, DV_PAD), dtype=tl.float32)
-            for p in tl.static_range(SPLIT_PAD):  # from L2: other SMs wrote them
-                total += tl.load(out_ptr + (p * H + heads[:, None]) * DV + jv[None, :], mask=omask & (p < SPLIT),
-                                 other=0.0, cache_modifier=".cg")
-            tl.store(sum_ptr + heads[:, None] * DV + jv[None, :], total, mask=omask)
-            tl.atomic_xchg(cnt_ptr + h, 0)
+        if SPLIT > 1:  # one part: out is the sum already
+            tl.debug_barrier()  # every thread's store before the counter moves
+            if tl.atomic_add(cnt_ptr + h, 1) == SPLIT - 1:
+                total = tl.zeros((G_PAD, DV_PAD), dtype=tl.float32)
+                for p in tl.static_range(SPLIT_PAD):  # from L2: other SMs wrote them
+                    total += tl.load(out_ptr + (p * H + heads[:, None]) * DV + jv[None, :], mask=omask & (p < SPLIT),
+                                     other=0.0, cache_modifier=".cg")
+                tl.store(sum_ptr + heads[:, None] * DV + jv[None, :], total, mask=omask)
+                tl.atomic_xchg(cnt_ptr + h, 0)
     else:
         tl.store(m_ptr + sp * H + heads, m, mask=g < G)
         tl.store(l_ptr + sp * H + heads, l, mask=g < G)
