@@ -260,8 +260,9 @@ class DeviceMoE:
     def account(self) -> None:
         """Count the last snapshot's hits; then the live planner decides each layer step's promotions (the misses it
         gives a slot; no prefetches on this path: live_planner.py says why), or the policy is told every use and
-        promotes the misses it prefers (copies queue; nobody waits). Runs at each step's first MoE layer (eager steps) or right after the next step's
-        graph is queued, so that it overlaps the GPU's work; the engine calls it once more after the last step."""
+        promotes the misses it prefers (copies queue; nobody waits). Runs at each step's first MoE layer (eager
+        steps) or right after the next step's graph is queued, so that it overlaps the GPU's work; the engine calls
+        it once more after the last step."""
         tiers, stats = self.tiers, self.tiers.stats
         if self._seen is None:
             self.snapshot()  # an eager step: its routing is read now
@@ -293,16 +294,17 @@ class DeviceMoE:
                         if cpu_bytes:
                             stats.moved("warm->cpu share", cpu_bytes)
                         stats.moved("warm->gpu read", n_bytes - cpu_bytes)
-                used.append((layer, wanted, dict(zip(ids.tolist(), counts.tolist()))))
+                used.append((layer, dict(zip(ids.tolist(), counts.tolist()))))  # expert -> tokens
             self._seen = None
         tiers.settle()
         if tiers.planner is not None:
             step_s = tiers.planner.tick(len(used))
             share = self.cpu.fraction() if self.cpu is not None else 0.0
-            for layer, _, tokens in used:
+            for layer, tokens in used:
                 tiers.planned(layer, tokens, step_s, share, read_back=False)
             return
-        for layer, wanted, _ in used:
+        for layer, tokens in used:
+            wanted = [ExpertId(layer, e) for e in tokens]
             for eid in wanted:
                 if eid not in tiers.table.slot_of:
                     tiers.promote(eid, tiers.layer_gpu[layer], frozenset(wanted))

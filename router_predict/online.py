@@ -8,7 +8,6 @@ A dozen small numpy operations per step cost more than the decision itself; comp
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 

@@ -165,8 +165,8 @@ def plan_step(layer, needed, ahead, recent, slot_expert, expert_slot, remaining_
     layer: current MoE layer position; needed (K,) flat ids routed now; ahead (D, E) predicted use of
     layers layer+1..layer+D; recent (L, E) predicted use of each layer's next visit (this layer's row
     already from the current token); slot_expert (G, S) / expert_slot (X,) / remaining_bytes (X,) the slot
-    table, updated here (slot_expert FREE or NO_SLOT where no expert is); on_disk (X,) experts in the cold tier; backlog_s (G,) prefetch work already
-    queued per link; queue_steps: how many steps of idle link time the prefetch queue may hold;
+    table, updated here (slot_expert FREE or NO_SLOT where no expert is); on_disk (X,) experts in the cold tier;
+    backlog_s (G,) prefetch work already queued per link; queue_steps: how many steps of idle link time the prefetch queue may hold;
     stage_cpu_share: the share of a staged miss's bytes the CPU computes (`uncached`);
     admit_margin: how many times later than a miss its victim must be expected back for the miss to take the slot;
     link_value: step seconds each second of link a miss takes is charged (`uncached`, `not_ready`);

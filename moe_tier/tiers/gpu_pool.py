@@ -21,6 +21,7 @@ import torch
 
 from moe_tier.errors import MoeTierError
 from moe_tier.fits import FitStore
+from moe_tier.host_tiers import blob_weights
 from moe_tier.machine import Machine, probe
 from moe_tier.moe import ExpertWeights
 from moe_tier.plan import TierPlan
@@ -29,12 +30,11 @@ from moe_tier.stats import EngineStats
 from moe_tier.tiers import links
 from moe_tier.tiers.cold import ColdReader
 from moe_tier.tiers.links import LinkSpeeds, Miss
-from moe_tier.tiers.locations import ExpertLocations
 from moe_tier.tiers.live_planner import LIVE_SETTINGS, LivePlanner, StepPlan
+from moe_tier.tiers.locations import ExpertLocations
 from moe_tier.tiers.slots import POLICIES, Slot, SlotTable, Tier
-from router_predict.policies import PlannerSettings
-from moe_tier.host_tiers import blob_weights
 from moe_tier.tiers.warm import PinnedArena, align_up
+from router_predict.policies import PlannerSettings
 
 
 @dataclass(frozen=True)

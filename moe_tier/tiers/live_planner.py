@@ -95,6 +95,7 @@ class LivePlanner:
         self.cross = np.broadcast_to(np.zeros((), np.float32), (D, L, E, E))
         self.reuse = np.broadcast_to(np.zeros((), np.float32), (L, E, E))
         self.no_gate = np.zeros((0, E), np.float32)
+        self.no_visit_weights = np.zeros(0)  # the mixture, not fitted weights, gives the next visit
         self.forgetting = np.zeros((len(HALF_LIVES_TOKENS), L, E))  # fitted next visits only: unused
         self.decay = 0.5 ** (1.0 / settings.half_life_tokens)
         self.actions = np.empty(max(n_expert, 1), np.int8)
@@ -128,7 +129,7 @@ class LivePlanner:
         tokens = np.fromiter(tokens_per_expert.values(), np.float64, K)
         update(pos, experts, tokens / tokens.sum(), self.prior, self.cross, self.mix, self.reuse, self.no_gate, 0.0,
                self.no_gate[:, 0], 0.0, self.counts, self.decayed, self.decay, self.s.online_weight,
-               self.s.recency_weight, np.zeros(0), self.forgetting, DECAY, self.recent, self.ahead)
+               self.s.recency_weight, self.no_visit_weights, self.forgetting, DECAY, self.recent, self.ahead)
         most = float(tokens.max())
         cpu_bytes_per_s = speeds.cpu_bytes_per_s / most
         margin = self.s.admit_margin
