@@ -210,7 +210,7 @@ def locate(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor
     out = torch.empty((3, R), dtype=torch.int64, device=arena.device)
     pf_ids, pf_at = prefetched if prefetched is not None else (ids, out)  # unread when N_PF is 0
     p = publish or Publish(out, arena, 0, 0, 0, 0, ids)  # unused when PUBLISH is off
-    x = p.x.float().contiguous()
+    x = p.x.float().contiguous() if publish is not None else out  # unread without PUBLISH: no conversion launch
     _locate[(1,)](ids, loc, first, arena.numel(), stage_at, slot_bytes, pf_ids, pf_at, out, R, x, p.base, p.at_flag,
                   p.at_ids, p.at_late, p.at_x, p.seq, N_STAGE=n_stage, N_PF=0 if prefetched is None else pf_ids.numel(),
                   BLOCK=triton.next_power_of_2(max(R, 16)), PUBLISH=publish is not None,
