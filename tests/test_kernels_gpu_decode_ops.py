@@ -100,6 +100,11 @@ def test_decode_attention_matches_causal_over_the_updated_cache(case, style):
     assert got.shape == (1, H * dv)
     # f16 rounding of probabilities may flip last bits: the tolerance is a small part of the values' scale
     torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+    if dv % 32 == 0:  # the output carries its q8_1 form for the output projection, as quantize_q8_1 makes it
+        for carried, made in zip(carried_q8_1(got), quantize_q8_1(got)):
+            assert torch.equal(carried, made)
+    else:
+        assert carried_q8_1(got) is None
     others = torch.arange(ctx, device=DEVICE) != pos
     assert torch.equal(k_cache[others], k_want[others]) and torch.equal(v_cache[others], v_want[others])
     torch.testing.assert_close(k_cache[pos], k_want[pos], rtol=1e-3, atol=1e-3)  # FMA on the GPU: an f16 ulp

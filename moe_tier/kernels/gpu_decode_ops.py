@@ -110,14 +110,16 @@ def _rope(ptr, row, rmask, j, cos_ptr, sin_ptr, D: tl.constexpr, HALF: tl.conste
 
 @triton.jit
 def _attend_pass(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, m_ptr, l_ptr, out_ptr, sum_ptr,
-                 cnt_ptr, n_keys, scale, kc_row, kc_head, vc_row, vc_head, SPLIT, CHUNK: tl.constexpr, H: tl.constexpr,
-                 D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr,
-                 D_PAD: tl.constexpr, DV_PAD: tl.constexpr, G_PAD: tl.constexpr,
-                 SPLIT_PAD: tl.constexpr, BLOCK_L: tl.constexpr, SECOND: tl.constexpr):
+                 cnt_ptr, oq_ptr, od_ptr, os_ptr, n_keys, scale, kc_row, kc_head, vc_row, vc_head, SPLIT,
+                 CHUNK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
+                 HALF: tl.constexpr, NEOX: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                 SPLIT_PAD: tl.constexpr, BLOCK_L: tl.constexpr, SECOND: tl.constexpr, QUANT: tl.constexpr):
     """Program (kv head h, split part sp) over the part's keys at or before pos, for the G query heads of h.
     First pass: write the new row (last part), store the part's running max m and sum l of exp(score - m).
     Second pass: p = exp(score - M) / L with the global M, L of the parts, rounded to f16; store sum p * v, and
-    the kv head's last part to finish (a counter per kv head, left 0) sums the parts in order into sum_ptr."""
+    the kv head's last part to finish (a counter per kv head, left 0) sums the parts in order into sum_ptr.
+    QUANT (dv a multiple of 32): whoever writes a head's sum also writes it as q8_1 (quants at oq, scales at od,
+    scaled sums at os), which the output projection reads: no quantize launch between them."""
     h = tl.program_id(0)
     sp = tl.program_id(1)
     pos = tl.load(pos_ptr).to(tl.int32)  # loop bounds and row offsets all int32
@@ -168,6 +170,9 @@ def _attend_pass(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr,
     if SECOND:
         omask = (g < G)[:, None] & (jv < DV)[None, :]
         tl.store(out_ptr + (sp * H + heads[:, None]) * DV + jv[None, :], acc, mask=omask)
+        if QUANT:
+            if SPLIT == 1:
+                _store_q8_1(acc, heads, g, jv, oq_ptr, od_ptr, os_ptr, G, DV, G_PAD, DV_PAD)
         if SPLIT > 1:  # one part: out is the sum already
             tl.debug_barrier()  # every thread's store before the counter moves
             if tl.atomic_add(cnt_ptr + h, 1) == SPLIT - 1:
@@ -176,17 +181,33 @@ def _attend_pass(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr,
                     total += tl.load(out_ptr + (p * H + heads[:, None]) * DV + jv[None, :], mask=omask & (p < SPLIT),
                                      other=0.0, cache_modifier=".cg")
                 tl.store(sum_ptr + heads[:, None] * DV + jv[None, :], total, mask=omask)
+                if QUANT:
+                    _store_q8_1(total, heads, g, jv, oq_ptr, od_ptr, os_ptr, G, DV, G_PAD, DV_PAD)
                 tl.atomic_xchg(cnt_ptr + h, 0)
     else:
         tl.store(m_ptr + sp * H + heads, m, mask=g < G)
         tl.store(l_ptr + sp * H + heads, l, mask=g < G)
 
 
+@triton.jit
+def _store_q8_1(y, heads, g, jv, q_ptr, d_ptr, s_ptr, G: tl.constexpr, DV: tl.constexpr, G_PAD: tl.constexpr,
+                DV_PAD: tl.constexpr):
+    """Heads' outputs y (G_PAD, DV_PAD), DV = DV_PAD a multiple of 32, as q8_1 in the output row's layout."""
+    q, d, s = q8_1_blocks(tl.reshape(y, (G_PAD * DV_PAD // 32, 32)))
+    tl.store(q_ptr + heads[:, None] * DV + jv[None, :], tl.reshape(q, (G_PAD, DV_PAD)).to(tl.int8),
+             mask=(g < G)[:, None])
+    b = tl.arange(0, DV_PAD // 32)
+    at = heads[:, None] * (DV // 32) + b[None, :]
+    tl.store(d_ptr + at, tl.reshape(d, (G_PAD, DV_PAD // 32)), mask=(g < G)[:, None])
+    tl.store(s_ptr + at, tl.reshape(s, (G_PAD, DV_PAD // 32)), mask=(g < G)[:, None])
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      rope_neox: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, n_keys: int,
                      scale: float, *, split: int | None = None, block_l: int = BLOCK_L) -> torch.Tensor:
     """Rope q and k, write rope(k) and v (f16) at cache row pos, attend q over rows 0..min(pos, n_keys - 1).
-    No host sync: pos stays on the device, n_keys and split are fixed per captured graph."""
+    No host sync: pos stays on the device, n_keys and split are fixed per captured graph. Where dv is a multiple of
+    32 the output carries its q8_1 form too (gpu_q8_1.carried_q8_1), written by the same launch."""
     _, H, d = q.shape
     Hkv, dv = v.shape[1], v.shape[2]
     assert k_cache.stride(2) == 1 and v_cache.stride(2) == 1 and H % Hkv == 0
@@ -198,13 +219,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     out = torch.empty((split, H, dv), dtype=torch.float32, device=q.device)
     total = out[0] if split == 1 else torch.empty((H, dv), dtype=torch.float32, device=q.device)
     G = H // Hkv
-    args = (q.contiguous(), k.contiguous(), v.contiguous(), cos.contiguous(), sin.contiguous(), pos, k_cache,
-            v_cache, stats[0], stats[1], out, total, counters(q.device, Hkv), n_keys, float(scale), k_cache.stride(0),
-            k_cache.stride(1),
-            v_cache.stride(0), v_cache.stride(1), split)  # split at run time: a new bucket compiles nothing
     pads = [max(16, triton.next_power_of_2(n)) for n in (d, dv, G)]  # tl.dot takes no side under 16
+    quant = dv % 32 == 0 and dv == pads[1]
+    xq = q8_1_empty(1, H * dv, q.device) if quant else (total, total, total)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), cos.contiguous(), sin.contiguous(), pos, k_cache,
+            v_cache, stats[0], stats[1], out, total, counters(q.device, Hkv), *xq, n_keys, float(scale),
+            k_cache.stride(0), k_cache.stride(1),
+            v_cache.stride(0), v_cache.stride(1), split)  # split at run time: a new bucket compiles nothing
     for second in (False, True):
         _attend_pass[(Hkv, split)](*args, CHUNK=chunk, H=H, D=d, DV=dv, G=G, HALF=cos.shape[-1], NEOX=rope_neox,
                                    D_PAD=pads[0], DV_PAD=pads[1], G_PAD=pads[2],
-                                   SPLIT_PAD=max(2, triton.next_power_of_2(split)), BLOCK_L=block_l, SECOND=second)
-    return total.reshape(1, H * dv)
+                                   SPLIT_PAD=max(2, triton.next_power_of_2(split)), BLOCK_L=block_l, SECOND=second,
+                                   QUANT=quant and second)
+    result = total.reshape(1, H * dv)
+    if quant:
+        result.q8_1 = xq  # carried with the tensor: gpu_q8_1.carried_q8_1
+    return result
