@@ -207,6 +207,10 @@ def test_gemv_reads_each_rows_own_matrix_and_skips_negative_offsets(qtype, split
         else:
             want = gemv_reference(x[r : r + 1], weights[i], qtype, n_rows, n_cols)[0]
             assert rel_err(got[r], want) < TOL, (r, i)
+    if qtype in (Q.Q4_K, Q.Q5_K):  # two super-blocks loaded before their math: the same sums in the same order
+        unrolled = gemv(torch.from_numpy(x).to(DEVICE), base, offsets, qtype, n_rows, n_cols, part_offset=pad,
+                        split=split, unroll=2)
+        np.testing.assert_allclose(unrolled.cpu().numpy(), got, rtol=1e-6, atol=1e-6)
     # the launch summed its split parts itself and re-armed its tile counters: a second launch sums afresh
     again = gemv(torch.from_numpy(2 * x).to(DEVICE), base, offsets, qtype, n_rows, n_cols, part_offset=pad, split=split)
     np.testing.assert_allclose(again.cpu().numpy(), 2 * got, rtol=1e-5, atol=1e-4)

@@ -36,9 +36,11 @@ from moe_tier.kernels.gpu_q8_1 import dp4a, quantize_q8_1
 QK_K = 256
 BLOCK_N, NUM_WARPS, STAGES = 8, 1, 1  # the fastest of bench/gpu_gemv.py's sweep on an H100 (gate + up, then down)
 TARGET_PROGRAMS = 4096  # split-K up to this many programs: enough in flight to hide HBM (and PCIe) latency
-# Cards whose sweep found another tile faster: (rows a program, warps, programs split-K aims at). On an H200 the
-# sweep read 2,903 GB/s at 16 / 1 / 2048 against 2,714 at the H100's tile, which the H100 ranks first.
-TILES = {"NVIDIA H200": (16, 1, 2048)}
+UNROLL = 1  # Q4_K / Q5_K super-blocks a program loads before their math
+# Cards whose sweep found another tile faster: (rows a program, warps, programs split-K aims at, unroll). On an H200
+# the sweep read 2,903 GB/s at 16 / 1 / 2048 against 2,714 at the H100's tile, which the H100 ranks first; loading
+# two super-blocks before their math, 2,957 against 2,907 in one sweep (2,867 against 2,751 at 16 / 1 / 4096).
+TILES = {"NVIDIA H200": (16, 1, 2048, 2)}
 
 
 @triton.jit
@@ -88,11 +90,65 @@ def _finish(total, out_ptr, sum_ptr, cnt_ptr, mat, part, r, n, nmask, N, stride_
 
 
 @triton.jit
+def _q4_k_load(w_rows, xq_words, xd_ptr, xs_ptr, x_row, sb, nmask, K: tl.constexpr, Q5: tl.constexpr):
+    """Super-block sb of the tile's rows and the activations it multiplies, loaded and nothing computed from them:
+    the caller issues the loads of several super-blocks before their math (HBM latency hides behind more bytes
+    in flight). Past the row's end everything loads as 0, which adds 0."""
+    c = tl.arange(0, 4)  # 64-value chunk: sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
+    w = tl.arange(0, 8)  # word in the chunk's 32 quant bytes
+    word_at = (12 if Q5 else 4) + 8 * c[:, None] + w[None, :]  # (4, 8) word offsets of the nibbles in a block
+    ok = sb < K // 256
+    m = nmask & ok
+    bp = w_rows + sb * (44 if Q5 else 36)
+    q = tl.load(bp[:, None, None] + word_at[None, :, :], mask=m[:, None, None], other=0)  # (BLOCK_N, 4, 8)
+    if Q5:  # bit s of qh[l] is the fifth bit of value l of sub-block s
+        qh = tl.load(bp[:, None, None] + 4 + w[None, None, :], mask=m[:, None, None], other=0)  # (BLOCK_N, 1, 8)
+    else:
+        qh = q  # unused
+    hdr = tl.load(bp[:, None] + tl.arange(0, 4)[None, :], mask=m[:, None], other=0)  # d | dmin, 12 scale bytes
+    x_words = xq_words + sb * 64 + 16 * c[:, None] + w[None, :]  # (4, 8): low nibbles' words, high at + 8
+    x_blocks = x_row * (K // 32) + sb * 8 + 2 * c  # (4,) the low nibbles' q8_1 blocks, high at + 1
+    return (q, qh, hdr, tl.load(x_words, mask=ok, other=0), tl.load(x_words + 8, mask=ok, other=0),
+            tl.load(xd_ptr + x_blocks, mask=ok, other=0.0), tl.load(xd_ptr + x_blocks + 1, mask=ok, other=0.0),
+            tl.load(xs_ptr + x_blocks, mask=ok, other=0.0), tl.load(xs_ptr + x_blocks + 1, mask=ok, other=0.0))
+
+
+@triton.jit
+def _q4_k_dot(q, qh, hdr, xw0, xw1, xd0, xd1, xs0, xs1, acc, acc_min, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
+              Q5: tl.constexpr):
+    """acc, acc_min plus one loaded super-block's products (_q4_k_load's values)."""
+    c = tl.arange(0, 4)
+    u, u0, u1, u2 = _words4(hdr)
+    u0, u1, u2 = u0[:, None], u1[:, None], u2[:, None]
+    d = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((u >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    xws, xds, xss = (xw0, xw1), (xd0, xd1), (xs0, xs1)
+    for h in tl.static_range(2):
+        s = 2 * c + h  # (4,) sub-block index
+        xw, xd, xs = xws[h], xds[h], xss[h]
+        nib = (q >> (4 * h)) & 0x0F0F0F0F
+        if Q5:
+            nib = nib | (((qh >> s[None, :, None]) & 0x01010101) << 4)
+        dot = tl.sum(dp4a(nib, tl.broadcast_to(xw[None, :, :], (BLOCK_N, 4, 8)), tl.zeros_like(nib), ASM), axis=2)
+        lo = s[None, :] < 4
+        b_s = _byte(u0, u1, u2, s[None, :])
+        b_s4 = _byte(u0, u1, u2, s[None, :] + 4)
+        b_sm4 = _byte(u0, u1, u2, tl.where(lo, s[None, :], s[None, :] - 4))
+        sc = tl.where(lo, b_s & 63, (b_s4 & 15) | ((b_sm4 >> 6) << 4))
+        mn = tl.where(lo, b_s4 & 63, (b_s4 >> 4) | ((b_s >> 6) << 4)).to(tl.float32)
+        acc += d[:, None] * xd[None, :] * (dot * sc).to(tl.float32)
+        acc_min += dmin[:, None] * mn * xs[None, :]
+    return acc, acc_min
+
+
+@triton.jit
 def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, sum_ptr, cnt_ptr, N, stride_out, stride_part,
                stride_mat, K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
-               STAGES: tl.constexpr, ASM: tl.constexpr, REDUCE: tl.constexpr, Q5: tl.constexpr = False):
+               STAGES: tl.constexpr, ASM: tl.constexpr, REDUCE: tl.constexpr, UNROLL: tl.constexpr = 1,
+               Q5: tl.constexpr = False):
     """Program (n tile, row, matrix * SPLIT + part): out[matrix, part, row, n] = sum over the part's super-blocks
     of x[row // X_DIV] . W[n], W the row's matrix at part offset p0 (matrix 0) or p1 (matrix 1), x as q8_1.
+    UNROLL (1 or 2): super-blocks loaded before the first one's math.
     Q5: Q5_K, whose blocks (176 bytes) hold a fifth bit per value (qh[32]) between the scales and the nibbles."""
     r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
     nmask = n < N
@@ -101,48 +157,20 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, sum_p
     # and loads them 128 bits at a time.
     mat_words = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int32), bitcast=True)
     w_rows = mat_words + n.to(tl.int64) * row_words  # (BLOCK_N,) int32 pointers
-    c = tl.arange(0, 4)  # 64-value chunk: sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
-    w = tl.arange(0, 8)  # word in the chunk's 32 quant bytes
-    word_at = (12 if Q5 else 4) + 8 * c[:, None] + w[None, :]  # (4, 8) word offsets of the nibbles in a block
     xq_words = (xq_ptr + x_row * K).to(tl.pointer_type(tl.int32), bitcast=True)
     acc = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
     acc_min = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
     if offset != SKIP_C:  # a SKIP row (another GPU's, or staged later) reads nothing, stores 0
-        for first in tl.range(0, K // 256, SPLIT, num_stages=STAGES):
-            sb = first + part
-            m = nmask & (sb < K // 256)  # the last round may have fewer super-blocks than parts
-            bp = w_rows + sb * (44 if Q5 else 36)
-            q = tl.load(bp[:, None, None] + word_at[None, :, :], mask=m[:, None, None], other=0)  # (BLOCK_N, 4, 8)
-            if Q5:  # bit s of qh[l] is the fifth bit of value l of sub-block s
-                qh = tl.load(bp[:, None, None] + 4 + w[None, None, :], mask=m[:, None, None], other=0)  # (BLOCK_N, 1, 8)
-            hdr = tl.load(bp[:, None] + tl.arange(0, 4)[None, :], mask=m[:, None], other=0)  # d | dmin, 12 scale bytes
-            u, u0, u1, u2 = _words4(hdr)
-            u0, u1, u2 = u0[:, None], u1[:, None], u2[:, None]
-            d = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            dmin = ((u >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            ok = sb < K // 256
-            # The activations of both halves before any math: loads issued late wait a second round trip.
-            x_words = xq_words + sb * 64 + 16 * c[:, None] + w[None, :]  # (4, 8): low nibbles' words, high at + 8
-            xws = (tl.load(x_words, mask=ok, other=0), tl.load(x_words + 8, mask=ok, other=0))
-            x_blocks = x_row * (K // 32) + sb * 8 + 2 * c  # (4,) the low nibbles' q8_1 blocks, high at + 1
-            xds = (tl.load(xd_ptr + x_blocks, mask=ok, other=0.0), tl.load(xd_ptr + x_blocks + 1, mask=ok, other=0.0))
-            xss = (tl.load(xs_ptr + x_blocks, mask=ok, other=0.0), tl.load(xs_ptr + x_blocks + 1, mask=ok, other=0.0))
-            for h in tl.static_range(2):
-                s = 2 * c + h  # (4,) sub-block index
-                xd, xs = xds[h], xss[h]
-                nib = (q >> (4 * h)) & 0x0F0F0F0F
-                if Q5:
-                    nib = nib | (((qh >> s[None, :, None]) & 0x01010101) << 4)
-                dot = tl.sum(dp4a(nib, tl.broadcast_to(xws[h][None, :, :], (BLOCK_N, 4, 8)), tl.zeros_like(nib), ASM),
-                             axis=2)
-                lo = s[None, :] < 4
-                b_s = _byte(u0, u1, u2, s[None, :])
-                b_s4 = _byte(u0, u1, u2, s[None, :] + 4)
-                b_sm4 = _byte(u0, u1, u2, tl.where(lo, s[None, :], s[None, :] - 4))
-                sc = tl.where(lo, b_s & 63, (b_s4 & 15) | ((b_sm4 >> 6) << 4))
-                mn = tl.where(lo, b_s4 & 63, (b_s4 >> 4) | ((b_s >> 6) << 4)).to(tl.float32)
-                acc += d[:, None] * xd[None, :] * (dot * sc).to(tl.float32)
-                acc_min += dmin[:, None] * mn * xs[None, :]
+        for first in tl.range(0, K // 256, SPLIT * UNROLL, num_stages=STAGES):
+            q, qh, hdr, xw0, xw1, xd0, xd1, xs0, xs1 = _q4_k_load(w_rows, xq_words, xd_ptr, xs_ptr, x_row,
+                                                                  first + part, nmask, K, Q5)
+            if UNROLL == 2:
+                q_, qh_, hdr_, xw0_, xw1_, xd0_, xd1_, xs0_, xs1_ = _q4_k_load(
+                    w_rows, xq_words, xd_ptr, xs_ptr, x_row, first + SPLIT + part, nmask, K, Q5)
+            acc, acc_min = _q4_k_dot(q, qh, hdr, xw0, xw1, xd0, xd1, xs0, xs1, acc, acc_min, BLOCK_N, ASM, Q5)
+            if UNROLL == 2:
+                acc, acc_min = _q4_k_dot(q_, qh_, hdr_, xw0_, xw1_, xd0_, xd1_, xs0_, xs1_, acc, acc_min, BLOCK_N,
+                                         ASM, Q5)
     _finish(tl.sum(acc, axis=1) - tl.sum(acc_min, axis=1), out_ptr, sum_ptr, cnt_ptr, mat, part, r, n, nmask, N,
             stride_out, stride_part, stride_mat, SPLIT, REDUCE)
 
@@ -241,14 +269,14 @@ def has_kernel(qtype: Q, n_cols: int) -> bool:
 
 
 @functools.cache
-def _tile_of(name: str) -> tuple[int, int, int]:
-    return TILES.get(name, (BLOCK_N, NUM_WARPS, TARGET_PROGRAMS))
+def _tile_of(name: str) -> tuple[int, int, int, int]:
+    return TILES.get(name, (BLOCK_N, NUM_WARPS, TARGET_PROGRAMS, UNROLL))
 
 
-def tile(device: torch.device | None) -> tuple[int, int, int]:
-    """(rows a program, warps, programs split-K aims at) of the decode kernels on a device."""
+def tile(device: torch.device | None) -> tuple[int, int, int, int]:
+    """(rows a program, warps, programs split-K aims at, unroll) of the decode kernels on a device."""
     if device is None or device.type != "cuda":
-        return BLOCK_N, NUM_WARPS, TARGET_PROGRAMS
+        return BLOCK_N, NUM_WARPS, TARGET_PROGRAMS, UNROLL
     return _tile_of(torch.cuda.get_device_name(device))
 
 
@@ -264,11 +292,13 @@ def gemv_split(qtype: Q, n_rows: int, n_cols: int, R: int, M: int = 1, block_n: 
 
 def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype: Q, n_rows: int, n_cols: int,
                part_offsets: tuple[int, ...] = (0,), x_div: int = 1, block_n: int | None = None,
-               num_warps: int | None = None, split: int | None = None, stages: int = STAGES, out: torch.Tensor | None = None,
+               num_warps: int | None = None, split: int | None = None, stages: int = STAGES, unroll: int | None = None,
+               out: torch.Tensor | None = None,
                xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                total: torch.Tensor | None = None) -> torch.Tensor:
     """parts (M, S, R, n_rows): row r's products x[r // x_div] @ W.T with W (n_rows, n_cols) at base + offsets[r] +
     part_offsets[m], split over S parts of K (sum over S for the product). No host sync: offsets stay on the device.
+    unroll: Q4_K / Q5_K super-blocks loaded before their math (1 or 2).
     out: where to write them (a view with S from gemv_split, so that two launches can fill one buffer).
     xq: x already as q8_1 (quantize_q8_1(x), or a kernel that produced x wrote it): one launch fewer.
     total: (M, R, n_rows), where the same launch also writes the sum over S (contiguous)."""
@@ -301,6 +331,8 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
         p0, p1 = part_offsets[0], part_offsets[-1]
         xq, xd, xs = quantize_q8_1(x) if xq is None else xq
         kernel, consts = KERNELS[qtype]
+        if kernel is _q4_k_gemv:  # the kernel that unrolls
+            consts = {**consts, "UNROLL": unroll or tile(x.device)[3]}
         kernel[(tiles, R, split * M)](xq, xd, xs, base, offsets, p0, p1, out, total if reduce else out,
                                       counters(x.device, tiles * R * M) if reduce else offsets, n_rows,
                                       out.stride(2), out.stride(1), out.stride(0), K=n_cols, SPLIT=split, X_DIV=x_div,
