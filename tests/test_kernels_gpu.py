@@ -215,17 +215,3 @@ def test_gemv_reads_each_rows_own_matrix_and_skips_negative_offsets(qtype, split
     again = gemv(torch.from_numpy(2 * x).to(DEVICE), base, offsets, qtype, n_rows, n_cols, part_offset=pad, split=split)
     np.testing.assert_allclose(again.cpu().numpy(), 2 * got, rtol=1e-5, atol=1e-4)
     assert not any(b.any() for buffers in _COUNTERS.values() for b in buffers)
-
-
-def test_programmatic_dependent_launch_only_where_the_device_has_it():
-    """Decode's kernels launch with PDL on sm_90 and later (unless MOE_TIER_PDL=0), never on the CPU (Triton's
-    interpreter cannot run griddepcontrol) nor on older GPUs (no such instruction). The GPU runs of every kernel
-    test here check that results under PDL match the references."""
-    import os
-
-    from moe_tier.kernels.gpu_pdl import pdl
-
-    assert pdl(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
-    if DEVICE == "cuda":
-        has = torch.cuda.get_device_capability(0) >= (9, 0) and os.environ.get("MOE_TIER_PDL", "1") != "0"
-        assert pdl(torch.device("cuda", 0)) == {"PDL": has, "launch_pdl": has}

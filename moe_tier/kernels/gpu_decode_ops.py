@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from moe_tier.kernels.gpu import counters
-from moe_tier.kernels.gpu_pdl import pdl, pdl_start
 from moe_tier.kernels.gpu_q8_1 import q8_1_blocks, q8_1_empty
 
 BLOCK_L = 64  # cache rows per step of the key loops
@@ -37,10 +36,9 @@ NEG = tl.constexpr(-1e30)  # masked score: finite, so a part with no keys gives 
 
 @triton.jit
 def _rms_norm(x_ptr, r_ptr, s_ptr, w_ptr, out_ptr, q_ptr, d_ptr, qs_ptr, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
-              ADD: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr = False):
+              ADD: tl.constexpr, QUANT: tl.constexpr):
     """Program per row: (s = x + r, written when ADD), out = s * rsqrt(mean(s^2) + eps) * w, and with QUANT out
     as q8_1 too (quants, scales, scaled sums: gpu_q8_1), which the matrix-vector kernels after the norm read."""
-    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     at = row * D + tl.arange(0, BLOCK_D)
     m = tl.arange(0, BLOCK_D) < D
@@ -72,7 +70,7 @@ def _norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, eps: fl
     if x.numel():
         _rms_norm[(x.numel() // D,)](x, x if r is None else r.contiguous(), s, weight.contiguous(), out, *xq, float(eps),
                                      D=D, BLOCK_D=block, ADD=r is not None, QUANT=quant,
-                                     num_warps=min(16, max(1, block // 256)), **pdl(x.device))
+                                     num_warps=min(16, max(1, block // 256)))
     if quant:
         out.q8_1 = xq  # carried with the tensor: gpu_q8_1.carried_q8_1
     return s, out
@@ -115,15 +113,13 @@ def _attend_pass(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr,
                  cnt_ptr, oq_ptr, od_ptr, os_ptr, n_keys, scale, kc_row, kc_head, vc_row, vc_head, SPLIT,
                  CHUNK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
                  HALF: tl.constexpr, NEOX: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, G_PAD: tl.constexpr,
-                 SPLIT_PAD: tl.constexpr, BLOCK_L: tl.constexpr, SECOND: tl.constexpr, QUANT: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 SPLIT_PAD: tl.constexpr, BLOCK_L: tl.constexpr, SECOND: tl.constexpr, QUANT: tl.constexpr):
     """Program (kv head h, split part sp) over the part's keys at or before pos, for the G query heads of h.
     First pass: write the new row (last part), store the part's running max m and sum l of exp(score - m).
     Second pass: p = exp(score - M) / L with the global M, L of the parts, rounded to f16; store sum p * v, and
     the kv head's last part to finish (a counter per kv head, left 0) sums the parts in order into sum_ptr.
     QUANT (dv a multiple of 32): whoever writes a head's sum also writes it as q8_1 (quants at oq, scales at od,
     scaled sums at os), which the output projection reads: no quantize launch between them."""
-    pdl_start(PDL)
     h = tl.program_id(0)
     sp = tl.program_id(1)
     pos = tl.load(pos_ptr).to(tl.int32)  # loop bounds and row offsets all int32
@@ -234,7 +230,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         _attend_pass[(Hkv, split)](*args, CHUNK=chunk, H=H, D=d, DV=dv, G=G, HALF=cos.shape[-1], NEOX=rope_neox,
                                    D_PAD=pads[0], DV_PAD=pads[1], G_PAD=pads[2],
                                    SPLIT_PAD=max(2, triton.next_power_of_2(split)), BLOCK_L=block_l, SECOND=second,
-                                   QUANT=quant and second, **pdl(q.device))
+                                   QUANT=quant and second)
     result = total.reshape(1, H * dv)
     if quant:
         result.q8_1 = xq  # carried with the tensor: gpu_q8_1.carried_q8_1

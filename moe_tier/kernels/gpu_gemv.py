@@ -31,7 +31,6 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
 from moe_tier.kernels.gpu import SKIP, SKIP_C, counters, moe_matmul
-from moe_tier.kernels.gpu_pdl import pdl, pdl_start
 from moe_tier.kernels.gpu_q8_1 import dp4a, quantize_q8_1
 
 QK_K = 256
@@ -146,12 +145,11 @@ def _q4_k_dot(q, qh, hdr, xw0, xw1, xd0, xd1, xs0, xs1, acc, acc_min, BLOCK_N: t
 def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, sum_ptr, cnt_ptr, N, stride_out, stride_part,
                stride_mat, K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
                STAGES: tl.constexpr, ASM: tl.constexpr, REDUCE: tl.constexpr, UNROLL: tl.constexpr = 1,
-               Q5: tl.constexpr = False, PDL: tl.constexpr = False):
+               Q5: tl.constexpr = False):
     """Program (n tile, row, matrix * SPLIT + part): out[matrix, part, row, n] = sum over the part's super-blocks
     of x[row // X_DIV] . W[n], W the row's matrix at part offset p0 (matrix 0) or p1 (matrix 1), x as q8_1.
     UNROLL (1 or 2): super-blocks loaded before the first one's math.
     Q5: Q5_K, whose blocks (176 bytes) hold a fifth bit per value (qh[32]) between the scales and the nibbles."""
-    pdl_start(PDL)
     r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
     nmask = n < N
     row_words = (K // 256) * (44 if Q5 else 36)  # 176 or 144 bytes a super-block
@@ -180,11 +178,10 @@ def _q4_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, sum_p
 @triton.jit
 def _q6_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, sum_ptr, cnt_ptr, N, stride_out, stride_part,
                stride_mat, K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
-               STAGES: tl.constexpr, ASM: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr = False):
+               STAGES: tl.constexpr, ASM: tl.constexpr, REDUCE: tl.constexpr):
     """As _q4_k_gemv for Q6_K (ql[128] low nibbles | qh[64] high bit pairs | scales[16] int8 | d f16, 210 bytes):
     blocks are only 2-byte aligned, so they are read as 16-bit halfwords, paired into words in registers. As
     llama.cpp's vec_dot_q6_K_q8_1: dp4a of the unsigned 6-bit quants, minus 32 times the activations' sum."""
-    pdl_start(PDL)
     r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
     nmask = n < N
     row_halves = (K // 256) * 105
@@ -228,10 +225,9 @@ def _q6_k_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, sum_p
 @triton.jit
 def _q8_0_gemv(xq_ptr, xd_ptr, xs_ptr, base_ptr, off_ptr, p0, p1, out_ptr, sum_ptr, cnt_ptr, N, stride_out, stride_part,
                stride_mat, K: tl.constexpr, SPLIT: tl.constexpr, X_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
-               STAGES: tl.constexpr, ASM: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr = False):
+               STAGES: tl.constexpr, ASM: tl.constexpr, REDUCE: tl.constexpr):
     """As _q4_k_gemv for Q8_0 (d f16 | qs[32] int8, 34 bytes, 2-byte aligned: read as halfwords), eight blocks
     (256 values) a step: dp4a of the int8 quants, times both scales, as llama.cpp's vec_dot_q8_0_q8_1."""
-    pdl_start(PDL)
     r, part, mat, n, offset, part_offset, x_row = _program(off_ptr, p0, p1, SPLIT, X_DIV, BLOCK_N)
     nmask = n < N
     w_rows = (base_ptr + (offset + part_offset)).to(tl.pointer_type(tl.int16), bitcast=True) + n.to(tl.int64) * ((K // 32) * 17)
@@ -341,7 +337,7 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
                                       counters(x.device, tiles * R * M) if reduce else offsets, n_rows,
                                       out.stride(2), out.stride(1), out.stride(0), K=n_cols, SPLIT=split, X_DIV=x_div,
                                       BLOCK_N=block_n, STAGES=stages, ASM=x.is_cuda, REDUCE=reduce,
-                                      num_warps=num_warps, **consts, **pdl(x.device))
+                                      num_warps=num_warps, **consts)
     return out
 
 

@@ -29,7 +29,6 @@ import triton.language as tl
 
 from moe_tier.config import Gating
 from moe_tier.kernels.gpu import SKIP_C, counters
-from moe_tier.kernels.gpu_pdl import pdl, pdl_start
 from moe_tier.kernels.gpu_q8_1 import q8_1_blocks, q8_1_empty
 from moe_tier.moe import MIN_WEIGHT_SUM, Routing
 
@@ -78,12 +77,10 @@ def _route(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, min_sum, K: tl.conste
 @triton.jit
 def _router_route(x_ptr, router_ptr, rbias_ptr, parts_ptr, cnt_ptr, bias_ptr, ids_ptr, w_ptr, E, D, scale, min_sum,
                   CHUNK: tl.constexpr, PARTS: tl.constexpr, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                  GATING: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, NORM: tl.constexpr,
-                  PDL: tl.constexpr = False):
+                  GATING: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, NORM: tl.constexpr):
     """Program (token t, part): the router's columns [part * CHUNK, + CHUNK) times x[t], partial logits to parts;
     the token's last part to finish (a counter per token, left 0) sums the parts in order, adds the router's bias
     and selects."""
-    pdl_start(PDL)
     t = tl.program_id(0)
     part = tl.program_id(1)
     e = tl.arange(0, BLOCK_E)
@@ -138,7 +135,7 @@ def router_topk(x: torch.Tensor, router: torch.Tensor, router_bias: torch.Tensor
         _router_route[(T, parts)](x.float().contiguous(), router, router if router_bias is None else router_bias, partial,
                                   counters(x.device, T), router if bias is None else bias.float().contiguous(), ids,
                                   weights, E, D, scale, MIN_WEIGHT_SUM, CHUNK=chunk, PARTS=parts, BLOCK_D=block_d,
-                                  HAS_RBIAS=router_bias is not None, num_warps=4, **consts, **pdl(x.device))
+                                  HAS_RBIAS=router_bias is not None, num_warps=4, **consts)
     return Routing(ids, weights)
 
 
@@ -157,8 +154,7 @@ def _routing_out(T: int, E: int, k: int, gating: Gating, weights_norm: bool, wei
 def _locate(ids_ptr, loc_ptr, first, arena_bytes, stage_at, slot_bytes, pf_ids_ptr, pf_at_ptr, out_ptr, R,
             x_ptr, base_ptr, at_flag, at_ids, at_late, at_x, seq_ptr, N_STAGE: tl.constexpr, N_PF: tl.constexpr,
             BLOCK: tl.constexpr, PUBLISH: tl.constexpr, N_X: tl.constexpr, BLOCK_X: tl.constexpr,
-            ASM: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_start(PDL)
+            ASM: tl.constexpr):
     r = tl.arange(0, BLOCK)
     m = r < R
     e = tl.load(ids_ptr + r, mask=m, other=0)
@@ -218,7 +214,7 @@ def locate(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor
     _locate[(1,)](ids, loc, first, arena.numel(), stage_at, slot_bytes, pf_ids, pf_at, out, R, x, p.base, p.at_flag,
                   p.at_ids, p.at_late, p.at_x, p.seq, N_STAGE=n_stage, N_PF=0 if prefetched is None else pf_ids.numel(),
                   BLOCK=triton.next_power_of_2(max(R, 16)), PUBLISH=publish is not None,
-                  N_X=x.numel() if publish is not None else 0, BLOCK_X=1024, ASM=x.is_cuda, **pdl(ids.device))
+                  N_X=x.numel() if publish is not None else 0, BLOCK_X=1024, ASM=x.is_cuda)
     return out
 
 
@@ -272,9 +268,7 @@ def _spin(flag_ptr, seq, MAX_SPINS: tl.constexpr):
 
 
 @triton.jit
-def _await_staged(late_ptr, flag_ptr, seq_ptr, R, BLOCK_R: tl.constexpr, MAX_SPINS: tl.constexpr,
-                  PDL: tl.constexpr = False):
-    pdl_start(PDL)
+def _await_staged(late_ptr, flag_ptr, seq_ptr, R, BLOCK_R: tl.constexpr, MAX_SPINS: tl.constexpr):
     r = tl.arange(0, BLOCK_R)
     staged = tl.sum((tl.load(late_ptr + r, mask=r < R, other=SKIP_C) != SKIP_C).to(tl.int32), axis=0)
     if staged > 0:
@@ -286,8 +280,7 @@ def await_staged(late: torch.Tensor, flag: torch.Tensor, seq: torch.Tensor) -> N
     host queues that flag after its copies of the staged rows (cpu_share.py). Bounded like silu_mul's wait for the
     host's rows: a host that never answers leaves garbage in the rows (and NaN from silu_mul), not a hang."""
     R = late.numel()
-    _await_staged[(1,)](late, flag, seq, R, BLOCK_R=triton.next_power_of_2(R), MAX_SPINS=AWAIT_MAX_SPINS,
-                        **pdl(late.device))
+    _await_staged[(1,)](late, flag, seq, R, BLOCK_R=triton.next_power_of_2(R), MAX_SPINS=AWAIT_MAX_SPINS)
 
 
 @dataclass(frozen=True)
@@ -305,11 +298,10 @@ class HostRows:
 @triton.jit
 def _silu_mul(parts_ptr, head_ptr, out_ptr, q_ptr, d_ptr, s_ptr, late_ptr, at_flag, at_out, seq_ptr, F, H,
               stride_mat, stride_part, S: tl.constexpr, BLOCK: tl.constexpr, Q8: tl.constexpr, HOST: tl.constexpr,
-              ASM: tl.constexpr, MAX_SPINS: tl.constexpr, PDL: tl.constexpr = False):
+              ASM: tl.constexpr, MAX_SPINS: tl.constexpr):
     """Program (block of H + F, row): the row's first H values from head (H may be 0), then silu(gate) * up.
     HOST: head_ptr is HostRows' base, the host's rows at + at_out: a staged row's programs over them wait until the
     host's flag holds this step's number (the stream waits, not the host), then read them; other rows' are 0."""
-    pdl_start(PDL)
     r = tl.program_id(1)
     n = H + F
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -361,15 +353,12 @@ def silu_mul(parts: torch.Tensor, head: torch.Tensor | HostRows | None = None
     BLOCK = 1024
     _silu_mul[(triton.cdiv(H + F, BLOCK), R)](parts, head_t, out, q, d, s, late, at_flag, at_out, seq, F, H,
                                               parts.stride(0), parts.stride(1), S=S, BLOCK=BLOCK, Q8=xq is not None,
-                                              HOST=host, ASM=parts.is_cuda, MAX_SPINS=AWAIT_MAX_SPINS,
-                                              **pdl(parts.device))
+                                              HOST=host, ASM=parts.is_cuda, MAX_SPINS=AWAIT_MAX_SPINS)
     return out, xq
 
 
 @triton.jit
-def _combine(parts_ptr, w_ptr, out_ptr, D, stride_part, S: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
-             PDL: tl.constexpr = False):
-    pdl_start(PDL)
+def _combine(parts_ptr, w_ptr, out_ptr, D, stride_part, S: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(1)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = d < D
@@ -387,6 +376,5 @@ def combine(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     T, k = weights.shape
     out = torch.empty((T, D), dtype=torch.float32, device=parts.device)
     BLOCK = 1024
-    _combine[(triton.cdiv(D, BLOCK), T)](parts, weights.float().contiguous(), out, D, parts.stride(0), S=S, K=k, BLOCK=BLOCK,
-                                         **pdl(parts.device))
+    _combine[(triton.cdiv(D, BLOCK), T)](parts, weights.float().contiguous(), out, D, parts.stride(0), S=S, K=k, BLOCK=BLOCK)
     return out

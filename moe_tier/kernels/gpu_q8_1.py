@@ -12,8 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_tier.kernels.gpu_pdl import pdl, pdl_start
-
 
 @triton.jit
 def dp4a(a, b, c, ASM: tl.constexpr):
@@ -42,9 +40,8 @@ def q8_1_blocks(x):
 
 
 @triton.jit
-def _quantize_q8_1(x_ptr, q_ptr, d_ptr, s_ptr, K, BLOCKS: tl.constexpr, PDL: tl.constexpr = False):
+def _quantize_q8_1(x_ptr, q_ptr, d_ptr, s_ptr, K, BLOCKS: tl.constexpr):
     """Program (row, tile): BLOCKS blocks of 32 values."""
-    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
     at = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
@@ -67,7 +64,7 @@ def quantize_q8_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     q, d, s = q8_1_empty(R, K, x.device)
     BLOCKS = 32
     if R:
-        _quantize_q8_1[(R, triton.cdiv(K // 32, BLOCKS))](x, q, d, s, K, BLOCKS=BLOCKS, **pdl(x.device))
+        _quantize_q8_1[(R, triton.cdiv(K // 32, BLOCKS))](x, q, d, s, K, BLOCKS=BLOCKS)
     return q, d, s
 
 
