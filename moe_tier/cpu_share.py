@@ -165,7 +165,8 @@ class CpuShare:
             self.points[key] = self._point(gpu, layer, n_rows, x.shape, self.cuts[layer].rows)
         p = self.points[key]
         self.step.append(p)
-        return p, Publish(x, self.arenas[gpu], p.at["flag_in"], p.at["ids"], p.at["late"], p.at["x"], self.seq_dev[gpu])
+        return p, Publish(x.float().contiguous(), self.arenas[gpu], p.at["flag_in"], p.at["ids"], p.at["late"], p.at["x"],
+                          self.seq_dev[gpu])
 
     def await_staged(self, p: Point, late: torch.Tensor) -> None:
         """The stream waits for the copy engine's part of the staged rows (queued by the host in serve)."""

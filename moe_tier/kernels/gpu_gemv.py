@@ -315,8 +315,8 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
         if total is not None:
             total.view(M, R, n_rows).copy_(parts[:, 0])
         return parts if out is None else out.copy_(parts)
-    block_n = block_n or tile(x.device)[0]
-    num_warps = num_warps or tile(x.device)[1]
+    default = tile(x.device)
+    block_n, num_warps = block_n or default[0], num_warps or default[1]
     tiles = triton.cdiv(n_rows, block_n)
     if out is not None:
         split = out.shape[1]
@@ -332,7 +332,7 @@ def gemv_parts(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, qtype
         xq, xd, xs = quantize_q8_1(x) if xq is None else xq
         kernel, consts = KERNELS[qtype]
         if kernel is _q4_k_gemv:  # the kernel that unrolls
-            consts = {**consts, "UNROLL": unroll or tile(x.device)[3]}
+            consts = {**consts, "UNROLL": unroll or default[3]}
         kernel[(tiles, R, split * M)](xq, xd, xs, base, offsets, p0, p1, out, total if reduce else out,
                                       counters(x.device, tiles * R * M) if reduce else offsets, n_rows,
                                       out.stride(2), out.stride(1), out.stride(0), K=n_cols, SPLIT=split, X_DIV=x_div,

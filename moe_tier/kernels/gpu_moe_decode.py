@@ -186,9 +186,9 @@ def _locate(ids_ptr, loc_ptr, first, arena_bytes, stage_at, slot_bytes, pf_ids_p
 
 @dataclass(frozen=True)
 class Publish:
-    """Where locate also hands the staged rows to the host (cpu_share.CpuShare): the layer's input x (T, D), and
-    pinned buffers at base + at_* (base: the GPU's slot arena) for the rows' experts, their staging offsets and x,
-    then the flag, which gets the step's number seq (1,) int32 last."""
+    """Where locate also hands the staged rows to the host (cpu_share.CpuShare): the layer's input x (T, D) float32
+    and contiguous, and pinned buffers at base + at_* (base: the GPU's slot arena) for the rows' experts, their
+    staging offsets and x, then the flag, which gets the step's number seq (1,) int32 last."""
     x: torch.Tensor
     base: torch.Tensor
     at_flag: int
@@ -210,11 +210,10 @@ def locate(ids: torch.Tensor, loc: torch.Tensor, first: int, arena: torch.Tensor
     out = torch.empty((3, R), dtype=torch.int64, device=arena.device)
     pf_ids, pf_at = prefetched if prefetched is not None else (ids, out)  # unread when N_PF is 0
     p = publish or Publish(out, arena, 0, 0, 0, 0, ids)  # unused when PUBLISH is off
-    x = p.x.float().contiguous() if publish is not None else out  # unread without PUBLISH: no conversion launch
-    _locate[(1,)](ids, loc, first, arena.numel(), stage_at, slot_bytes, pf_ids, pf_at, out, R, x, p.base, p.at_flag,
+    _locate[(1,)](ids, loc, first, arena.numel(), stage_at, slot_bytes, pf_ids, pf_at, out, R, p.x, p.base, p.at_flag,
                   p.at_ids, p.at_late, p.at_x, p.seq, N_STAGE=n_stage, N_PF=0 if prefetched is None else pf_ids.numel(),
                   BLOCK=triton.next_power_of_2(max(R, 16)), PUBLISH=publish is not None,
-                  N_X=x.numel() if publish is not None else 0, BLOCK_X=1024, ASM=x.is_cuda)
+                  N_X=p.x.numel() if publish is not None else 0, BLOCK_X=1024, ASM=ids.is_cuda)
     return out
 
 
